@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set everything up and run the whole test suite (README command 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q -c constraints.txt -e ".[test,main,notebooks]"
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+python3 -m pytest -q -p no:cacheprovider "$@"
