@@ -1,0 +1,356 @@
+"""Layer inputs and output-gradients of every supported module, in one pass.
+
+The zero-perturbation trick (kfac-jax's tracer): during a single forward call each supported
+module's output ``z`` is replaced by ``z + ε`` with ``ε = 0``; the gradient of the summed
+per-sample losses with respect to ``ε`` is then the per-sample output-gradient
+``ĝ_n = ∂ℓ_n/∂z_n`` (sample n's loss depends on sample n's outputs only), and the module's
+input ``a`` is read on the way. The forward hooks that do this exist only for the duration
+of the call (removed in ``finally``), so nothing is left on the model.
+
+Output-gradient "columns". Curvature needs output-gradients for cotangents other than the
+data loss's: ``fisher_type``
+
+* ``"emp"``  : one column, the gradient of the data loss (K = 1, weight 1);
+* ``"mc"``   : ``n_mc_samples`` columns, the gradients of the NLL at targets drawn from the
+  model's predictive distribution (weight 1/M each);
+* ``"exact"``: one column per (output position, Hessian-square-root column): the cotangent
+  ``S[n, t, :, k]`` placed at position t (weight 1). Cost: positions·K backward passes
+  (batched with ``is_grads_batched`` where the model allows).
+* ``"none"``  : forward only (inputs, no gradients).
+
+With these weights every Fisher-type quantity is ``Σ_k w_k (…)`` over columns.
+
+A module called several times in one forward (weight sharing) gets one record per call; the
+consumers treat the calls as extra positions (K-FAC-expand) and sum their contributions to
+per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .functional import as_tuple, call_model, check_params
+from .losses import Likelihood, get_likelihood
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "LayerRecord",
+    "Capture",
+    "layer_kind",
+    "supported_modules",
+    "record_layers",
+    "output_grad_columns",
+    "capture",
+    "FISHER_TYPES",
+]
+
+FISHER_TYPES = ("exact", "mc", "emp")
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``'linear' | 'conv2d' | 'embedding' | 'layernorm' | 'batchnorm'`` or None (unsupported)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            return None
+        if isinstance(module.padding, str) and module.padding == "same":
+            # F.unfold pads symmetrically; 'same' with an even total padding only
+            if any((d * (k - 1)) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+                return None
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            return None
+        return "embedding"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm" if module.elementwise_affine else None
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return "batchnorm" if module.affine else None
+    return None
+
+
+def _unsupported_reason(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return f"{type(module).__name__}(padding_mode={module.padding_mode!r}, padding={module.padding!r})"
+    if isinstance(module, nn.Embedding):
+        return f"{type(module).__name__}(max_norm / scale_grad_by_freq)"
+    return type(module).__name__
+
+
+@dataclass
+class ModuleInfo:
+    """Where a module's parameters sit in ``params``: ``{"weight": key, "bias": key}``."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    keys: dict[str, str]
+
+
+def supported_modules(
+    model: nn.Module, params: Mapping[str, Tensor]
+) -> tuple[dict[str, ModuleInfo], dict[str, tuple[str, list[str]]]]:
+    """Split the modules owning entries of ``params`` into supported / unsupported.
+
+    Parameters are matched to modules by identity (tied weights included), never by
+    position. Returns ``(supported, unsupported)`` with ``unsupported[name] = (class name,
+    [param keys])``; a parameter held directly by the root module is reported under ``""``.
+    """
+    keys_by_id: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        keys_by_id.setdefault(id(p), []).append(pname)
+    wanted = set(params)
+    supported: dict[str, ModuleInfo] = {}
+    unsupported: dict[str, tuple[str, list[str]]] = {}
+    for mname, module in model.named_modules():
+        own = {}
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            key = full if full in wanted else next((k for k in keys_by_id.get(id(p), []) if k in wanted), None)
+            if key is not None:
+                own[pname] = key
+        if not own:
+            continue
+        kind = layer_kind(module)
+        if kind is None or not set(own) <= {"weight", "bias"}:
+            unsupported[mname] = (_unsupported_reason(module), sorted(own.values()))
+        else:
+            supported[mname] = ModuleInfo(mname, module, kind, own)
+    return supported, unsupported
+
+
+@dataclass
+class LayerRecord:
+    """What one supported module saw during the captured call.
+
+    ``inputs[c]``: the module's input at its c-th call, ``[N, ...]`` (token ids for
+    Embedding). ``grads[c]``: output-gradients for every column, ``[K, N, *output.shape[1:]]``
+    (``None`` for ``fisher_type="none"``).
+    """
+
+    info: ModuleInfo
+    inputs: list[Tensor] = field(default_factory=list)
+    eps: list[Tensor] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    grads: list[Tensor] | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.info.module
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+
+@dataclass
+class Capture:
+    """Result of :func:`capture`: per-module records plus the column weights ``w_k``."""
+
+    layers: dict[str, LayerRecord]
+    weights: Tensor
+    output: Tensor
+    losses: Tensor | None
+    batch_size: int
+    fisher_type: str
+    unsupported: dict[str, tuple[str, list[str]]]
+
+
+@contextlib.contextmanager
+def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True) -> Iterator[dict[str, LayerRecord]]:
+    """Temporarily hook ``infos``' modules: record inputs and add a zero ``ε`` (a leaf that
+    requires grad) to each output. Works for any forward (plain ``model(x)`` or
+    ``functional_call``); the hooks are removed on exit, whatever happens."""
+    records = {name: LayerRecord(info) for name, info in infos.items()}
+    handles = []
+
+    def make_hook(rec: LayerRecord):
+        def hook(module, args, output):
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"module {rec.info.name!r} was called without a tensor as first argument")
+            x = args[0].detach()
+            rec.inputs.append(x)
+            rec.versions.append(x._version)
+            if not perturb:
+                return None
+            if not isinstance(output, Tensor):
+                raise TypeError(f"module {rec.info.name!r} returned {type(output).__name__}, expected a tensor")
+            eps = torch.zeros_like(output, requires_grad=True)
+            rec.eps.append(eps)
+            return output + eps
+
+        return hook
+
+    try:
+        for rec in records.values():
+            handles.append(rec.module.register_forward_hook(make_hook(rec)))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_versions(records: Mapping[str, LayerRecord]) -> None:
+    for name, rec in records.items():
+        for x, v in zip(rec.inputs, rec.versions):
+            if x._version != v:
+                raise RuntimeError(
+                    f"the input of module {name!r} was modified in place after the module used it; its "
+                    f"Kronecker factors would be wrong. Make that operation out of place."
+                )
+
+
+def _batched_backward(output: Tensor, leaves: list[Tensor], cotangents: Tensor, retain: bool) -> list[Tensor]:
+    """``[K, *leaf.shape]`` vector-Jacobian products for a batch of K output cotangents."""
+    K = cotangents.shape[0]
+    if K == 1:
+        gs = torch.autograd.grad(output, leaves, cotangents[0], retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(l).unsqueeze(0) if g is None else g.unsqueeze(0) for g, l in zip(gs, leaves)]
+    try:
+        gs = torch.autograd.grad(
+            output, leaves, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:  # an op without a batching rule: loop instead
+        cols = [
+            torch.autograd.grad(output, leaves, cotangents[k], retain_graph=True, allow_unused=True)
+            for k in range(K)
+        ]
+        gs = [
+            torch.stack([c[i] if c[i] is not None else torch.zeros_like(leaves[i]) for c in cols])
+            for i in range(len(leaves))
+        ]
+    return [torch.zeros(K, *l.shape, dtype=l.dtype, device=l.device) if g is None else g for g, l in zip(gs, leaves)]
+
+
+def output_grad_columns(
+    output: Tensor,
+    likelihood: Likelihood,
+    fisher_type: str,
+    targets: Tensor | None,
+    n_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cotangents on the model output for each column, ``[K, *output.shape]``, and their
+    weights ``[K]`` (see the module docstring)."""
+    out = likelihood.canonical_output(output)
+    if fisher_type == "emp":
+        if targets is None:
+            raise ValueError("fisher_type='emp' needs the data targets")
+        with torch.enable_grad():
+            o = out.detach().requires_grad_(True)
+            losses = likelihood.per_sample(o, targets)
+            (r,) = torch.autograd.grad(losses.sum(), o)
+        return r.reshape(1, *output.shape), torch.ones(1, dtype=out.dtype, device=out.device)
+    if fisher_type == "mc":
+        if n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples must be at least 1, got {n_mc_samples}")
+        ys = likelihood.sample(out, n_mc_samples, generator)
+        mask = None
+        if targets is not None and hasattr(likelihood, "mask"):
+            mask = likelihood.mask(targets)
+            ys = torch.where(mask, ys, torch.full_like(ys, likelihood.ignore_index))
+        cols = []
+        with torch.enable_grad():
+            for m in range(n_mc_samples):
+                o = out.detach().requires_grad_(True)
+                (r,) = torch.autograd.grad(likelihood.nll(o, ys[m]).sum(), o)
+                cols.append(r)
+        w = torch.full((n_mc_samples,), 1.0 / n_mc_samples, dtype=out.dtype, device=out.device)
+        return torch.stack(cols).reshape(n_mc_samples, *output.shape), w
+    if fisher_type == "exact":
+        S = likelihood.hessian_sqrt(out, targets)  # [N, *pos, C, K]
+        N, C, K = out.shape[0], out.shape[-1], S.shape[-1]
+        S = S.reshape(N, -1, C, K)
+        T = S.shape[1]
+        V = torch.zeros(T, K, N, T, C, dtype=S.dtype, device=S.device)
+        idx = torch.arange(T, device=S.device)
+        V[idx, :, :, idx, :] = S.permute(1, 3, 0, 2)
+        V = V.reshape(T * K, *output.shape)
+        return V, torch.ones(T * K, dtype=out.dtype, device=out.device)
+    raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
+
+
+def check_batch(inputs: Any, targets: Tensor | None) -> int:
+    """Batch size N of ``inputs`` (first tensor's leading dim), checked against ``targets``."""
+    first = next((t for t in as_tuple(inputs) if isinstance(t, Tensor)), None)
+    if first is None or first.ndim == 0:
+        raise ValueError("inputs must be a tensor (or a tuple of tensors) with a leading batch dimension")
+    N = first.shape[0]
+    if targets is not None:
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+        if targets.ndim == 0 or targets.shape[0] != N:
+            got = "a scalar" if targets.ndim == 0 else f"{targets.shape[0]} samples"
+            raise ValueError(f"batch sizes differ: inputs have {N} samples, targets {got}")
+    return N
+
+
+def capture(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor | None = None,
+    loss: Any = "cross_entropy",
+    fisher_type: str = "emp",
+    n_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    on_unsupported: str = "ignore",
+) -> Capture:
+    """One forward pass (+ backward for the requested columns) recording every supported
+    module's inputs and per-sample output-gradients.
+
+    Pure: parameters are detached copies' views, buffers are cloned, hooks are removed.
+    ``on_unsupported``: ``"ignore"`` | ``"warn"`` | ``"raise"`` for modules that own entries
+    of ``params`` but are not one of :data:`SUPPORTED_LAYERS` (their parameters get no
+    record). Cost: one forward, plus one backward per column (see module docstring), with
+    no parameter-gradient work.
+    """
+    if fisher_type not in FISHER_TYPES + ("none",):
+        raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
+    params = check_params(model, params)
+    N = check_batch(inputs, targets)
+    lik = get_likelihood(loss)
+    infos, unsupported = supported_modules(model, params)
+    if unsupported and on_unsupported != "ignore":
+        msg = "no curvature support for: " + ", ".join(
+            f"{n or '<root>'} ({cls}: {keys})" for n, (cls, keys) in unsupported.items()
+        )
+        if on_unsupported == "raise":
+            raise ValueError(msg + "; exclude their parameters from params")
+        warnings.warn(msg + "; their parameters are left out", stacklevel=2)
+    detached = {k: v.detach() for k, v in params.items()}
+    with torch.enable_grad():
+        with record_layers(infos, perturb=fisher_type != "none") as records:
+            output = call_model(model, detached, inputs)
+        if not isinstance(output, Tensor):
+            raise TypeError(f"the model returned {type(output).__name__}; curvfun needs a tensor output")
+        losses = None
+        if fisher_type != "none":
+            if targets is not None:
+                lik.check(output, targets)
+            if fisher_type == "emp":
+                losses = lik.per_sample(output, targets) if targets is not None else None
+            cot, weights = output_grad_columns(output, lik, fisher_type, targets, n_mc_samples, generator)
+            names = [n for n, r in records.items() for _ in r.eps]
+            leaves = [e for r in records.values() for e in r.eps]
+            for rec in records.values():
+                rec.grads = []
+            if leaves:
+                gs = _batched_backward(output, leaves, cot, retain=False)
+                for n, g in zip(names, gs):
+                    records[n].grads.append(g)
+        else:
+            weights = torch.ones(0)
+    _check_versions(records)
+    # drop modules that were never called (e.g. defined but unused)
+    records = {n: r for n, r in records.items() if r.inputs}
+    return Capture(records, weights, output.detach(), None if losses is None else losses.detach(), N, fisher_type, unsupported)

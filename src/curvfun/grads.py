@@ -1,0 +1,190 @@
+"""Per-sample gradients, their norms, Jacobians and Jacobian-vector products.
+
+Per-sample gradients of Linear, Conv2d, Embedding, LayerNorm and BatchNorm (eval mode)
+parameters come from one captured pass (layer inputs and per-sample output-gradients, see
+:mod:`curvfun.capture`) as batched outer products; any other parameter falls back to
+``torch.func.vmap(torch.func.grad(...))`` restricted to those parameters.
+
+Limitation (documented, not detected): a supported module's parameter that the forward also
+uses *outside* the module's own call (e.g. ``x @ self.embed.weight.T`` instead of calling a
+tied ``nn.Linear``) contributes only through the module calls; tie weights by sharing the
+``Parameter`` between modules instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from .capture import capture, check_batch, supported_modules
+from .functional import as_tuple, call_model, check_params, has_train_mode_batchnorm
+from .layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norms
+from .losses import get_likelihood
+
+__all__ = ["per_sample_grads", "per_sample_grad_norms", "jacobian", "jvp", "vjp"]
+
+
+def _no_train_batchnorm(model: nn.Module, what: str) -> None:
+    bn = has_train_mode_batchnorm(model)
+    if bn:
+        raise ValueError(
+            f"{what} is undefined for BatchNorm in train mode (its output mixes the samples of a batch): "
+            f"modules {bn}. Call model.eval() first."
+        )
+
+
+def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
+    """vmap(grad) per-sample gradients for ``keys`` only (the others held fixed)."""
+    fixed = {k: v.detach() for k, v in params.items() if k not in keys}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    args = as_tuple(inputs)
+
+    def loss_one(sub, x, y):
+        xs = tuple(t.unsqueeze(0) for t in x)
+        out = functional_call(model, ({**fixed, **sub}, buffers), xs, tie_weights=True, strict=False)
+        return lik.per_sample(out, y.unsqueeze(0))[0]
+
+    sub = {k: params[k].detach() for k in keys}
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(sub, args, targets)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor,
+    loss: Any = "cross_entropy",
+    out: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """∇_θ ℓ_n for every sample: a dict like ``params`` whose leaves have a leading ``[N]``.
+
+    ``mean_n`` of the result is the gradient of the mean loss. ``out``: optional dict of
+    preallocated ``[N, *shape]`` buffers (reused across steps, they avoid writing N·P floats
+    into fresh pages, the dominant cost for wide layers). Cost: one forward, one backward
+    without weight-gradient work, and one batched outer product per layer, O(N·T·P).
+    """
+    params = check_params(model, params)
+    N = check_batch(inputs, targets)
+    _no_train_batchnorm(model, "a per-sample gradient")
+    lik = get_likelihood(loss)
+    infos, unsupported = supported_modules(model, params)
+    result: dict[str, Tensor] = {}
+    if infos:
+        cap = capture(model, params, inputs, targets, lik, fisher_type="emp")
+        seen: dict[str, int] = {}
+        for name, rec in cap.layers.items():
+            keys = rec.info.keys
+            bufs = {}
+            if out is not None and all(keys[p] not in seen for p in keys):
+                bufs = {p: out[keys[p]] for p in keys if keys[p] in out}
+            grads = per_sample_layer_grads(layer_data(rec), bufs)
+            for p, gp in grads.items():
+                key = keys[p]
+                if key in result:  # tied parameter used by several modules
+                    result[key] = result[key] + gp
+                else:
+                    result[key] = gp
+                seen[key] = seen.get(key, 0) + 1
+    rest = [k for k in params if k not in result]
+    covered = {k for _, (_, ks) in unsupported.items() for k in ks}
+    vm = [k for k in rest if k in covered]
+    if vm:
+        result.update(_vmap_grads(model, params, vm, inputs, targets, lik))
+    for k in params:  # parameters of supported modules that were never called
+        if k not in result:
+            result[k] = torch.zeros(N, *params[k].shape, dtype=params[k].dtype, device=params[k].device)
+    if out is not None:
+        for k, v in result.items():
+            if k in out and v.data_ptr() != out[k].data_ptr():
+                out[k].copy_(v)
+                result[k] = out[k]
+    return {k: result[k] for k in params}
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor,
+    loss: Any = "cross_entropy",
+) -> Tensor:
+    """‖∇_θ ℓ_n‖ for every sample, ``[N]``, over all of ``params``.
+
+    For Linear and Conv2d layers the squared norm comes from the layer inputs and output
+    gradients (``‖g‖²‖a‖²`` per position, or a T x T Gram product for T positions, whichever
+    is cheaper) without materialising the per-sample gradients; other parameters fall back to
+    the materialised ones. Cost O(N·Σ_layers min(T·d_in·d_out, T²·(d_in+d_out))).
+    """
+    params = check_params(model, params)
+    N = check_batch(inputs, targets)
+    _no_train_batchnorm(model, "a per-sample gradient norm")
+    lik = get_likelihood(loss)
+    infos, unsupported = supported_modules(model, params)
+    # a parameter shared by several modules has cross terms: materialise it
+    owners: dict[str, int] = {}
+    for info in infos.values():
+        for k in info.keys.values():
+            owners[k] = owners.get(k, 0) + 1
+    sq = torch.zeros(N, dtype=next(iter(params.values())).dtype)
+    done: set[str] = set()
+    if infos:
+        cap = capture(model, params, inputs, targets, lik, fisher_type="emp")
+        shared: dict[str, Tensor] = {}
+        for name, rec in cap.layers.items():
+            ld = layer_data(rec)
+            keys = rec.info.keys
+            if any(owners[k] > 1 for k in keys.values()):
+                for p, gp in per_sample_layer_grads(ld).items():
+                    shared[keys[p]] = shared[keys[p]] + gp if keys[p] in shared else gp
+            else:
+                sq = sq + per_sample_layer_sq_norms(ld).to(sq.dtype)
+            done.update(keys.values())
+        for gp in shared.values():
+            sq = sq + gp.reshape(N, -1).pow(2).sum(1)
+    covered = {k for _, (_, ks) in unsupported.items() for k in ks}
+    vm = [k for k in params if k not in done and k in covered]
+    if vm:
+        for gp in _vmap_grads(model, params, vm, inputs, targets, lik).values():
+            sq = sq + gp.reshape(N, -1).pow(2).sum(1)
+    return sq.sqrt()
+
+
+def jacobian(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> dict[str, Tensor]:
+    """∂f(x_n)/∂θ for the batch: a dict like ``params`` with leaves
+    ``[N, *output.shape[1:], *param.shape]``. Reverse mode, one backward per output entry
+    of the batch (vectorised by ``torch.func.jacrev``)."""
+    params = check_params(model, params)
+    check_batch(inputs, None)
+    detached = {k: v.detach() for k, v in params.items()}
+    return torch.func.jacrev(lambda p: call_model(model, p, inputs))(detached)
+
+
+def jvp(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, tangent: Mapping[str, Tensor]) -> Tensor:
+    """J v: the directional derivative of the batch output along ``tangent`` (forward mode)."""
+    params = check_params(model, params)
+    _check_like(params, tangent, "tangent")
+    detached = {k: v.detach() for k, v in params.items()}
+    _, out = torch.func.jvp(lambda p: call_model(model, p, inputs), (detached,), ({k: tangent[k] for k in params},))
+    return out
+
+
+def vjp(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, cotangent: Tensor) -> dict[str, Tensor]:
+    """Jᵀ u = Σ_n J_nᵀ u_n for an output-shaped cotangent ``u`` (reverse mode)."""
+    params = check_params(model, params)
+    detached = {k: v.detach() for k, v in params.items()}
+    out, fn = torch.func.vjp(lambda p: call_model(model, p, inputs), detached)
+    if cotangent.shape != out.shape:
+        raise ValueError(f"cotangent has shape {tuple(cotangent.shape)}, the model output {tuple(out.shape)}")
+    return fn(cotangent)[0]
+
+
+def _check_like(params: Mapping[str, Tensor], vec: Mapping[str, Tensor], what: str) -> None:
+    if not isinstance(vec, Mapping) or set(vec) != set(params):
+        got = sorted(vec) if isinstance(vec, Mapping) else type(vec).__name__
+        raise ValueError(f"{what} must be a dict with the same keys as params {sorted(params)}; got {got}")
+    for k in params:
+        if vec[k].shape != params[k].shape:
+            raise ValueError(f"{what}[{k!r}] has shape {tuple(vec[k].shape)}, params[{k!r}] {tuple(params[k].shape)}")

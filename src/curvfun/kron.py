@@ -1,0 +1,633 @@
+"""Kronecker-factored curvature (K-FAC), its damped inverses, eigen-decompositions and EKFAC.
+
+Conventions (GUIDE, fixed). For a layer with weight W (d_out x d_in) and per-sample output
+gradients ĝ (for the columns of the requested ``fisher_type``, weights w_k):
+
+* A = (1/(N·T)) Σ_{n,t} a_nt a_ntᵀ (inputs), B = (1/N) Σ_k w_k Σ_{n,t} ĝ_nt ĝ_ntᵀ (K-FAC-expand;
+  T = sequence positions / conv output pixels / repeated calls; T = 1 for a plain Linear);
+* K-FAC-reduce (Eschenhagen et al. 2023): â_n = (1/T) Σ_t a_nt, ĝ_n = Σ_t ĝ_nt,
+  A = (1/N) Σ_n â_n â_nᵀ, B = (1/N) Σ_k w_k Σ_n ĝ_n ĝ_nᵀ;
+* the weight block is A ⊗ B in column-major vec order; curvfun uses **row-major** vec(W)
+  (``W.flatten()``), where the block is ``torch.kron(B, A)``; the bias is its own block B
+  (``bias="separate"``, default), so the preconditioned gradient is B⁻¹ G_W A⁻¹ and B⁻¹ g_b;
+  ``bias="folded"`` uses homogeneous inputs ā = [a, 1] and one block for [W b];
+* Conv2d: im2col over kernel/stride/padding/dilation, one (A, B) pair per group
+  (block-diagonal over groups); weight ``[out, in/groups, kh, kw]`` read as
+  ``[out, in/groups·kh·kw]``;
+* Embedding (weight ``[V, D]``, rows indexed by tokens): A = diag(token counts)/(N·T) (a
+  vector), B over D, block ``kron(diag(A), B)`` on row-major vec(W); always expand;
+* LayerNorm / BatchNorm: unit-wise blocks: per channel c the exact 2x2 Fisher block over
+  (γ_c, β_c) (1x1 without bias); ``diag()`` gives their diagonals.
+
+Damping (``heuristic="pi"``, default): π = sqrt((tr A/dim A)/(tr B/dim B)), δ_A = sqrt(λ)·π,
+δ_B = sqrt(λ)/π, each at least 1e-7, falling back to δ_A = δ_B = sqrt(λ) when π is 0 or not
+finite; ``heuristic="none"``: δ_A = δ_B = sqrt(λ). Inverses by Cholesky, retried in float64
+when the factor's dtype fails; a factor that is not positive definite even then raises
+:class:`NotPositiveDefiniteError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from .capture import Capture, capture
+from .layers import LayerData, layer_data
+
+__all__ = [
+    "KronFactor",
+    "KronInverse",
+    "KronEigen",
+    "EKFACFactor",
+    "EmbeddingFactor",
+    "UnitWiseFactor",
+    "DiagFactor",
+    "NotPositiveDefiniteError",
+    "pi_damping",
+    "damped_cholesky_inverse",
+    "kron_factors_from_layer",
+    "kfac",
+    "ekfac",
+    "KFAC_TYPES",
+    "BIAS_MODES",
+]
+
+KFAC_TYPES = ("expand", "reduce")
+BIAS_MODES = ("separate", "folded")
+MIN_DAMPING = 1e-7
+
+
+class NotPositiveDefiniteError(ValueError):
+    """A damped factor has no Cholesky factorisation, even in float64."""
+
+
+def _register(cls):
+    fields = cls._tensor_fields
+    static = cls._static_fields
+
+    def flatten(obj):
+        return tuple(getattr(obj, f) for f in fields), tuple(getattr(obj, f) for f in static), fields
+
+    def unflatten(meta, children):
+        return cls(**dict(zip(fields, children)), **dict(zip(static, meta)))
+
+    optree.register_pytree_node(cls, flatten, unflatten, namespace="curvfun")
+    return cls
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+def pi_damping(A: Tensor, B: Tensor, damping: float, heuristic: str = "pi", a_diag: bool = False):
+    """(δ_A, δ_B) per the GUIDE's π-damped factored Tikhonov; batched over a leading group dim."""
+    if heuristic not in ("pi", "none"):
+        raise ValueError(f"unknown damping heuristic {heuristic!r}; expected 'pi' or 'none'")
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    root = math.sqrt(damping)
+    lead = B.shape[:-2]
+    if heuristic == "none":
+        d = torch.full(lead, max(root, MIN_DAMPING), dtype=B.dtype, device=B.device)
+        return d, d.clone()
+    trA = A.sum(-1) if a_diag else torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
+    dimA = A.shape[-1]
+    trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1)
+    pi = torch.sqrt((trA / dimA) / (trB / B.shape[-1]))
+    ok = torch.isfinite(pi) & (pi > 0)
+    pi = torch.where(ok, pi, torch.ones_like(pi))
+    return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
+
+
+def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "factor") -> Tensor:
+    """(M + δI)^{-1} via Cholesky (batched over leading dims), retried in float64 if needed."""
+    d = M.shape[-1]
+    eye = torch.eye(d, dtype=M.dtype, device=M.device)
+    delta = torch.as_tensor(delta, dtype=M.dtype, device=M.device)
+    for dtype in (M.dtype, torch.float64):
+        Md = (M.to(dtype) + delta.to(dtype)[..., None, None] * eye.to(dtype))
+        L, info = torch.linalg.cholesky_ex(Md)
+        if bool((info == 0).all()) and bool(torch.isfinite(L).all()):
+            inv = torch.cholesky_inverse(L)
+            return ((inv + inv.transpose(-1, -2)) / 2).to(M.dtype)
+        if dtype == torch.float64:
+            break
+    raise NotPositiveDefiniteError(
+        f"the damped {what} is not positive definite (or not finite) even in float64; "
+        f"increase the damping or check the captured data for NaN/Inf"
+    )
+
+
+def _groups(X: Tensor) -> Tensor:
+    return X if X.ndim == 3 else X.unsqueeze(0)
+
+
+def _weight_matrix(G: Tensor, groups: int) -> Tensor:
+    """``[out, ...]`` -> ``[groups, out/groups, rest]``."""
+    return G.reshape(groups, G.shape[0] // groups, -1)
+
+
+def _apply(grad: Mapping[str, Tensor], left: Tensor, right: Tensor, folded: bool) -> dict[str, Tensor]:
+    """left_g · G_g · right_g per group, for {"weight", "bias"} (folded: on [W b])."""
+    G = left.shape[0]
+    W = grad["weight"]
+    Wm = _weight_matrix(W, G)
+    out: dict[str, Tensor] = {}
+    if folded:
+        b = grad["bias"].reshape(G, -1, 1)
+        aug = left @ torch.cat([Wm, b], -1) @ right
+        out["weight"] = aug[..., :-1].reshape(W.shape)
+        out["bias"] = aug[..., -1].reshape(grad["bias"].shape)
+        return out
+    out["weight"] = (left @ Wm @ right).reshape(W.shape)
+    if "bias" in grad and grad["bias"] is not None:
+        b = grad["bias"]
+        out["bias"] = (left @ b.reshape(G, -1, 1)).reshape(b.shape)
+    return out
+
+
+def _layer_dense(left: Tensor, right: Tensor, folded: bool, has_bias: bool, include_bias: bool) -> Tensor:
+    """Dense matrix of G ↦ left G right on [vec_r(W); b] (params order), block-diag over groups."""
+    G, o, _ = left.shape
+    d = right.shape[-1]
+    if folded:
+        din = d - 1
+        blocks = [torch.kron(left[g], right[g]) for g in range(G)]  # over row-major [W_g b_g]
+        M = torch.block_diag(*blocks)
+        # permute augmented order (g, o, i) with i = din meaning bias -> [vec_r(W); b]
+        idx_w = [(g * o + r) * d + i for g in range(G) for r in range(o) for i in range(din)]
+        idx_b = [(g * o + r) * d + din for g in range(G) for r in range(o)]
+        perm = torch.tensor(idx_w + idx_b)
+        return M[perm][:, perm]
+    Mw = torch.block_diag(*[torch.kron(left[g], right[g]) for g in range(G)])
+    if not (include_bias and has_bias):
+        return Mw
+    return torch.block_diag(Mw, torch.block_diag(*[left[g] for g in range(G)]))
+
+
+# --- factor objects -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KronFactor:
+    """K-FAC factors of a Linear / Conv2d layer: ``A`` (input side) and ``B`` (output side),
+    ``[d, d]`` or ``[groups, d, d]``. Immutable and an optree node (namespace "curvfun")."""
+
+    A: Tensor
+    B: Tensor
+    weight_shape: tuple = ()
+    has_bias: bool = False
+    folded: bool = False
+
+    _tensor_fields = ("A", "B")
+    _static_fields = ("weight_shape", "has_bias", "folded")
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.A.ndim == 2 else self.A.shape[0]
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{"weight": B G_W A, "bias": B g_b}`` (folded: B [G_W g_b] A). O(d_out·d_in·(d_in+d_out))."""
+        return _apply(grad, _groups(self.B), _groups(self.A), self.folded)
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        """``kron(B, A)`` on row-major vec(W) (= A ⊗ B in column-major vec), block-diagonal over
+        groups; ``include_bias=True`` appends the bias block B (params order [vec_r(W); b]).
+        Folded: the whole [W b] block, in the order [vec_r(W); b]."""
+        return _layer_dense(_groups(self.B), _groups(self.A), self.folded, self.has_bias, include_bias)
+
+    def damping(self, damping: float, heuristic: str = "pi") -> tuple[Tensor, Tensor]:
+        return pi_damping(_groups(self.A), _groups(self.B), damping, heuristic)
+
+    def damped_inverse(self, damping: float, heuristic: str = "pi") -> "KronInverse":
+        """(B+δ_B I)^{-1} · (A+δ_A I)^{-1} as a factor object with the same ``matvec``."""
+        dA, dB = self.damping(damping, heuristic)
+        Ai = damped_cholesky_inverse(_groups(self.A), dA, "input factor A")
+        Bi = damped_cholesky_inverse(_groups(self.B), dB, "output factor B")
+        shape = self.A.shape
+        return KronInverse(Ai.reshape(shape), Bi.reshape(self.B.shape), self.weight_shape, self.has_bias, self.folded)
+
+    def eigh(self) -> "KronEigen":
+        """Eigen-decompositions A = Q_A Λ_A Q_Aᵀ, B = Q_B Λ_B Q_Bᵀ (float64 retry)."""
+        lA, QA = _eigh(self.A)
+        lB, QB = _eigh(self.B)
+        return KronEigen(QA, lA, QB, lB, self.weight_shape, self.has_bias, self.folded)
+
+    def ekfac(self, data: LayerData) -> "EKFACFactor":
+        """EKFAC (George et al. 2018): keep K-FAC's eigenbasis Q_B ⊗ Q_A, replace the
+        eigenvalues by the second moments of the per-sample gradients in that basis,
+        S = (1/N) Σ_k w_k Σ_n (Q_Bᵀ G_nk Q_A)², which is the Frobenius-closest diagonal in
+        that basis to the Fisher block. Cost O(K·N·T·d·(d_in+d_out)) plus the eigh."""
+        return _ekfac_from(self.eigh(), data)
+
+
+def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    try:
+        return torch.linalg.eigh(M)
+    except RuntimeError:
+        lam, Q = torch.linalg.eigh(M.to(torch.float64))
+        return lam.to(M.dtype), Q.to(M.dtype)
+
+
+_register(KronFactor)
+
+
+@dataclass(frozen=True)
+class KronInverse:
+    """Damped inverse factors: ``matvec`` is (B+δ_B)^{-1} G (A+δ_A)^{-1}."""
+
+    A_inv: Tensor
+    B_inv: Tensor
+    weight_shape: tuple = ()
+    has_bias: bool = False
+    folded: bool = False
+
+    _tensor_fields = ("A_inv", "B_inv")
+    _static_fields = ("weight_shape", "has_bias", "folded")
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _apply(grad, _groups(self.B_inv), _groups(self.A_inv), self.folded)
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        return _layer_dense(_groups(self.B_inv), _groups(self.A_inv), self.folded, self.has_bias, include_bias)
+
+
+_register(KronInverse)
+
+
+@dataclass(frozen=True)
+class KronEigen:
+    """K-FAC in its eigenbasis: A = Q_A diag(λ_A) Q_Aᵀ, B = Q_B diag(λ_B) Q_Bᵀ; the
+    eigenvalues of kron(B, A) are ``outer(λ_B, λ_A)`` (row-major, see :meth:`eigenvalues`)."""
+
+    QA: Tensor
+    lamA: Tensor
+    QB: Tensor
+    lamB: Tensor
+    weight_shape: tuple = ()
+    has_bias: bool = False
+    folded: bool = False
+
+    _tensor_fields = ("QA", "lamA", "QB", "lamB")
+    _static_fields = ("weight_shape", "has_bias", "folded")
+
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues of kron(B, A) per group ``[G, d_out·d_in]``: λ_B[o]·λ_A[i] at o·d_in + i."""
+        lB, lA = self.lamB.reshape(-1, self.lamB.shape[-1]), self.lamA.reshape(-1, self.lamA.shape[-1])
+        return (lB.unsqueeze(-1) * lA.unsqueeze(-2)).reshape(lB.shape[0], -1)
+
+    def _mats(self):
+        QA, QB = _groups(self.QA), _groups(self.QB)
+        A = QA @ torch.diag_embed(self.lamA.reshape(QA.shape[:-1])) @ QA.transpose(-1, -2)
+        B = QB @ torch.diag_embed(self.lamB.reshape(QB.shape[:-1])) @ QB.transpose(-1, -2)
+        return A, B
+
+    def matvec(self, grad):
+        A, B = self._mats()
+        return _apply(grad, B, A, self.folded)
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        A, B = self._mats()
+        return _layer_dense(B, A, self.folded, self.has_bias, include_bias)
+
+
+_register(KronEigen)
+
+
+@dataclass(frozen=True)
+class EKFACFactor:
+    """Eigenvalue-corrected K-FAC: F ≈ (Q_B ⊗ Q_A) diag(S) (Q_B ⊗ Q_A)ᵀ with scalings
+    ``S`` ``[G, d_out, d_in]``; the bias (separate) uses Q_B with scalings ``s_bias`` ``[G, d_out]``."""
+
+    QA: Tensor
+    QB: Tensor
+    S: Tensor
+    s_bias: Tensor | None = None
+    weight_shape: tuple = ()
+    has_bias: bool = False
+    folded: bool = False
+    inverse: bool = False
+    delta: float = 0.0
+
+    _tensor_fields = ("QA", "QB", "S", "s_bias")
+    _static_fields = ("weight_shape", "has_bias", "folded", "inverse", "delta")
+
+    def _scale(self, s: Tensor) -> Tensor:
+        return 1.0 / (s + self.delta) if self.inverse else s
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Q_B [(Q_Bᵀ G Q_A) ⊙ S] Q_Aᵀ (divided by S + λ for the damped inverse)."""
+        QA, QB = _groups(self.QA), _groups(self.QB)
+        G = QA.shape[0]
+        W = grad["weight"]
+        Wm = _weight_matrix(W, G)
+        if self.folded:
+            Wm = torch.cat([Wm, grad["bias"].reshape(G, -1, 1)], -1)
+        rot = QB.transpose(-1, -2) @ Wm @ QA
+        res = QB @ (rot * self._scale(self.S)) @ QA.transpose(-1, -2)
+        out = {}
+        if self.folded:
+            out["weight"] = res[..., :-1].reshape(W.shape)
+            out["bias"] = res[..., -1].reshape(grad["bias"].shape)
+            return out
+        out["weight"] = res.reshape(W.shape)
+        if self.has_bias and grad.get("bias") is not None:
+            b = grad["bias"].reshape(G, -1, 1)
+            rb = QB.transpose(-1, -2) @ b
+            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
+        return out
+
+    def damped_inverse(self, damping: float) -> "EKFACFactor":
+        """(Q diag(S) Qᵀ + λI)^{-1} = Q diag(1/(S+λ)) Qᵀ: exact inverse of the damped EKFAC."""
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        if self.inverse:
+            raise ValueError("this EKFAC factor is already an inverse")
+        return replace(self, inverse=True, delta=max(float(damping), MIN_DAMPING))
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        QA, QB = _groups(self.QA), _groups(self.QB)
+        G = QA.shape[0]
+        blocks = []
+        for g in range(G):
+            Q = torch.kron(QB[g], QA[g])
+            blocks.append(Q @ torch.diag(self._scale(self.S[g]).reshape(-1)) @ Q.T)
+        M = torch.block_diag(*blocks)
+        if self.folded:
+            o, d = QB.shape[-1], QA.shape[-1]
+            din = d - 1
+            idx_w = [(g * o + r) * d + i for g in range(G) for r in range(o) for i in range(din)]
+            idx_b = [(g * o + r) * d + din for g in range(G) for r in range(o)]
+            perm = torch.tensor(idx_w + idx_b)
+            return M[perm][:, perm]
+        if include_bias and self.has_bias:
+            Mb = torch.block_diag(*[QB[g] @ torch.diag(self._scale(self.s_bias[g])) @ QB[g].T for g in range(G)])
+            M = torch.block_diag(M, Mb)
+        return M
+
+
+_register(EKFACFactor)
+
+
+def _ekfac_from(eig: KronEigen, data: LayerData) -> EKFACFactor:
+    if data.g is None:
+        raise ValueError("EKFAC needs a capture with output gradients")
+    QA, QB = _groups(eig.QA), _groups(eig.QB)
+    a = data.a  # [N, G, T, d]
+    if eig.folded:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+    ra = a @ QA  # [N, G, T, d]
+    rg = data.g @ QB  # [K, N, G, T, o]
+    K, N = rg.shape[:2]
+    w = data.weights.to(rg.dtype)
+    S = torch.zeros(QA.shape[0], QB.shape[-1], QA.shape[-1], dtype=rg.dtype, device=rg.device)
+    for k in range(K):
+        Gn = rg[k].transpose(-1, -2) @ ra  # [N, G, o, d]
+        S += w[k] * Gn.pow(2).sum(0)
+    S = S / N
+    s_bias = None
+    if data.has_bias and not eig.folded:
+        gb = rg.sum(3)  # [K, N, G, o]
+        s_bias = (w.reshape(-1, 1, 1, 1) * gb.pow(2)).sum((0, 1)) / N
+    return EKFACFactor(eig.QA, eig.QB, S, s_bias, eig.weight_shape, eig.has_bias, eig.folded)
+
+
+@dataclass(frozen=True)
+class EmbeddingFactor:
+    """Embedding (weight ``[V, D]``): A = token frequencies ``[V]`` (diagonal), B ``[D, D]``;
+    block ``kron(diag(A), B)`` on row-major vec(W); ``matvec``: diag(A) G B."""
+
+    A: Tensor
+    B: Tensor
+    inverse: bool = False
+
+    _tensor_fields = ("A", "B")
+    _static_fields = ("inverse",)
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"weight": self.A.unsqueeze(-1) * grad["weight"] @ self.B}
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        return torch.kron(torch.diag(self.A), self.B)
+
+    def damped_inverse(self, damping: float, heuristic: str = "pi") -> "EmbeddingFactor":
+        dA, dB = pi_damping(self.A, self.B, damping, heuristic, a_diag=True)
+        return EmbeddingFactor(1.0 / (self.A + dA), damped_cholesky_inverse(self.B, dB, "output factor B"), True)
+
+
+_register(EmbeddingFactor)
+
+
+@dataclass(frozen=True)
+class UnitWiseFactor:
+    """Per-unit blocks ``[C, p, p]`` over (γ_c[, β_c]) of a LayerNorm / BatchNorm: the exact
+    Fisher sub-blocks. ``matvec`` multiplies each unit's (γ_c, β_c) pair by its block."""
+
+    blocks: Tensor
+    weight_shape: tuple = ()
+    has_bias: bool = True
+
+    _tensor_fields = ("blocks",)
+    _static_fields = ("weight_shape", "has_bias")
+
+    def _stack(self, grad):
+        parts = [grad["weight"].reshape(-1)]
+        if self.has_bias:
+            parts.append(grad["bias"].reshape(-1))
+        return torch.stack(parts, -1)  # [C, p]
+
+    def _unstack(self, v, grad):
+        out = {"weight": v[:, 0].reshape(grad["weight"].shape)}
+        if self.has_bias:
+            out["bias"] = v[:, 1].reshape(grad["bias"].shape)
+        return out
+
+    def matvec(self, grad):
+        return self._unstack((self.blocks @ self._stack(grad).unsqueeze(-1)).squeeze(-1), grad)
+
+    def damped_inverse(self, damping: float, heuristic: str = "none") -> "UnitWiseFactor":
+        """(block_c + λI)^{-1} per unit (plain Tikhonov: unit-wise blocks have no π)."""
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        inv = damped_cholesky_inverse(self.blocks, max(float(damping), MIN_DAMPING), "unit-wise block")
+        return UnitWiseFactor(inv, self.weight_shape, self.has_bias)
+
+    def to_dense(self, include_bias: bool = True) -> Tensor:
+        C, p, _ = self.blocks.shape
+        M = torch.zeros(p * C, p * C, dtype=self.blocks.dtype, device=self.blocks.device)
+        idx = torch.arange(C)
+        for i in range(p):
+            for j in range(p):
+                M[i * C + idx, j * C + idx] = self.blocks[:, i, j]
+        return M
+
+    def diag(self) -> "DiagFactor":
+        d = torch.diagonal(self.blocks, dim1=-2, dim2=-1)  # [C, p]
+        out = {"weight": d[:, 0].reshape(self.weight_shape)}
+        if self.has_bias:
+            out["bias"] = d[:, 1].clone()
+        return DiagFactor(out)
+
+
+_register(UnitWiseFactor)
+
+
+@dataclass(frozen=True)
+class DiagFactor:
+    """A diagonal block: ``values`` like the layer's parameters; ``matvec`` is elementwise."""
+
+    values: dict
+    inverse: bool = False
+
+    _tensor_fields = ("values",)
+    _static_fields = ("inverse",)
+
+    def matvec(self, grad):
+        return {k: grad[k] * v for k, v in self.values.items() if k in grad}
+
+    def damped_inverse(self, damping: float, heuristic: str = "none") -> "DiagFactor":
+        if not (damping >= 0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        lam = max(float(damping), MIN_DAMPING)
+        return DiagFactor({k: 1.0 / (v + lam) for k, v in self.values.items()}, True)
+
+    def to_dense(self, include_bias: bool = True) -> Tensor:
+        return torch.diag(torch.cat([v.reshape(-1) for v in self.values.values()]))
+
+
+_register(DiagFactor)
+
+
+# --- factors from captured data ----------------------------------------------------------
+
+
+def _weighted(g: Tensor, w: Tensor) -> Tensor:
+    return g * w.sqrt().to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
+
+
+def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):
+    """The factor object of one layer from its :class:`~curvfun.layers.LayerData`.
+
+    Cost: Linear/Conv2d O(N·T·(d_in² + K·d_out²)); Embedding O(K·N·T·D²); norm layers O(K·N·T·C).
+    """
+    if kfac_type not in KFAC_TYPES:
+        raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
+    if data.g is None:
+        raise ValueError("K-FAC needs a capture with output gradients (fisher_type 'emp', 'mc' or 'exact')")
+    m, N = data.module, data.batch_size
+    g = _weighted(data.g, data.weights)
+    if data.kind in ("linear", "conv2d"):
+        a = data.a  # [N, G, T, d]
+        folded = bias == "folded" and data.has_bias
+        if folded:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        Gr, T = a.shape[1], a.shape[2]
+        if kfac_type == "expand":
+            am = a.transpose(0, 1).reshape(Gr, N * T, -1)
+            A = am.transpose(1, 2) @ am / (N * T)
+            gm = g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
+        else:
+            am = a.mean(2).transpose(0, 1)  # [G, N, d]
+            A = am.transpose(1, 2) @ am / N
+            gm = g.sum(3).permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
+        B = gm.transpose(1, 2) @ gm / N
+        if Gr == 1:
+            A, B = A[0], B[0]
+        return KronFactor((A + A.transpose(-1, -2)) / 2, (B + B.transpose(-1, -2)) / 2,
+                          tuple(m.weight.shape), data.has_bias, folded)
+    if data.kind == "embedding":
+        ids = data.a  # [N, T]
+        valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+        counts = torch.zeros(m.num_embeddings, dtype=g.dtype, device=g.device)
+        counts.index_add_(0, ids[valid], torch.ones(int(valid.sum()), dtype=g.dtype, device=g.device))
+        A = counts / (N * ids.shape[1])
+        gm = g.reshape(-1, g.shape[-1])
+        B = gm.T @ gm / N
+        return EmbeddingFactor(A, (B + B.T) / 2)
+    # layernorm / batchnorm: exact unit-wise blocks
+    u = [(g * data.a).sum(2)]  # [K, N, C]
+    if data.has_bias:
+        u.append(g.sum(2))
+    U = torch.stack(u, -1)  # [K, N, C, p]
+    blocks = torch.einsum("kncp,kncq->cpq", U, U) / N
+    return UnitWiseFactor(blocks, tuple(m.weight.shape), data.has_bias)
+
+
+def _warn_unsupported(cap: Capture, on_unsupported: str) -> None:
+    if not cap.unsupported or on_unsupported == "ignore":
+        return
+    import warnings
+
+    msg = "no Kronecker factors for: " + ", ".join(
+        f"{n or '<root>'} ({cls}; parameters {keys})" for n, (cls, keys) in cap.unsupported.items()
+    )
+    if on_unsupported == "raise":
+        raise ValueError(msg + ". Exclude their parameters from params, or use on_unsupported='warn'.")
+    warnings.warn(msg + ": they get no factor (the supported layers still do)", stacklevel=3)
+
+
+def kfac(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor | None = None,
+    loss: Any = "cross_entropy",
+    fisher_type: str = "mc",
+    kfac_type: str = "expand",
+    bias: str = "separate",
+    n_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    on_unsupported: str = "warn",
+) -> dict[str, Any]:
+    """K-FAC factors of every supported module owning entries of ``params``.
+
+    Returns ``{module name (as in model.named_modules()): factor}`` with :class:`KronFactor`
+    for Linear / Conv2d, :class:`EmbeddingFactor`, :class:`UnitWiseFactor` for LayerNorm /
+    BatchNorm. Unsupported modules are named in a warning (``on_unsupported="raise"`` makes it
+    an error, ``"ignore"`` silences it). Embedding always uses K-FAC-expand. Cost: one
+    captured forward and one backward per column (see :mod:`curvfun.capture`), plus the
+    factor products.
+    """
+    if kfac_type not in KFAC_TYPES:
+        raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
+    if fisher_type == "emp" and targets is None:
+        raise ValueError("fisher_type='emp' needs the data targets")
+    cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
+    _warn_unsupported(cap, on_unsupported)
+    return {
+        name: kron_factors_from_layer(layer_data(rec, cap.weights), kfac_type, bias)
+        for name, rec in cap.layers.items()
+    }
+
+
+def ekfac(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor | None = None,
+    loss: Any = "cross_entropy",
+    fisher_type: str = "mc",
+    kfac_type: str = "expand",
+    bias: str = "separate",
+    n_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    on_unsupported: str = "warn",
+) -> dict[str, Any]:
+    """EKFAC factors of Linear / Conv2d layers (the K-FAC eigenbasis with per-sample second
+    moments from the same capture); other supported layers get their K-FAC factor."""
+    cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
+    _warn_unsupported(cap, on_unsupported)
+    out = {}
+    for name, rec in cap.layers.items():
+        data = layer_data(rec, cap.weights)
+        f = kron_factors_from_layer(data, kfac_type, bias)
+        out[name] = f.ekfac(data) if isinstance(f, KronFactor) else f
+    return out

@@ -1,0 +1,216 @@
+"""Per-layer views of a capture: the layer's data as matrices, and per-sample gradients.
+
+For each supported layer type the captured input ``a`` and output-gradient ``g`` are put in
+one shape the rest of the library works with:
+
+* Linear / Conv2d: ``a`` is ``[N, G, T, d_in]`` and ``g`` is ``[K, N, G, T, d_out]`` (G =
+  groups, 1 for Linear; T = positions: sequence tokens, conv output pixels (im2col), and
+  repeated calls of a weight-shared module). The weight gradient of sample n is
+  ``Σ_t g_nt a_ntᵀ`` per group, the bias gradient ``Σ_t g_nt``.
+* Embedding: ``ids`` ``[N, T]``, ``g`` ``[K, N, T, D]``; weight gradient
+  ``Σ_t e_{id_t} g_tᵀ`` (``[V, D]``), zero at ``padding_idx``.
+* LayerNorm / BatchNorm: ``a`` is the normalised input x̂ ``[N, T, C]`` (BatchNorm: batch
+  statistics in train mode, running statistics in eval mode), ``g`` ``[K, N, T, C]``;
+  gradients ``Σ_t g ⊙ x̂`` (weight) and ``Σ_t g`` (bias).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .capture import LayerRecord
+
+__all__ = ["LayerData", "layer_data", "per_sample_layer_grads", "per_sample_layer_sq_norms"]
+
+
+@dataclass
+class LayerData:
+    kind: str
+    module: nn.Module
+    a: Tensor  # see module docstring (ids for embedding)
+    g: Tensor | None
+    weights: Tensor | None  # column weights [K]
+    has_bias: bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.a.shape[0]
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))  # 'same', symmetric
+    return tuple(m.padding)
+
+
+def _linear(rec: LayerRecord):
+    a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in rec.inputs]
+    g = None if rec.grads is None else [y.reshape(y.shape[0], y.shape[1], -1, y.shape[-1]) for y in rec.grads]
+    return torch.cat(a, 1).unsqueeze(1), None if g is None else torch.cat(g, 2).unsqueeze(2)
+
+
+def _conv(rec: LayerRecord):
+    m: nn.Conv2d = rec.module
+    G = m.groups
+    pad = _conv_padding(m)
+    a_list, g_list = [], []
+    for i, x in enumerate(rec.inputs):
+        if x.ndim != 4:
+            raise ValueError(f"Conv2d {rec.info.name!r}: expected a batched [N, C, H, W] input, got shape {tuple(x.shape)}")
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # [N, Cin*k, L]
+        N, D, L = cols.shape
+        a_list.append(cols.reshape(N, G, D // G, L).transpose(-1, -2))
+        if rec.grads is not None:
+            y = rec.grads[i]  # [K, N, Cout, Ho, Wo]
+            K, _, Cout = y.shape[:3]
+            g_list.append(y.reshape(K, N, G, Cout // G, -1).transpose(-1, -2))
+    return torch.cat(a_list, 2), None if rec.grads is None else torch.cat(g_list, 3)
+
+
+def _embedding(rec: LayerRecord):
+    m: nn.Embedding = rec.module
+    ids = torch.cat([x.reshape(x.shape[0], -1) for x in rec.inputs], 1)
+    g = None
+    if rec.grads is not None:
+        g = torch.cat([y.reshape(y.shape[0], y.shape[1], -1, y.shape[-1]) for y in rec.grads], 2)
+        if m.padding_idx is not None:
+            g = g * (ids != m.padding_idx)[None, :, :, None].to(g.dtype)
+    return ids, g
+
+
+def _normalised(rec: LayerRecord, x: Tensor) -> Tensor:
+    m = rec.module
+    if isinstance(m, nn.LayerNorm):
+        xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        C = math.prod(m.normalized_shape)
+        return xhat.reshape(x.shape[0], -1, C)
+    # BatchNorm: channel dim 1
+    dims = [0] + list(range(2, x.ndim))
+    if m.training or m.running_mean is None:
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+    else:
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
+    xhat = (x - mean) / torch.sqrt(var + m.eps)
+    return xhat.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _norm(rec: LayerRecord):
+    m = rec.module
+    a = torch.cat([_normalised(rec, x) for x in rec.inputs], 1)
+    if rec.grads is None:
+        return a, None
+    gs = []
+    for y in rec.grads:
+        if isinstance(m, nn.LayerNorm):
+            gs.append(y.reshape(y.shape[0], y.shape[1], -1, a.shape[-1]))
+        else:
+            gs.append(y.movedim(2, -1).reshape(y.shape[0], y.shape[1], -1, y.shape[2]))
+    return a, torch.cat(gs, 2)
+
+
+def layer_data(rec: LayerRecord, weights: Tensor | None = None) -> LayerData:
+    """Arrange one module's record as :class:`LayerData` (see the module docstring)."""
+    kind = rec.kind
+    if kind == "linear":
+        a, g = _linear(rec)
+    elif kind == "conv2d":
+        a, g = _conv(rec)
+    elif kind == "embedding":
+        a, g = _embedding(rec)
+    elif kind in ("layernorm", "batchnorm"):
+        a, g = _norm(rec)
+    else:  # pragma: no cover - guarded by capture.layer_kind
+        raise ValueError(f"unsupported layer kind {kind!r}")
+    return LayerData(kind, rec.module, a, g, weights, "bias" in rec.info.keys)
+
+
+def _col0(ld: LayerData) -> Tensor:
+    if ld.g is None:
+        raise ValueError("per-sample gradients need a capture with output gradients (fisher_type='emp')")
+    if ld.g.shape[0] != 1:
+        raise ValueError("per-sample gradients need a single column (fisher_type='emp')")
+    return ld.g[0]
+
+
+def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Per-sample gradients ``{"weight": [N, *W.shape], "bias": [N, *b.shape]}`` of one layer
+    from its captured data; written into ``out[...]`` when given (preallocated buffers are
+    several times faster than fresh pages for large layers). Cost O(N·T·d_in·d_out)."""
+    m, g, N = ld.module, _col0(ld), ld.batch_size
+    res: dict[str, Tensor] = {}
+    out = out or {}
+    if ld.kind in ("linear", "conv2d"):
+        a = ld.a  # [N, G, T, d]
+        G, T, d = a.shape[1:]
+        o = g.shape[-1]
+        wbuf = out.get("weight")
+        if wbuf is not None:
+            dst = wbuf.view(N * G, o, d)
+            if T == 1:
+                torch.mul(g.reshape(N * G, o, 1), a.reshape(N * G, 1, d), out=dst)
+            else:
+                torch.bmm(g.reshape(N * G, T, o).transpose(1, 2), a.reshape(N * G, T, d), out=dst)
+            res["weight"] = wbuf
+        elif T == 1:
+            res["weight"] = (g.reshape(N * G, o, 1) * a.reshape(N * G, 1, d)).reshape(N, *m.weight.shape)
+        else:
+            res["weight"] = torch.bmm(g.reshape(N * G, T, o).transpose(1, 2), a.reshape(N * G, T, d)).reshape(
+                N, *m.weight.shape
+            )
+        if ld.has_bias:
+            b = g.sum(2).reshape(N, -1)
+            res["bias"] = out["bias"].copy_(b) if "bias" in out else b
+    elif ld.kind == "embedding":
+        ids = ld.a  # [N, T]
+        D = g.shape[-1]
+        dst = out.get("weight")
+        if dst is None:
+            dst = torch.zeros(N, m.num_embeddings, D, dtype=g.dtype, device=g.device)
+        else:
+            dst.zero_()
+        dst.scatter_add_(1, ids.unsqueeze(-1).expand(N, ids.shape[1], D), g)
+        res["weight"] = dst
+    else:  # layernorm / batchnorm
+        w = (g * ld.a).sum(1).reshape(N, *m.weight.shape)
+        res["weight"] = out["weight"].copy_(w) if "weight" in out else w
+        if ld.has_bias:
+            b = g.sum(1).reshape(N, *m.bias.shape)
+            res["bias"] = out["bias"].copy_(b) if "bias" in out else b
+    return res
+
+
+def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
+    """``‖∇_layer ℓ_n‖²`` for each n, ``[N]``, without materialising per-sample gradients
+    where that is cheaper: for T positions, ``‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')``
+    costs O(T²(d_in+d_out)) instead of O(T·d_in·d_out) (the cheaper one is used)."""
+    g, N = _col0(ld), ld.batch_size
+    if ld.kind in ("linear", "conv2d"):
+        a = ld.a
+        G, T, d = a.shape[1:]
+        o = g.shape[-1]
+        if T == 1:
+            sq = (a.pow(2).sum(-1) * g.pow(2).sum(-1)).reshape(N, -1).sum(1)
+        elif T * (d + o) <= d * o:
+            sq = ((a @ a.transpose(-1, -2)) * (g @ g.transpose(-1, -2))).reshape(N, -1).sum(1)
+        else:
+            sq = (g.transpose(-1, -2) @ a).pow(2).reshape(N, -1).sum(1)
+        if ld.has_bias:
+            sq = sq + g.sum(2).pow(2).reshape(N, -1).sum(1)
+        return sq
+    if ld.kind == "embedding":
+        ids = ld.a
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)  # [N, T, T]
+        return (same * (g @ g.transpose(-1, -2))).reshape(N, -1).sum(1)
+    sq = (g * ld.a).sum(1).pow(2).sum(-1)
+    if ld.has_bias:
+        sq = sq + g.sum(1).pow(2).sum(-1)
+    return sq
