@@ -1,0 +1,895 @@
+"""The ASDL-compatible ``GradientMaker`` interface and the ``PreconditionedGradientMaker`` base.
+
+``GradientMaker`` is the plain interface: set up the model call and the loss call with dummies,
+then ``forward_and_backward()`` gives exactly the gradients of ``loss.backward()``.
+
+``PreconditionedGradientMaker`` is the thin stateful layer every preconditioner builds on. It owns
+the config, the step counter, the ``torch.Generator`` for MC sampling, the schedule (pure
+functions of ``config`` and ``step`` from :mod:`curvfun.precondition.config`), the module
+assignment (pure :func:`assign_modules`) and the state dict. A subclass says *which pure
+functions are called when* by implementing :meth:`~PreconditionedGradientMaker.update_curvature`
+(performs the forward and backward pass and captures curvature), optionally
+:meth:`~PreconditionedGradientMaker.update_preconditioner` (inverts) and
+:meth:`~PreconditionedGradientMaker.precondition` (rewrites ``param.grad`` in place), and lists its
+state in ``_state_attributes``.
+
+Differences from ASDL 0.1 (``asdl/grad_maker.py``, ``asdl/precondition/prec_grad_maker.py``):
+
+* ``state_dict()`` holds **all** state (step, generator state, curvature/inverses registered by the
+  subclass, non-finite bookkeeping) and returns a copy; ASDL returns its live ``{'step': n}`` dict
+  and loads only the step, so a resumed ASDL run restarts its curvature from nothing.
+  ``load_state_dict`` checks the maker class and the model's parameter names and shapes.
+* Schedules apply the ``'step'`` / ``'linear'`` interval types and the curvature's own fields (see
+  :mod:`curvfun.precondition.config`).
+* Modules are matched to parameters by identity; a parameter shared by several layers (tied
+  weights) keeps the plain gradient, since a per-layer curvature block does not describe it.
+  Ignoring a container instance or class ignores every layer inside it. A model wrapped in
+  ``DistributedDataParallel`` / ``DataParallel`` is accepted (ASDL's natural-gradient makers
+  reject DDP); modules are named as in the wrapped module.
+* The latest of ``setup_loss_call`` / ``setup_loss_repr`` wins (in ASDL, once a loss function is set,
+  a later ``setup_loss_repr`` is silently ignored), and overriding the loss reduction for a
+  subclass never rewrites the user's keyword arguments (ASDL stores ``reduction`` into them).
+* Calls out of order (``forward_and_backward`` before ``setup_model_call``, ``backward`` twice,
+  a subclass step that makes no or two backward passes) raise errors that say what to call.
+* With no preconditioned module at all, the maker warns (ASDL fails with ``StopIteration``).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import inspect
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .config import (
+    SCHEDULE_KINDS,
+    PreconditioningConfig,
+    is_update_step,
+    resolve_schedule,
+)
+from .dummy import DummyObject, contains_dummy, default_logits_dummy, replace_dummies, replay
+
+__all__ = [
+    "GradientMaker",
+    "PreconditionedGradientMaker",
+    "ModuleAssignment",
+    "assign_modules",
+    "unwrap_model",
+    "all_finite",
+    "NonFiniteCurvatureWarning",
+    "UnsupportedModuleWarning",
+]
+
+logger = logging.getLogger("curvfun.precondition")
+
+_STATE_FORMAT = "curvfun.precondition.PreconditionedGradientMaker/1"
+
+
+class NonFiniteCurvatureWarning(RuntimeWarning):
+    """A new curvature or inverse had inf/NaN entries and was not installed."""
+
+
+class UnsupportedModuleWarning(UserWarning):
+    """Some layers with trainable parameters are of a class the maker cannot precondition."""
+
+
+# ==============================================================================================
+# GradientMaker
+# ==============================================================================================
+
+
+class _BoundCall(nn.Module):
+    """Holds ``model`` as submodule ``m`` and calls ``fn``: lets ``functional_call`` swap the
+    parameters of ``model`` under any callable that uses it (a lambda, a bound method ...)."""
+
+    def __init__(self, model: nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.m = model
+        object.__setattr__(self, "_fn", fn)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+
+class GradientMaker:
+    """The ASDL ``GradientMaker`` interface; with no preconditioning it gives exactly the gradients
+    of ``loss.backward()``.
+
+    Example (ASDL's README loop; only the import differs)::
+
+        gm = GradientMaker(model)
+        for x, t in loader:
+            optimizer.zero_grad()
+            dummy_y = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, dummy_y, t)
+            y, loss = gm.forward_and_backward()
+            optimizer.step()
+
+    Model outputs may be tensors, tuples, dicts, dataclasses or anything else; the dummy returned by
+    :meth:`setup_model_call` records attribute reads, indexing and calls (see
+    :mod:`curvfun.precondition.dummy`) and is replayed on the real output.
+
+    Subclass hook (as in ASDL): ``_loss_reduction`` (None, ``'mean'``, ``'sum'`` or ``'none'``)
+    makes :meth:`call_loss` run the loss with that reduction.
+    """
+
+    _loss_reduction: str | None = None
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._model_fn: Callable | None = None
+        self._model_args: tuple = ()
+        self._model_kwargs: dict = {}
+        self._model_output: Any = None
+        self._logits: Any = None
+        self._loss_fn: Callable | None = None
+        self._loss_fn_args: tuple = ()
+        self._loss_fn_kwargs: dict = {}
+        self._dummy_loss: DummyObject | None = None
+        self._dummy_logits: DummyObject = default_logits_dummy()
+        self._loss: Tensor | None = None
+        self._pass_count = 0  # completed forward+backward passes
+        self._backward_pending = False  # a forward has run whose loss was not back-propagated
+
+    # --- setup -------------------------------------------------------------------------------
+    def setup_model_call(self, model_fn: Callable, *args: Any, **kwargs: Any) -> DummyObject:
+        """Register ``model_fn(*args, **kwargs)`` as the model call; returns a dummy of its output."""
+        if not callable(model_fn):
+            raise TypeError(f"model_fn must be callable (e.g. the model), got {type(model_fn).__name__}")
+        if contains_dummy(args) or contains_dummy(kwargs):
+            raise TypeError("setup_model_call: a DummyObject stands for the model's output and cannot be its input")
+        self._model_fn = model_fn
+        self._model_args = args
+        self._model_kwargs = kwargs
+        self._backward_pending = False
+        return DummyObject()
+
+    def setup_loss_call(self, loss_fn: Callable, *args: Any, **kwargs: Any) -> None:
+        """Register ``loss_fn(*args, **kwargs)``; dummies among the arguments (also inside tuples,
+        lists and dicts) are replaced by their replay on the model output. Replaces a previous
+        :meth:`setup_loss_repr`."""
+        self._require_model_setup("setup_loss_call")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (e.g. F.cross_entropy), got {type(loss_fn).__name__}")
+        self._loss_fn = loss_fn
+        self._loss_fn_args = args
+        self._loss_fn_kwargs = kwargs
+        self._dummy_loss = None
+
+    def setup_loss_repr(self, dummy_loss: DummyObject) -> None:
+        """Declare the loss as a chain on the model output, e.g. ``dummy_y.loss`` or
+        ``dummy_y[1].sum()``. Replaces a previous :meth:`setup_loss_call`."""
+        self._require_model_setup("setup_loss_repr")
+        if not isinstance(dummy_loss, DummyObject):
+            raise TypeError(
+                f"dummy_loss must be a DummyObject (the return value of setup_model_call or a chain on it), "
+                f"got {type(dummy_loss).__name__}"
+            )
+        self._dummy_loss = dummy_loss
+        self._loss_fn = None
+        self._loss_fn_args, self._loss_fn_kwargs = (), {}
+
+    def setup_logits_repr(self, dummy_logits: DummyObject) -> None:
+        """Declare which (replayed) value are the logits, e.g. ``dummy_y.logits``. Until called, the
+        logits are ``out[0]`` for tuple/list outputs, ``out["logits"]`` / ``out.logits`` where present,
+        else the output itself."""
+        self._require_model_setup("setup_logits_repr")
+        if not isinstance(dummy_logits, DummyObject):
+            raise TypeError(
+                f"dummy_logits must be a DummyObject (the return value of setup_model_call or a chain on "
+                f"it), got {type(dummy_logits).__name__}"
+            )
+        self._dummy_logits = dummy_logits
+
+    def _require_model_setup(self, what: str) -> None:
+        if self._model_fn is None:
+            raise RuntimeError(
+                f"{what}() was called before setup_model_call(): call dummy_y = "
+                f"gm.setup_model_call(model, x) first and pass dummy_y (or a chain on it) here"
+            )
+
+    # --- results -----------------------------------------------------------------------------
+    @property
+    def model_output(self) -> Any:
+        """The output of the latest model call."""
+        return self._model_output
+
+    @property
+    def loss(self) -> Tensor | None:
+        """The loss of the latest loss call."""
+        return self._loss
+
+    @property
+    def logits(self) -> Any:
+        """The logits of the latest model call (see :meth:`setup_logits_repr`)."""
+        return self._logits
+
+    # --- the pass ----------------------------------------------------------------------------
+    def call_model(self) -> Any:
+        """Run the registered model call; sets :attr:`model_output` and :attr:`logits`."""
+        if self._model_fn is None:
+            raise RuntimeError(
+                "no model call is set up: call gm.setup_model_call(model, x) (and gm.setup_loss_call(...)) "
+                "before forward_and_backward()"
+            )
+        self._model_output = self._model_fn(*self._model_args, **self._model_kwargs)
+        self._logits = replay(self._dummy_logits, self._model_output)
+        return self._model_output
+
+    def call_loss(self) -> Tensor:
+        """Evaluate the registered loss on :attr:`model_output`; sets :attr:`loss`."""
+        self._loss = self.loss_from_output(self._model_output, reduction=self._loss_reduction)
+        self._backward_pending = True
+        return self._loss
+
+    def forward(self) -> None:
+        """:meth:`call_model` then :meth:`call_loss`."""
+        self._require_loss_setup()
+        self.call_model()
+        self.call_loss()
+
+    def backward(self) -> None:
+        """``loss.backward()`` on the loss of the latest :meth:`forward`."""
+        if self._loss is None:
+            raise RuntimeError("backward() was called before forward(): there is no loss to differentiate")
+        if not self._backward_pending:
+            raise RuntimeError(
+                "backward() already ran for the latest forward(); call forward() again for a new pass"
+            )
+        loss = self._loss
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the loss must be a tensor to call backward(), got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the loss must be a scalar to call backward(), got shape {tuple(loss.shape)}: reduce it in "
+                f"loss_fn (e.g. reduction='mean')"
+            )
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "the loss does not require grad: is the model call inside torch.no_grad(), or are all "
+                "parameters frozen?"
+            )
+        loss.backward()
+        self._backward_pending = False
+        self._pass_count += 1
+
+    def forward_and_backward(self) -> tuple[Any, Tensor]:
+        """Model call, loss call, ``loss.backward()``; returns ``(model_output, loss)``."""
+        self._require_ready()
+        self.forward()
+        self.backward()
+        return self._model_output, self._loss
+
+    def _require_loss_setup(self) -> None:
+        if self._loss_fn is None and self._dummy_loss is None:
+            raise RuntimeError(
+                "no loss is set up: call gm.setup_loss_call(loss_fn, dummy_y, t) or "
+                "gm.setup_loss_repr(dummy_y.loss) before forward_and_backward()"
+            )
+
+    def _require_ready(self) -> None:
+        if self._model_fn is None:
+            raise RuntimeError(
+                "forward_and_backward() was called before setup_model_call(): call dummy_y = "
+                "gm.setup_model_call(model, x) and gm.setup_loss_call(loss_fn, dummy_y, t) first"
+            )
+        self._require_loss_setup()
+
+    def _record_pass(self, model_output: Any, loss: Tensor) -> None:
+        """For subclasses that compute the gradient themselves (e.g. functionally) and write it into
+        ``param.grad``: record the pass as if :meth:`forward` and :meth:`backward` had run."""
+        self._model_output = model_output
+        self._logits = replay(self._dummy_logits, model_output)
+        self._loss = loss
+        self._backward_pending = False
+        self._pass_count += 1
+
+    def delegate_forward_and_backward(self, other: "GradientMaker", *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
+        """Run ``other.forward_and_backward(*args, **kwargs)`` with this maker's setup and keep the
+        results here (ASDL's method of the same name)."""
+        self._require_ready()
+        other.setup_model_call(self._model_fn, *self._model_args, **self._model_kwargs)
+        if self._loss_fn is None:
+            other.setup_loss_repr(self._dummy_loss)
+        else:
+            other.setup_loss_call(self._loss_fn, *self._loss_fn_args, **self._loss_fn_kwargs)
+        other.setup_logits_repr(self._dummy_logits)
+        other.forward_and_backward(*args, **kwargs)
+        self._model_output, self._loss, self._logits = other.model_output, other.loss, other.logits
+        self._pass_count += 1
+        self._backward_pending = False
+        return self._model_output, self._loss
+
+    # --- pure helpers for subclasses ------------------------------------------------------------
+    def loss_from_output(self, output: Any, reduction: str | None = None) -> Tensor:
+        """The registered loss evaluated on ``output`` (no state is changed).
+
+        ``reduction`` overrides the loss function's reduction for this call only (an ``nn.Module``
+        loss with a ``reduction`` attribute, or a function with a ``reduction`` parameter); the
+        user's arguments are left as they were.
+        """
+        self._require_loss_setup()
+        if self._loss_fn is None:
+            if reduction is not None:
+                raise TypeError(
+                    "a loss declared with setup_loss_repr has no reduction to override; use setup_loss_call"
+                )
+            return replay(self._dummy_loss, output)
+        args = replace_dummies(tuple(self._loss_fn_args), output)
+        kwargs = replace_dummies(dict(self._loss_fn_kwargs), output)
+        fn = self._loss_fn
+        if reduction is None:
+            return fn(*args, **kwargs)
+        if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
+            old = fn.reduction
+            fn.reduction = reduction
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                fn.reduction = old
+        if _accepts_reduction(fn):
+            kwargs["reduction"] = reduction
+            return fn(*args, **kwargs)
+        raise TypeError(
+            f"{type(self).__name__} needs the loss with reduction={reduction!r}, but loss_fn "
+            f"{getattr(fn, '__name__', fn)!r} has no 'reduction' option: use e.g. F.cross_entropy or nn.MSELoss"
+        )
+
+    def logits_from_output(self, output: Any) -> Any:
+        """The declared logits replayed on ``output`` (no state is changed)."""
+        return replay(self._dummy_logits, output)
+
+    def model_output_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None) -> Any:
+        """The registered model call evaluated with ``params`` in place of the model's parameters.
+
+        A pure function of ``params`` (names as in ``self.model.named_parameters()``; parameters left
+        out keep their values), suitable for ``torch.func`` transforms. Buffers are copies, so
+        BatchNorm running statistics are not updated; pass ``buffers`` to use others.
+        """
+        if self._model_fn is None:
+            raise RuntimeError("model_output_at() needs a model call: call setup_model_call() first")
+        from ..functional import check_params
+
+        params = check_params(self.model, params)
+        if buffers is None:
+            buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        fn = self._model_fn
+        if fn is self.model:
+            return functional_call(
+                self.model, (dict(params), dict(buffers)), self._model_args, self._model_kwargs,
+                tie_weights=True, strict=False,
+            )
+        bound = _BoundCall(self.model, fn)
+        prefixed = {f"m.{k}": v for k, v in params.items()}
+        prefixed_buffers = {f"m.{k}": v for k, v in buffers.items()}
+        return functional_call(
+            bound, (prefixed, prefixed_buffers), self._model_args, self._model_kwargs,
+            tie_weights=True, strict=False,
+        )
+
+
+def _accepts_reduction(fn: Callable) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    return "reduction" in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+    )
+
+
+# ==============================================================================================
+# module assignment (pure)
+# ==============================================================================================
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (else ``model``)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+class ModuleAssignment(NamedTuple):
+    """Which layers a maker preconditions, by name (names as in ``named_modules()``).
+
+    ``preconditioned``: name -> module, in model order. ``plain``: name -> reason, for layers with
+    trainable parameters that keep the plain gradient. ``plain_parameters``: parameter name ->
+    reason for trainable parameters outside any preconditioned layer (the parameters of ``plain``
+    layers, and parameters held directly by container modules). ``unmatched_ignores``: the
+    ``ignore_modules`` entries that matched no module.
+    """
+
+    preconditioned: dict[str, nn.Module]
+    plain: dict[str, str]
+    plain_parameters: dict[str, str]
+    unmatched_ignores: list[Any]
+
+
+def _ignore_reason(name: str, chain: list[nn.Module], entries: list[Any], used: set[int]) -> str | None:
+    """The ignore entry matching module ``name`` (``chain``: its ancestors and itself)."""
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            if entry in name:
+                used.add(i)
+                return f"ignored by config: name contains {entry!r}"
+        elif isinstance(entry, type):
+            if any(isinstance(m, entry) for m in chain):
+                used.add(i)
+                return f"ignored by config: class {entry.__name__}"
+        elif any(m is entry for m in chain):
+            used.add(i)
+            return f"ignored by config: instance {type(entry).__name__}"
+    return None
+
+
+def assign_modules(
+    model: nn.Module,
+    ignore_modules: list[Any] | None = None,
+    is_supported: Callable[[str, nn.Module], str | None] | None = None,
+) -> ModuleAssignment:
+    """Split the layers of ``model`` into preconditioned and plain ones (pure).
+
+    A *layer* is a leaf module with at least one parameter that requires grad. A layer keeps the
+    plain gradient when (in this order) it matches ``ignore_modules`` (an instance, a class, or a
+    substring of its dotted name; an ignored container instance/class covers the layers inside it),
+    when ``is_supported(name, module)`` returns a reason string (None means supported), or when
+    one of its parameters also belongs to another layer (tied weights; the match is by identity).
+    """
+    model = unwrap_model(model)
+    entries = list(ignore_modules) if ignore_modules is not None else []
+    used: set[int] = set()
+    named = dict(model.named_modules())
+    owners: dict[int, list[str]] = {}
+    layers: list[str] = []
+    for name, module in named.items():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            # still mark matches, so that ignoring e.g. nn.ReLU is not reported as unmatched
+            parts = name.split(".") if name else []
+            chain = [named[".".join(parts[:k])] for k in range(len(parts) + 1) if ".".join(parts[:k]) in named]
+            _ignore_reason(name, chain, entries, used)
+            continue
+        for p in own:
+            owners.setdefault(id(p), []).append(name)
+        layers.append(name)
+
+    preconditioned: dict[str, nn.Module] = {}
+    plain: dict[str, str] = {}
+    plain_parameters: dict[str, str] = {}
+    for name in layers:
+        module = named[name]
+        parts = name.split(".") if name else []
+        chain = [named[".".join(parts[:k])] for k in range(len(parts) + 1) if ".".join(parts[:k]) in named]
+        reason = None
+        if len(list(module.children())) > 0:
+            reason = f"parameters held directly by container module {type(module).__name__} (not a leaf layer)"
+        if reason is None:
+            reason = _ignore_reason(name, chain, entries, used)
+        if reason is None and is_supported is not None:
+            reason = is_supported(name, module)
+        if reason is None:
+            for p in module.parameters(recurse=False):
+                others = [o for o in owners.get(id(p), []) if o != name]
+                if others:
+                    reason = f"parameter shared with {others[0]!r} (tied weights)"
+                    break
+        if reason is None:
+            preconditioned[name] = module
+        else:
+            plain[name or "<root>"] = reason
+            prefix = f"{name}." if name else ""
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    plain_parameters[prefix + pname] = reason
+    unmatched = [e for i, e in enumerate(entries) if i not in used]
+    return ModuleAssignment(preconditioned, plain, plain_parameters, unmatched)
+
+
+# ==============================================================================================
+# finiteness and state copies
+# ==============================================================================================
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every tensor / number in the pytree ``tree`` is finite (None counts as finite)."""
+    for leaf in optree.tree_leaves(tree, none_is_leaf=False, namespace="curvfun"):
+        if isinstance(leaf, Tensor):
+            if leaf.is_floating_point() or leaf.is_complex():
+                if not bool(torch.isfinite(leaf).all()):
+                    return False
+        elif isinstance(leaf, (int, float, bool)):
+            if isinstance(leaf, float) and not math.isfinite(leaf):
+                return False
+        else:
+            raise TypeError(
+                f"cannot check finiteness of a {type(leaf).__name__}: pass tensors, numbers, or dicts / "
+                f"lists / tuples of them"
+            )
+    return True
+
+
+def _clone_tree(obj: Any) -> Any:
+    """A deep copy in which tensors are detached clones."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    t = type(obj)
+    if t is dict:
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if t is list or t is tuple:
+        return t(_clone_tree(v) for v in obj)
+    if isinstance(obj, tuple) and hasattr(t, "_fields"):
+        return t(*(_clone_tree(v) for v in obj))
+    if isinstance(obj, Mapping):
+        try:
+            return t((k, _clone_tree(v)) for k, v in obj.items())
+        except TypeError:
+            return {k: _clone_tree(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+def _derived_seed() -> int:
+    """A seed derived from ``torch.initial_seed()`` without consuming the global random stream."""
+    return (torch.initial_seed() * 6364136223846793005 + 1442695040888963407) % (2**63)
+
+
+# ==============================================================================================
+# PreconditionedGradientMaker
+# ==============================================================================================
+
+
+class PreconditionedGradientMaker(GradientMaker, abc.ABC):
+    """Base of all preconditioning makers: which pure functions are called when.
+
+    ``forward_and_backward()`` runs, at step ``s`` (``self.step``, starting at 0):
+
+    1. ``_startup()``;
+    2. a plain forward and backward pass if ``do_forward_and_backward(s)`` (by default: when the
+       curvature is not refreshed at ``s``);
+    3. ``update_curvature()`` if ``do_update_curvature(s)``; it must perform the pass itself
+       (``self.forward(); self.backward()`` with capture around it, or write ``param.grad`` and call
+       ``self._record_pass(output, loss)``), since capturing curvature needs that pass;
+    4. ``update_preconditioner()`` if ``do_update_preconditioner(s)``;
+    5. exactly one pass must have happened by now (else ``RuntimeError``);
+    6. ``precondition()``, which rewrites each preconditioned ``param.grad`` in place;
+    7. ``_teardown()``; the step counter becomes ``s + 1``; returns ``(model_output, loss)``.
+
+    A subclass **must** implement ``update_curvature()`` and ``precondition()``; it may override
+    ``update_preconditioner()`` (default: nothing, e.g. when ``update_curvature`` already inverts),
+    ``do_forward_and_backward(step)`` (e.g. ``True`` for a method whose curvature is built from the
+    plain gradient, like Shampoo), ``_startup`` / ``_teardown``, ``_supported_classes`` (tuple of
+    layer classes it can precondition; None: all) or ``_unsupported_reason(name, module)``.
+
+    State: list the attribute names holding curvature, inverses, EMA ... in ``_state_attributes``
+    (tensors, numbers, None and dicts / lists / tuples of them): they are saved and restored by
+    ``state_dict()`` / ``load_state_dict()`` together with the step, the generator and the
+    non-finite bookkeeping. For anything else override ``_extra_state()`` / ``_load_extra_state()``.
+
+    Helpers a subclass gets:
+
+    * ``self.config``, ``self.step``, ``self.generator`` (``torch.Generator`` on the model's device,
+      seeded with ``seed`` / ``config.seed`` / a value derived from ``torch.initial_seed()``),
+      ``self.device``;
+    * ``self.preconditioned_modules`` (name -> module, model order), ``self.plain_modules``
+      (name -> reason), ``self.plain_parameters`` (parameter name -> reason),
+      ``self.module_params(name)`` (the layer's trainable parameters, local name -> parameter,
+      matched by identity) and ``self.module_name_of(param)``;
+    * ``self._install_if_finite(name, new_value, keep_old)``;
+    * ``self.report_preconditioned_modules()`` (called once automatically);
+    * from :class:`GradientMaker`: ``forward()``, ``backward()``, ``loss_from_output(output,
+      reduction)``, ``logits_from_output(output)``, ``model_output_at(params)`` (pure functions
+      of the registered calls, for ``torch.func``), ``self.logits``.
+    """
+
+    _supported_classes: tuple[type, ...] | None = None
+    _state_attributes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None, *, seed: int | None = None) -> None:
+        super().__init__(model)
+        if config is None:
+            config = PreconditioningConfig()
+        if not isinstance(config, PreconditioningConfig):
+            raise TypeError(
+                f"config must be a curvfun.precondition.PreconditioningConfig, got {type(config).__name__}"
+            )
+        config.validate()
+        self.config = config
+        self.state: dict[str, Any] = {"step": 0}  # ASDL's attribute; the step lives here
+        root = unwrap_model(model)
+        first = next(iter(root.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        if seed is None:
+            seed = config.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = _derived_seed() if seed is None else seed
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self.nonfinite_counts: dict[str, int] = {}
+        self._nonfinite_warned: set[str] = set()
+        self._reported = False
+        self._warned_past_total: set[str] = set()
+        self._resolve_modules()
+
+    # --- module assignment ------------------------------------------------------------------------
+    def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
+        """Why this maker cannot precondition ``module`` (None: it can). Default: not an instance of
+        ``_supported_classes``."""
+        if self._supported_classes is not None and not isinstance(module, self._supported_classes):
+            return f"unsupported layer class {type(module).__name__}"
+        return None
+
+    def _resolve_modules(self) -> None:
+        """(Re)compute the module assignment; called by ``__init__``. A subclass whose support test
+        needs its own attributes may set them before ``super().__init__`` or call this again."""
+        a = assign_modules(self.model, self.config.ignore_modules, self._unsupported_reason)
+        self.preconditioned_modules: dict[str, nn.Module] = a.preconditioned
+        self.plain_modules: dict[str, str] = a.plain
+        self.plain_parameters: dict[str, str] = a.plain_parameters
+        self._param_owner = {
+            id(p): (name, local)
+            for name, m in a.preconditioned.items()
+            for local, p in m.named_parameters(recurse=False)
+            if p.requires_grad
+        }
+        if a.unmatched_ignores:
+            names = [n for n, _ in unwrap_model(self.model).named_modules() if n][:20]
+            warnings.warn(
+                f"{type(self).__name__}: ignore_modules entries {a.unmatched_ignores!r} match no module of "
+                f"{type(unwrap_model(self.model)).__name__} (module names: {names})",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def module_params(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable parameters of preconditioned layer ``name`` (local name -> parameter)."""
+        if name not in self.preconditioned_modules:
+            raise KeyError(f"{name!r} is not a preconditioned module; these are: {list(self.preconditioned_modules)}")
+        return {k: p for k, p in self.preconditioned_modules[name].named_parameters(recurse=False) if p.requires_grad}
+
+    def module_name_of(self, param: Tensor) -> tuple[str, str] | None:
+        """``(layer name, local name)`` of a preconditioned parameter, matched by identity; None for
+        a parameter that keeps the plain gradient."""
+        return self._param_owner.get(id(param))
+
+    def report_preconditioned_modules(self, force: bool = False) -> str:
+        """Say (once, unless ``force``) which layers are preconditioned and which keep the plain
+        gradient, by name: an INFO record on the ``curvfun.precondition`` logger, plus an
+        :class:`UnsupportedModuleWarning` when layers of unsupported classes are left plain, and a
+        warning when nothing at all is preconditioned. Returns the report text."""
+        lines = [f"{type(self).__name__}: preconditioning {len(self.preconditioned_modules)} layer(s): "
+                 f"{list(self.preconditioned_modules) or 'none'}"]
+        if self.plain_modules:
+            lines.append("plain gradient for: " + "; ".join(f"{n} ({r})" for n, r in self.plain_modules.items()))
+        text = "\n".join(lines)
+        if self._reported and not force:
+            return text
+        self._reported = True
+        logger.info(text)
+        unsupported = {n: r for n, r in self.plain_modules.items() if r.startswith("unsupported")}
+        if unsupported:
+            warnings.warn(
+                f"{type(self).__name__} cannot precondition {list(unsupported)} "
+                f"({', '.join(sorted(set(unsupported.values())))}); they keep the plain gradient. "
+                f"Add them to ignore_modules to silence this.",
+                UnsupportedModuleWarning,
+                stacklevel=2,
+            )
+        if not self.preconditioned_modules:
+            warnings.warn(
+                f"{type(self).__name__} preconditions no layer of {type(unwrap_model(self.model)).__name__}: "
+                f"every gradient stays plain",
+                UnsupportedModuleWarning,
+                stacklevel=2,
+            )
+        return text
+
+    # --- schedule -----------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The number of completed ``forward_and_backward()`` steps."""
+        return self.state["step"]
+
+    def do_update_curvature(self, step: int | None = None) -> bool:
+        """Whether the curvature is refreshed at ``step`` (default: the current step)."""
+        return is_update_step(self.step if step is None else step, self.config, "curvature")
+
+    def do_update_preconditioner(self, step: int | None = None) -> bool:
+        """Whether the preconditioner is refreshed at ``step`` (default: the current step)."""
+        return is_update_step(self.step if step is None else step, self.config, "preconditioner")
+
+    def do_forward_and_backward(self, step: int | None = None) -> bool:
+        """Whether the step makes a plain pass before the updates. Default: when the curvature is
+        not refreshed (``update_curvature`` makes the pass otherwise), as ASDL's natural-gradient
+        makers do."""
+        return not self.do_update_curvature(step)
+
+    def _warn_past_total(self, step: int) -> None:
+        for kind in SCHEDULE_KINDS:
+            s = resolve_schedule(self.config, kind)
+            if s.ratio_mode and step >= s.num_total_steps and kind not in self._warned_past_total:
+                self._warned_past_total.add(kind)
+                warnings.warn(
+                    f"step {step} is past num_total_steps={s.num_total_steps}: the {kind} ratio schedule makes "
+                    f"no more refreshes (as in ASDL); the last preconditioner stays in use",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    # --- the step -----------------------------------------------------------------------------
+    def forward_and_backward(self) -> tuple[Any, Tensor]:
+        """One training step's (preconditioned) gradient; see the class docstring for the order."""
+        self._require_ready()
+        step = self.step
+        if not self._reported:
+            self.report_preconditioned_modules()
+        self._warn_past_total(step)
+        before = self._pass_count
+        self._startup()
+        if self.do_forward_and_backward(step):
+            self.forward()
+            self.backward()
+        if self.do_update_curvature(step):
+            self.update_curvature()
+        if self.do_update_preconditioner(step):
+            self.update_preconditioner()
+        passes = self._pass_count - before
+        if passes != 1:
+            what = "no" if passes == 0 else f"{passes}"
+            raise RuntimeError(
+                f"{type(self).__name__} made {what} forward/backward passes at step {step}; exactly one is "
+                f"needed. update_curvature() must run the pass (self.forward(); self.backward(), or write "
+                f"param.grad and call self._record_pass(output, loss)) on steps where "
+                f"do_forward_and_backward() is False, and must not when it is True"
+            )
+        self.precondition()
+        self._teardown()
+        self.state["step"] = step + 1
+        return self._model_output, self._loss
+
+    def _startup(self) -> None:
+        """Hook run at the start of every step."""
+
+    def _teardown(self) -> None:
+        """Hook run at the end of every step."""
+
+    @abc.abstractmethod
+    def update_curvature(self) -> None:
+        """Run the forward and backward pass and capture / accumulate the curvature."""
+
+    def update_preconditioner(self) -> None:
+        """Compute the preconditioner (e.g. damped inverses) from the accumulated curvature."""
+
+    @abc.abstractmethod
+    def precondition(self) -> None:
+        """Rewrite ``param.grad`` of every preconditioned parameter in place."""
+
+    # --- robustness ---------------------------------------------------------------------------
+    def _install_if_finite(self, name: str, new_value: Any, keep_old: Any = None, what: str = "curvature") -> Any:
+        """The value to install for ``name``: ``new_value`` if all its entries are finite, else
+        ``keep_old`` (the last good value; None if there is none yet, meaning the layer keeps the
+        plain gradient). A rejection is counted in ``self.nonfinite_counts[name]`` and warned about
+        once per ``name`` (:class:`NonFiniteCurvatureWarning`); training goes on.
+
+        Usage: ``self.inv[name] = self._install_if_finite(name, new_inv, self.inv.get(name), "inverse")``.
+        """
+        if all_finite(new_value):
+            return new_value
+        self.nonfinite_counts[name] = self.nonfinite_counts.get(name, 0) + 1
+        if name not in self._nonfinite_warned:
+            self._nonfinite_warned.add(name)
+            kept = "the last good one is kept" if keep_old is not None else "no good one exists yet, so the plain gradient is used"
+            warnings.warn(
+                f"{type(self).__name__}: the new {what} of {name!r} at step {self.step} has non-finite entries "
+                f"and was not installed; {kept}. (Warned once per module; counts in nonfinite_counts.)",
+                NonFiniteCurvatureWarning,
+                stacklevel=2,
+            )
+        return keep_old
+
+    # --- state --------------------------------------------------------------------------------
+    def _model_structure(self) -> list[list[Any]]:
+        return [[n, list(p.shape)] for n, p in unwrap_model(self.model).named_parameters()]
+
+    def _maker_name(self) -> str:
+        cls = type(self)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The subclass's state: by default the attributes named in ``_state_attributes`` (copied)."""
+        return {name: _clone_tree(getattr(self, name)) for name in self._state_attributes}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` returned."""
+        missing = [k for k in self._state_attributes if k not in state]
+        unknown = [k for k in state if k not in self._state_attributes]
+        if missing or unknown:
+            raise ValueError(
+                f"the state dict's maker state does not match {type(self).__name__}: missing {missing}, "
+                f"unexpected {unknown}"
+            )
+        for name in self._state_attributes:
+            setattr(self, name, _clone_tree(state[name]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """All state, as a fresh copy: step, generator state, non-finite bookkeeping, the subclass's
+        state, and what is needed to check a load (maker class, parameter names and shapes, the
+        preconditioned layers, the config). Safe for ``torch.save`` / ``torch.load(weights_only=True)``."""
+        return {
+            "format": _STATE_FORMAT,
+            "maker": self._maker_name(),
+            "model_structure": self._model_structure(),
+            "preconditioned_modules": list(self.preconditioned_modules),
+            "config": self.config.summary(),
+            "step": int(self.step),
+            "generator": self.generator.get_state(),
+            "nonfinite_counts": dict(self.nonfinite_counts),
+            "nonfinite_warned": sorted(self._nonfinite_warned),
+            "maker_state": self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, so that training continues bit-for-bit (together
+        with the model's and optimizer's own state dicts). Raises ``ValueError`` for a state dict of
+        another maker class or model structure; warns when the config differs."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        required = ["format", "maker", "model_structure", "step", "generator", "maker_state"]
+        missing = [k for k in required if k not in state_dict]
+        if missing or state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"not a curvfun PreconditionedGradientMaker state dict (missing {missing}, format "
+                f"{state_dict.get('format')!r}); ASDL's {{'step': n}} dicts cannot restore the generator and "
+                f"curvature: save with {type(self).__name__}.state_dict()"
+            )
+        if state_dict["maker"] != self._maker_name():
+            raise ValueError(
+                f"state dict was saved by {state_dict['maker']} and cannot be loaded into {self._maker_name()}"
+            )
+        saved, mine = [list(x) for x in state_dict["model_structure"]], self._model_structure()
+        if saved != mine:
+            diffs = []
+            for i in range(max(len(saved), len(mine))):
+                a = saved[i] if i < len(saved) else None
+                b = mine[i] if i < len(mine) else None
+                if a != b:
+                    diffs.append(f"saved {a} vs model {b}")
+                if len(diffs) == 3:
+                    break
+            raise ValueError(
+                f"state dict was saved for a model with another structure ({len(saved)} parameters vs "
+                f"{len(mine)}); first differences (name, shape): {diffs}"
+            )
+        saved_modules = list(state_dict.get("preconditioned_modules", list(self.preconditioned_modules)))
+        if saved_modules != list(self.preconditioned_modules):
+            raise ValueError(
+                f"state dict preconditions layers {saved_modules} but this maker preconditions "
+                f"{list(self.preconditioned_modules)}: use the same ignore_modules as the saved run"
+            )
+        saved_config = state_dict.get("config")
+        if saved_config is not None and saved_config != self.config.summary():
+            changed = sorted(k for k in set(saved_config) | set(self.config.summary())
+                             if saved_config.get(k) != self.config.summary().get(k))
+            warnings.warn(
+                f"loading a state dict saved with another config (fields {changed} differ): the run will not "
+                f"continue exactly as the saved one",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._load_extra_state(state_dict["maker_state"])
+        self.generator.set_state(state_dict["generator"].clone())
+        self.state["step"] = int(state_dict["step"])
+        self.nonfinite_counts = dict(state_dict.get("nonfinite_counts", {}))
+        self._nonfinite_warned = set(state_dict.get("nonfinite_warned", []))
