@@ -282,21 +282,25 @@ def cnns(draw, min_out: int = 1, max_out: int = 3, max_features: int = 48,
 
 
 class _EmbedNormHead(nn.Module):
-    """Embedding → LayerNorm → [act → Linear] → Linear head: ``[N, T]`` ints -> ``[N, T, C]``."""
+    """Embedding → LayerNorm → [Linear → act] → Linear head [× root-level ``scale``]:
+    ``[N, T]`` ints -> ``[N, T, C]``. ``scale`` (a parameter of the root module, block key
+    ``""``) multiplies the logits when present."""
 
-    def __init__(self, vocab: int, emb: int, hidden: int | None, C: int, act: str | None):
+    def __init__(self, vocab: int, emb: int, hidden: int | None, C: int, act: str | None, scale: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, emb)
         self.norm = nn.LayerNorm(emb)
         self.hidden = None if hidden is None else nn.Linear(emb, hidden)
         self.act = None if act is None else ACTIVATIONS[act]()
         self.head = nn.Linear(emb if hidden is None else hidden, C)
+        self.scale = nn.Parameter(torch.ones(())) if scale else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(self.embed(x))
         if self.hidden is not None:
             h = self.act(self.hidden(h)) if self.act is not None else self.hidden(h)
-        return self.head(h)
+        out = self.head(h)
+        return out * self.scale if self.scale is not None else out
 
 
 class _SeqMLP(nn.Module):
@@ -329,12 +333,17 @@ def sequence_models(draw, min_out: int = 1, max_out: int = 4, max_len: int = 4,
         E = draw(st.integers(2, 5))
         hidden = draw(st.none() | st.integers(1, 5))
         act = draw(activations(acts)) if hidden is not None else None
-        model = _init_(_EmbedNormHead(V, E, hidden, C, act), seed)
+        scale = draw(st.booleans())
+        model = _init_(_EmbedNormHead(V, E, hidden, C, act, scale), seed)
+        if scale:
+            with torch.no_grad():
+                model.scale.fill_(0.5 + torch.rand((), generator=_gen(seed + 1), dtype=DTYPE).item())
 
         def make(n, g, V=V, T=T):
             return torch.randint(0, V, (n, T), generator=g)
 
-        desc = f"Seq[tokens V={V} T={T} Embedding({V},{E})-LayerNorm-hidden={hidden}-{act}-Linear(.,{C})] seed={seed}"
+        desc = (f"Seq[tokens V={V} T={T} Embedding({V},{E})-LayerNorm-hidden={hidden}-{act}-Linear(.,{C})"
+                f"{'-scale' if scale else ''}] seed={seed}")
         return ModelCase(model, desc, (T, C), make, ("head.weight", "head.bias"))
     d = draw(st.integers(1, 4))
     h = draw(st.integers(2, 5))
