@@ -53,6 +53,7 @@ from torch.func import functional_call
 from .config import (
     SCHEDULE_KINDS,
     PreconditioningConfig,
+    _follows_preconditioner,
     is_update_step,
     resolve_schedule,
 )
@@ -124,10 +125,19 @@ class GradientMaker:
 
     _loss_reduction: str | None = None
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if config is not None:
+            if not isinstance(config, PreconditioningConfig):
+                raise TypeError(
+                    f"config must be a curvfun.precondition.PreconditioningConfig, got {type(config).__name__}"
+                )
+            config.validate()
         self.model = model
+        #: accepted so that the README's ``XXXGradientMaker(model, config)`` line also works with the
+        #: plain maker (ASDL's takes only ``model``); the plain maker does not use it.
+        self.config = config
         self._model_fn: Callable | None = None
         self._model_args: tuple = ()
         self._model_kwargs: dict = {}
@@ -597,15 +607,10 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     _state_attributes: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None, *, seed: int | None = None) -> None:
-        super().__init__(model)
         if config is None:
             config = PreconditioningConfig()
-        if not isinstance(config, PreconditioningConfig):
-            raise TypeError(
-                f"config must be a curvfun.precondition.PreconditioningConfig, got {type(config).__name__}"
-            )
-        config.validate()
-        self.config = config
+        super().__init__(model, config)  # type-checks and validates config
+        self.config: PreconditioningConfig = config
         self.state: dict[str, Any] = {"step": 0}  # ASDL's attribute; the step lives here
         root = unwrap_model(model)
         first = next(iter(root.parameters()), None)
@@ -718,6 +723,8 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
 
     def _warn_past_total(self, step: int) -> None:
         for kind in SCHEDULE_KINDS:
+            if kind == "curvature" and _follows_preconditioner(self.config):
+                continue  # the same schedule as the preconditioner's, warned about once
             s = resolve_schedule(self.config, kind)
             if s.ratio_mode and step >= s.num_total_steps and kind not in self._warned_past_total:
                 self._warned_past_total.add(kind)

@@ -150,6 +150,15 @@ class DummyObject:
     def __bool__(self) -> bool:
         raise TypeError("a DummyObject has no truth value: the model output does not exist yet")
 
+    def __copy__(self) -> "DummyObject":
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict) -> "DummyObject":
+        return self
+
+    def __reduce__(self):
+        return (DummyObject, (self._curvfun_ops,))
+
     def __repr__(self) -> str:
         return "DummyObject(output" + "".join(op.render() for op in self._curvfun_ops) + ")"
 
