@@ -1,0 +1,379 @@
+"""``curvfun`` command line: ``compare``, ``train``, ``demo``, ``list``.
+
+    curvfun compare                      # every available optimizer on digits (MLP 64-128-10)
+    curvfun compare --optimizers sgd,kfac --steps 500 --out runs/kfac-vs-sgd
+    curvfun train --optimizer kfac --hp lr=0.05 --checkpoint-every 100
+    curvfun train --resume runs/xyz/checkpoints/step_000100.pt
+    curvfun train --config my.yaml        # keys of the config schema; flags override them
+    curvfun demo                          # per-sample gradient norms and the Fisher diagonal
+    curvfun list                          # optimizers, models, data sets
+
+Exit status: 0 on success, 1 when an optimizer failed during ``compare`` (the others still
+run; the traceback is in ``errors.log``), 2 on a usage error (bad flag, name, key or file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+from . import config as C
+from .config import CliError
+
+_DEFAULTS = C.Config()
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+def _parse_value(text: str) -> Any:
+    """JSON first (numbers like 1e-3, lists, true/false/null), then YAML, else the raw string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        import yaml
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def _key_value(text: str, what: str):
+    if "=" not in text:
+        raise CliError(f"{what} expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), _parse_value(value.strip())
+
+
+def _help(name: str) -> str:
+    f = C._FIELDS[name]
+    default = getattr(_DEFAULTS, name)
+    return f"{f.metadata['help']} (default: {default})"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--config", metavar="FILE", default=S,
+                   help="YAML or JSON mapping of config keys (see `curvfun list --keys`); flags override it")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=S, help=_help("data"))
+    g.add_argument("--data-dir", dest="data_dir", default=S, help=_help("data_dir"))
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S, help=_help("augment"))
+    g.add_argument("--model", default=S, help=_help("model"))
+    g.add_argument("--model-arg", dest="model_arg", action="append", metavar="KEY=VALUE", default=S,
+                   help="model keyword argument, repeatable, e.g. --model-arg hidden=[256,128]")
+    g = p.add_argument_group("budget and evaluation")
+    for flag, name in (("--steps", "steps"), ("--batch-size", "batch_size"), ("--seq-len", "seq_len"),
+                       ("--eval-every", "eval_every"), ("--eval-batch-size", "eval_batch_size"),
+                       ("--train-eval-size", "train_eval_size"), ("--test-eval-size", "test_eval_size")):
+        g.add_argument(flag, dest=name, type=int, default=S, help=_help(name))
+    g = p.add_argument_group("execution")
+    g.add_argument("--seed", type=int, default=S, help=_help("seed"))
+    g.add_argument("--device", default=S, help=_help("device"))
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S, help=_help("amp"))
+    g.add_argument("--threads", type=int, default=S, help=_help("threads"))
+    g.add_argument("--mem-probe-steps", dest="mem_probe_steps", type=int, default=S, help=_help("mem_probe_steps"))
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help=_help("progress"))
+    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=S, help=_help("plots"))
+    g.add_argument("--out", default=S, help=_help("out"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curvfun", description="Functional curvature for PyTorch: train and compare optimizers "
+        "(SGD, Adam, K-FAC, Shampoo, AdaFisher, ...) on digits, CIFAR-10 or WikiText-2.",
+        epilog="Run `curvfun COMMAND --help` for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("compare", help="train several optimizers from the same init and compare them",
+                       description="Train every selected optimizer from the same initial parameters, seed, data "
+                       "order and step budget; print a results table and write a run folder (config.yaml, "
+                       "metrics.csv, results.md/json, PNG plots). With no arguments: all default optimizers "
+                       "available in this build, on scikit-learn's digits with an MLP 64-128-10.")
+    p.add_argument("--optimizers", default=argparse.SUPPRESS, metavar="A,B,...",
+                   help="comma-separated optimizer names, or 'all' (default: all); see `curvfun list`")
+    p.add_argument("--hp", action="append", metavar="OPT.KEY=VALUE", default=argparse.SUPPRESS,
+                   help="hyper-parameter override, repeatable, e.g. --hp kfac.damping=1e-2")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train one optimizer (checkpoints, --resume)",
+                       description="Train one model with one optimizer; write a run folder like `compare`, "
+                       "and checkpoints (model, optimizer and grad-maker state_dicts, RNG state, metrics) every "
+                       "--checkpoint-every steps. --resume continues a run exactly as if never stopped.")
+    p.add_argument("--optimizer", default=argparse.SUPPRESS, help=_help("optimizer"))
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                   help="hyper-parameter override of the optimizer, repeatable, e.g. --hp lr=0.05")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=argparse.SUPPRESS,
+                   help=_help("checkpoint_every"))
+    p.add_argument("--resume", default=argparse.SUPPRESS, metavar="PATH",
+                   help="checkpoint file, or run folder (its latest checkpoint), to continue from; the "
+                   "checkpoint's config is the base, flags may change steps, out, eval and checkpoint settings")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="per-sample gradient norms and the Fisher diagonal of a small MLP on digits",
+                       description="Train a small MLP on digits for a few SGD steps, then print "
+                       "curvfun.per_sample_grad_norms and the exact Fisher diagonal (curvfun.fisher, shape='diag') "
+                       "on one batch, with plain-autograd cross-checks.")
+    p.add_argument("--batch-size", type=int, default=16, help="samples in the batch (default: 16)")
+    p.add_argument("--hidden", type=int, default=32, help="hidden width of the MLP 64-H-10 (default: 32)")
+    p.add_argument("--train-steps", type=int, default=100, help="SGD steps before the analysis (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    p = sub.add_parser("list", help="list optimizers, models, data sets and config keys")
+    p.add_argument("--keys", action="store_true", help="also list every config key with its default")
+    return parser
+
+
+def _flag_values(args: argparse.Namespace, command: str) -> Dict[str, Any]:
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "model_arg", "hp")}
+    if getattr(args, "model_arg", None):
+        values["model_args"] = dict(_key_value(t, "--model-arg") for t in args.model_arg)
+    if getattr(args, "hp", None):
+        hp: Dict[str, Dict[str, Any]] = {}
+        for text in args.hp:
+            key, value = _key_value(text, "--hp")
+            if "." in key:
+                opt, key = key.split(".", 1)
+            elif command == "train":
+                opt = None  # the selected optimizer, filled in below
+            else:
+                raise CliError(f"--hp {text!r}: compare needs OPTIMIZER.KEY=VALUE (e.g. kfac.lr=0.05)")
+            hp.setdefault(opt, {})[key] = value
+        values["hparams"] = hp
+    return values
+
+
+def resolve_config(args: argparse.Namespace, command: str, base: Optional[dict] = None) -> C.Config:
+    file_values = C.load_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = _flag_values(args, command)
+    hp = flags.pop("hparams", None)
+    cfg = C.build_config(file_values, flags, base=base)
+    if hp:
+        target = cfg.optimizer
+        merged = {k: dict(v) for k, v in cfg.hparams.items()}
+        for opt, values in hp.items():
+            merged.setdefault(opt or target, {}).update(values)
+        cfg = C.build_config(flag_values={"hparams": merged}, base={**cfg.to_dict(), "hparams": {}})
+    return cfg
+
+
+# ----------------------------------------------------------------------------- commands
+
+@contextlib.contextmanager
+def _float32():
+    import torch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _make_run_dir(out: Optional[str]) -> str:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        return os.path.abspath(out)
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    path, i = base, 1
+    while os.path.exists(path):
+        path, i = f"{base}-{i}", i + 1
+    os.makedirs(path)
+    return os.path.abspath(path)
+
+
+def _check_hparams(cfg: C.Config, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    from .optimizers import REGISTRY, get_spec
+    for opt in cfg.hparams:
+        if opt not in REGISTRY:
+            raise CliError(f"hparams given for unknown optimizer {opt!r}; valid optimizers: {', '.join(REGISTRY)}")
+    return {n: get_spec(n).hyperparameters(cfg.hparams.get(n)) for n in names}
+
+
+def _prepare(cfg: C.Config):
+    """Device, threads, data set and a model check; before any folder is written."""
+    import torch
+    from .data import load_dataset
+    from .models import build_model
+    from .train import select_device
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg)
+    if cfg.amp and device.type != "cuda":
+        warnings.warn(f"--amp: mixed precision is used on CUDA only; running in float32 on {device.type}")
+    data = load_dataset(cfg.data, cfg.data_dir, augment=cfg.augment, seq_len=cfg.seq_len)
+    build_model(cfg.model, data.info, cfg.model_args)  # fail early on a bad model / model_args
+    return device, data
+
+
+def _finish(results, errors, cfg, run_dir) -> int:
+    from .report import write_plots, write_results
+    table = write_results(results, cfg, run_dir)
+    if cfg.plots:
+        write_plots(results, run_dir)
+    if errors:
+        with open(os.path.join(run_dir, "errors.log"), "w", encoding="utf-8") as fh:
+            for name, tb in errors:
+                fh.write(f"== {name}\n{tb}\n")
+    print()
+    print(table)
+    print(f"run folder: {run_dir}")
+    if errors:
+        print(f"curvfun: {len(errors)} optimizer(s) failed: {', '.join(n for n, _ in errors)} "
+              f"(tracebacks in {os.path.join(run_dir, 'errors.log')})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .optimizers import resolve_names
+    from .train import run_many
+    cfg = resolve_config(args, "compare")
+    if cfg.checkpoint_every or cfg.resume:
+        raise CliError("checkpoint_every and resume apply to `curvfun train` (one optimizer), not to compare")
+    names = resolve_names(cfg.optimizers)
+    hparams = _check_hparams(cfg, names)
+    device, data = _prepare(cfg)
+    run_dir = _make_run_dir(cfg.out)
+    cfg.out, cfg.optimizers = run_dir, names
+    cfg.hparams = {**cfg.hparams, **hparams}
+    C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    print(f"curvfun compare: {len(names)} optimizers ({', '.join(names)}) on {cfg.data}/{cfg.model}, "
+          f"{cfg.steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, device {device}", flush=True)
+    results, errors = run_many(names, cfg, data, device, run_dir=run_dir)
+    return _finish(results, errors, cfg, run_dir)
+
+
+def cmd_train(args) -> int:
+    from .optimizers import get_spec
+    from .train import load_checkpoint, run_many
+    resume = None
+    base = None
+    resume_path = getattr(args, "resume", None)
+    if resume_path is None and getattr(args, "config", None):
+        resume_path = C.load_config_file(args.config).get("resume")
+    if resume_path:
+        resume = load_checkpoint(resume_path)
+        base = dict(resume["config"])
+    cfg = resolve_config(args, "train", base=base)
+    if resume is not None:
+        cfg.resume = resume["path"]
+        changed = [k for k, v in resume["config"].items()
+                   if k not in C.RESUME_MUTABLE and getattr(cfg, k) != v]
+        if changed:
+            k = changed[0]
+            raise CliError(f"cannot change {k!r} when resuming (the checkpoint has {resume['config'][k]!r}, "
+                           f"got {getattr(cfg, k)!r}); keys a resumed run may change: "
+                           f"{', '.join(sorted(C.RESUME_MUTABLE))}")
+        if int(resume["step"]) > cfg.steps:
+            raise CliError(f"checkpoint is at step {resume['step']}, beyond steps={cfg.steps}")
+    get_spec(cfg.optimizer)
+    hparams = _check_hparams(cfg, [cfg.optimizer])
+    device, data = _prepare(cfg)
+    run_dir = _make_run_dir(cfg.out)
+    cfg.out, cfg.optimizers = run_dir, [cfg.optimizer]
+    cfg.hparams = {**cfg.hparams, **hparams}
+    C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    what = f"resuming {resume['path']} at step {resume['step']}" if resume else "from scratch"
+    print(f"curvfun train: {cfg.optimizer} on {cfg.data}/{cfg.model}, {cfg.steps} steps of batch {cfg.batch_size}, "
+          f"seed {cfg.seed}, device {device}, {what}", flush=True)
+    results, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume,
+                               on_error="raise")
+    return _finish(results, errors, cfg, run_dir)
+
+
+def cmd_demo(args) -> int:
+    import torch
+    import curvfun
+    psgn = getattr(curvfun, "per_sample_grad_norms", None)
+    fisher = getattr(curvfun, "fisher", None)
+    if psgn is None or fisher is None:
+        missing = [n for n, f in (("per_sample_grad_norms", psgn), ("fisher", fisher)) if f is None]
+        print(f"curvfun demo: this build of curvfun lacks {', '.join('curvfun.' + m for m in missing)} "
+              "(the foundation functions); update curvfun and run again.", file=sys.stderr)
+        return 1
+    import torch.nn.functional as F
+    from .data import load_digits_data
+    from .models import MLP
+    if args.batch_size < 1 or args.hidden < 1 or args.train_steps < 0:
+        raise CliError("--batch-size and --hidden must be >= 1, --train-steps >= 0")
+    data = load_digits_data()
+    torch.manual_seed(args.seed)
+    model = MLP(data.input_shape, 10, hidden=(args.hidden,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(args.train_steps):
+        x, t = data.train_batch(step, 64, args.seed)
+        opt.zero_grad()
+        F.cross_entropy(model(x), t).backward()
+        opt.step()
+    x, y = data.x_test[:args.batch_size], data.y_test[:args.batch_size]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    n_params = sum(p.numel() for p in params.values())
+    print(f"MLP 64-{args.hidden}-10 ({n_params} parameters) after {args.train_steps} SGD steps on digits; "
+          f"a test batch of {len(y)} samples\n")
+
+    norms = psgn(model, params, x, y, loss="cross_entropy")
+    ref = []
+    for i in range(len(y)):  # plain autograd, one sample at a time
+        g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+        ref.append(torch.sqrt(sum((gi ** 2).sum() for gi in g)))
+    ref = torch.stack(ref)
+    print("per-sample gradient norms ||grad l_n||  (curvfun.per_sample_grad_norms)")
+    for i in range(len(y)):
+        print(f"  sample {i:3d}  label {int(y[i])}  norm {float(norms[i]):10.5f}")
+    print(f"  max |difference| to a per-sample autograd loop: {float((norms - ref).abs().max()):.2e}\n")
+
+    diag = fisher(model, params, x, y, loss="cross_entropy", fisher_type="exact", shape="diag")
+    print("exact Fisher diagonal of the mean loss  (curvfun.fisher(..., fisher_type='exact', shape='diag'))")
+    total = 0.0
+    for name, d in diag.items():
+        total += float(d.sum())
+        top = torch.topk(d.flatten(), k=min(3, d.numel())).values
+        print(f"  {name:<14} shape {str(list(d.shape)):<10} sum {float(d.sum()):10.5f}  "
+              f"mean {float(d.mean()):.3e}  max {float(d.max()):.3e}  top3 {[round(float(v), 5) for v in top]}")
+    emp = float((ref ** 2).mean())
+    print(f"  trace of the exact Fisher: {total:.5f}; trace of the empirical Fisher (mean ||g_n||^2): {emp:.5f}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .data import DATASETS
+    from .models import MODELS, model_arg_names
+    from .optimizers import describe
+    print("optimizers (`--optimizer NAME`, `--optimizers A,B`; [explicit only] = not in `compare` by default):")
+    print(describe())
+    print("\nmodels (`--model NAME`, arguments via --model-arg KEY=VALUE):")
+    for name, (cls, task, _) in MODELS.items():
+        print(f"  {name:<8} {task:<15} args: {', '.join(model_arg_names(name))}")
+    print(f"\ndata sets (`--data NAME`): {', '.join(DATASETS)}")
+    if args.keys:
+        print("\nconfig keys (`--config FILE.yaml|json`):")
+        for name in C.VALID_KEYS:
+            print(f"  {name:<16} {_help(name)}")
+    return 0
+
+
+COMMANDS = {"compare": cmd_compare, "train": cmd_train, "demo": cmd_demo, "list": cmd_list}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        with _float32():
+            return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"curvfun {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curvfun: interrupted", file=sys.stderr)
+        return 130

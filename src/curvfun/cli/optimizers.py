@@ -1,0 +1,329 @@
+"""The optimizer registry of the ``curvfun`` command: one entry per method.
+
+An entry maps a name to a factory ``factory(model, hp, ctx) -> (optimizer, grad_maker)`` and
+its default hyper-parameters ``hp``. Every method is then trained by the same ASDL loop::
+
+    optimizer.zero_grad(set_to_none=True)
+    dummy_y = grad_maker.setup_model_call(model, x)
+    grad_maker.setup_loss_call(F.cross_entropy, dummy_y, t)
+    y, loss = grad_maker.forward_and_backward()
+    optimizer.step()
+
+* first-order methods (SGD, Adam, AdamW) pair a ``torch.optim`` optimizer with the plain
+  ``curvfun.precondition.GradientMaker`` (the gradients of ``loss.backward()``), or with
+  :class:`PlainGradientMaker` below while that package is not in the build;
+* preconditioners (K-FAC, Shampoo, ...) pair a ``curvfun.precondition.XxxGradientMaker``
+  built from a ``PreconditioningConfig`` with ``torch.optim.SGD``;
+* optimizers that read curvature themselves (AdaFisher, AdaHessian) pair with
+  :class:`PlainGradientMaker` (``create_graph=True`` for AdaHessian's Hessian-vector products).
+
+An entry names the class it needs (``requires=(module, attribute)``); it is listed and run only
+when that class exists, so a method appears as soon as it lands, with no change here. Entries
+with ``default_compare=False`` (dense curvature that does not fit the default run) run only
+when named explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import CliError
+
+
+# ----------------------------------------------------------------------------- plain loop
+
+class _Dummy:
+    """Records attribute access, indexing and calls on the model output, replayed later."""
+
+    def __init__(self, ops=()):
+        self._ops = tuple(ops)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Dummy(self._ops + (("attr", name),))
+
+    def __getitem__(self, item):
+        return _Dummy(self._ops + (("item", item),))
+
+    def __call__(self, *args, **kwargs):
+        return _Dummy(self._ops + (("call", args, kwargs),))
+
+    def eval(self, value):
+        def sub(v):
+            return v.eval(root) if isinstance(v, _Dummy) else v
+        root = value
+        for op in self._ops:
+            if op[0] == "attr":
+                value = getattr(value, op[1])
+            elif op[0] == "item":
+                value = value[op[1]]
+            else:
+                value = value(*[sub(a) for a in op[1]], **{k: sub(v) for k, v in op[2].items()})
+        return value
+
+
+class PlainGradientMaker:
+    """The GradientMaker interface with no preconditioning: ``loss.backward()``'s gradients.
+
+    Used for optimizers that read curvature themselves (AdaFisher's hooks, AdaHessian's
+    ``create_graph=True`` backward) and as the fallback while ``curvfun.precondition`` is absent.
+    """
+
+    def __init__(self, model: nn.Module, create_graph: bool = False):
+        self.model = model
+        self.create_graph = create_graph
+        self._model_call = None
+        self._loss_call = None
+
+    def setup_model_call(self, model_fn, *args, **kwargs):
+        self._model_call = (model_fn, args, kwargs)
+        return _Dummy()
+
+    def setup_loss_call(self, loss_fn, *args, **kwargs):
+        self._loss_call = (loss_fn, args, kwargs)
+
+    def setup_logits_repr(self, dummy):  # the logits are not needed without curvature
+        pass
+
+    def forward_and_backward(self):
+        fn, args, kwargs = self._model_call
+        y = fn(*args, **kwargs)
+        loss_fn, largs, lkwargs = self._loss_call
+
+        def sub(v):
+            return v.eval(y) if isinstance(v, _Dummy) else v
+        loss = loss_fn(*[sub(a) for a in largs], **{k: sub(v) for k, v in lkwargs.items()})
+        loss.backward(create_graph=self.create_graph)
+        return y, loss
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a factory may need besides the model and its hyper-parameters."""
+
+    batch_size: int
+    steps: int
+    seed: int = 0
+    loss_type: str = "cross_entropy"
+
+
+Factory = Callable[[nn.Module, Dict[str, Any], BuildContext], Tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    summary: str
+    factory: Factory
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    requires: Optional[Tuple[str, str]] = None  # (module, attribute) that must exist
+    default_compare: bool = True
+
+    def available(self) -> bool:
+        return self.requires is None or resolve(*self.requires) is not None
+
+    def hyperparameters(self, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        hp = dict(self.defaults)
+        for key, value in (overrides or {}).items():
+            if key not in hp:
+                raise CliError(f"unknown hyper-parameter {key!r} for optimizer {self.name!r}; "
+                               f"valid: {', '.join(hp) or '(none)'}")
+            hp[key] = value
+        return hp
+
+    def build(self, model: nn.Module, hp: Mapping[str, Any], ctx: BuildContext):
+        if not self.available():
+            raise CliError(f"optimizer {self.name!r} needs {'.'.join(self.requires)}, which this build lacks")
+        return self.factory(model, dict(hp), ctx)
+
+
+REGISTRY: Dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def resolve(module: str, attr: str):
+    """``module.attr`` if importable, else None (a missing module or class is not an error here)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return getattr(mod, attr, None)
+
+
+def available_names(default_only: bool = False) -> List[str]:
+    return [n for n, s in REGISTRY.items() if s.available() and (s.default_compare or not default_only)]
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    spec = REGISTRY.get(name)
+    if spec is None or not spec.available():
+        valid = available_names()
+        missing = [n for n, s in REGISTRY.items() if not s.available()]
+        msg = f"unknown optimizer {name!r}; valid optimizers: {', '.join(valid)}"
+        if spec is not None:
+            msg = (f"optimizer {name!r} is registered but {'.'.join(spec.requires)} is not in this build yet; "
+                   f"valid optimizers: {', '.join(valid)}")
+        elif missing:
+            msg += f" (not in this build yet: {', '.join(missing)})"
+        raise CliError(msg)
+    return spec
+
+
+def resolve_names(names: List[str]) -> List[str]:
+    """Expand 'all' (every available default entry) and check every name."""
+    out: List[str] = []
+    for n in names:
+        for m in (available_names(default_only=True) if n == "all" else [n]):
+            get_spec(m)
+            if m not in out:
+                out.append(m)
+    if not out:
+        raise CliError("no optimizer selected")
+    return out
+
+
+# ----------------------------------------------------------------------------- factories
+
+def base_grad_maker(model: nn.Module):
+    """``curvfun.precondition.GradientMaker`` (plain gradients) if present, else the local fallback."""
+    cls = resolve("curvfun.precondition", "GradientMaker")
+    return cls(model) if cls is not None else PlainGradientMaker(model)
+
+
+def _torch_optimizer(cls_name: str) -> Factory:
+    def factory(model, hp, ctx):
+        opt = getattr(torch.optim, cls_name)(model.parameters(), **hp)
+        return opt, base_grad_maker(model)
+    return factory
+
+
+_CONFIG_KEYS = ("damping", "ema_decay", "curvature_upd_interval", "preconditioner_upd_interval")
+_SGD_KEYS = ("lr", "momentum", "weight_decay")
+
+
+def _maker(cls_name: str, **fixed) -> Factory:
+    """K-FAC-style entry: ``XxxGradientMaker(model, PreconditioningConfig(...), **kwargs)`` + SGD.
+
+    ``hp`` keys in ``_CONFIG_KEYS`` go to the config (with ``data_size`` = batch size and
+    ``num_total_steps`` = steps), ``lr``/``momentum``/``weight_decay`` to SGD, the rest to the maker.
+    """
+    def factory(model, hp, ctx):
+        config_cls = resolve("curvfun.precondition", "PreconditioningConfig")
+        maker_cls = resolve("curvfun.precondition", cls_name)
+        config = config_cls(data_size=ctx.batch_size, num_total_steps=ctx.steps,
+                            **{k: hp[k] for k in _CONFIG_KEYS if k in hp})
+        kwargs = {k: v for k, v in hp.items() if k not in _CONFIG_KEYS + _SGD_KEYS}
+        gm = maker_cls(model, config, **fixed, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), **{k: hp[k] for k in _SGD_KEYS if k in hp})
+        return opt, gm
+    return factory
+
+
+def _model_optimizer(cls_name: str) -> Factory:
+    """AdaFisher-style entry: ``curvfun.optim.Xxx(model, **hp)`` + plain gradients."""
+    def factory(model, hp, ctx):
+        return resolve("curvfun.optim", cls_name)(model, **hp), PlainGradientMaker(model)
+    return factory
+
+
+def _adahessian(model, hp, ctx):
+    opt = resolve("curvfun.optim", "AdaHessian")(model.parameters(), **hp)
+    return opt, PlainGradientMaker(model, create_graph=True)
+
+
+def _ng(interval: int = 5, damping: float = 1e-3, lr: float = 0.1, ema_decay: float = -1, **extra):
+    """Hyper-parameters of a natural-gradient style maker on the digits MLP."""
+    return dict(lr=lr, momentum=0.9, weight_decay=0.0, damping=damping, ema_decay=ema_decay,
+                curvature_upd_interval=interval, preconditioner_upd_interval=interval, **extra)
+
+
+_P = "curvfun.precondition"
+_O = "curvfun.optim"
+
+for _spec in [
+    # first order
+    OptimizerSpec("sgd", "torch.optim.SGD with momentum", _torch_optimizer("SGD"),
+                  dict(lr=0.1, momentum=0.9, weight_decay=0.0)),
+    OptimizerSpec("adam", "torch.optim.Adam", _torch_optimizer("Adam"),
+                  dict(lr=3e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)),
+    OptimizerSpec("adamw", "torch.optim.AdamW (decoupled weight decay)", _torch_optimizer("AdamW"),
+                  dict(lr=3e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=1e-2)),
+    # natural-gradient family (issue 5)
+    OptimizerSpec("kfac", "K-FAC (MC Fisher, 1 sample) + SGD", _maker("KfacGradientMaker"),
+                  _ng(fisher_type="fisher_mc", n_mc_samples=1), requires=(_P, "KfacGradientMaker")),
+    OptimizerSpec("ekfac", "eigenvalue-corrected K-FAC (empirical Fisher) + SGD", _maker("EkfacGradientMaker"),
+                  _ng(fisher_type="fisher_emp"), requires=(_P, "EkfacGradientMaker")),
+    OptimizerSpec("lowrank_kfac", "low-rank(+diag) K-FAC by power iteration + SGD",
+                  _maker("LowRankKfacGradientMaker"), _ng(rank=16, power_iters=2),
+                  requires=(_P, "LowRankKfacGradientMaker")),
+    OptimizerSpec("diag_ng", "diagonal natural gradient + SGD", _maker("DiagNaturalGradientMaker"),
+                  _ng(damping=1e-2, lr=0.05), requires=(_P, "DiagNaturalGradientMaker")),
+    OptimizerSpec("unitwise_ng", "unit-wise natural gradient + SGD", _maker("UnitWiseNaturalGradientMaker"),
+                  _ng(), requires=(_P, "UnitWiseNaturalGradientMaker")),
+    OptimizerSpec("layerwise_ng", "layer-wise (dense block) natural gradient + SGD",
+                  _maker("LayerWiseNaturalGradientMaker"), _ng(interval=10),
+                  requires=(_P, "LayerWiseNaturalGradientMaker"), default_compare=False),
+    OptimizerSpec("full_ng", "full (dense) natural gradient + SGD", _maker("FullNaturalGradientMaker"),
+                  _ng(interval=10), requires=(_P, "FullNaturalGradientMaker"), default_compare=False),
+    OptimizerSpec("emp_ng", "dense empirical-Fisher natural gradient + SGD", _maker("EmpNaturalGradientMaker"),
+                  _ng(interval=10), requires=(_P, "EmpNaturalGradientMaker"), default_compare=False),
+    # the rest of the family (issue 6)
+    OptimizerSpec("shampoo", "Shampoo + SGD", _maker("ShampooGradientMaker"),
+                  _ng(interval=5, damping=1e-3, lr=0.1), requires=(_P, "ShampooGradientMaker")),
+    OptimizerSpec("kron_psgd", "Kronecker-factored PSGD + SGD", _maker("KronPsgdGradientMaker"),
+                  dict(lr=0.1, momentum=0.9, weight_decay=0.0, damping=1e-3, precond_lr=0.01, init_scale=1.0),
+                  requires=(_P, "KronPsgdGradientMaker")),
+    OptimizerSpec("kbfgs", "K-BFGS + SGD", _maker("KronBfgsGradientMaker"),
+                  dict(lr=0.1, momentum=0.9, weight_decay=0.0, damping=1e-3),
+                  requires=(_P, "KronBfgsGradientMaker")),
+    OptimizerSpec("seng", "SENG (sketched empirical natural gradient) + SGD", _maker("SengGradientMaker"),
+                  _ng(interval=1, damping=1e-1, sketching_size=64, truncated_rank=16),
+                  requires=(_P, "SengGradientMaker")),
+    OptimizerSpec("smw_ng", "Sherman-Morrison-Woodbury empirical natural gradient + SGD",
+                  _maker("SmwEmpNaturalGradientMaker"), dict(lr=0.1, momentum=0.9, weight_decay=0.0, damping=1e-1),
+                  requires=(_P, "SmwEmpNaturalGradientMaker")),
+    OptimizerSpec("curveball", "CurveBall + SGD", _maker("CurveBallGradientMaker"),
+                  dict(lr=0.1, momentum=0.0, weight_decay=0.0, damping=1.0),
+                  requires=(_P, "CurveBallGradientMaker")),
+    OptimizerSpec("newton", "damped dense Newton + SGD", _maker("NewtonGradientMaker"),
+                  dict(lr=0.1, momentum=0.0, weight_decay=0.0, damping=1e-1),
+                  requires=(_P, "NewtonGradientMaker"), default_compare=False),
+    # optimizers that read curvature themselves
+    OptimizerSpec("adahessian", "AdaHessian (Hutchinson Hessian diagonal)", _adahessian,
+                  dict(lr=0.1), requires=(_O, "AdaHessian")),
+    OptimizerSpec("adafisher", "AdaFisher (diagonal Kronecker Fisher)", _model_optimizer("AdaFisher"),
+                  dict(lr=3e-3, TCov=5), requires=(_O, "AdaFisher")),
+    OptimizerSpec("adafisherw", "AdaFisherW (decoupled weight decay)", _model_optimizer("AdaFisherW"),
+                  dict(lr=3e-3, TCov=5, weight_decay=1e-2), requires=(_O, "AdaFisherW")),
+]:
+    register(_spec)
+
+
+def describe() -> str:
+    """Human-readable listing for ``curvfun list``."""
+    lines = []
+    for name, spec in REGISTRY.items():
+        state = "available" if spec.available() else f"not in this build ({'.'.join(spec.requires)})"
+        flag = "" if spec.default_compare else " [explicit only]"
+        hp = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        lines.append(f"  {name:<13} {spec.summary}{flag}\n  {'':<13} {state}; defaults: {hp}")
+    return "\n".join(lines)
+
