@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import math
+import pickle
 import warnings
 from collections import namedtuple
 
@@ -40,6 +41,16 @@ from curvfun.precondition import (
 # ----------------------------------------------------------------------------------------------
 # models and helpers
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds contention on a loaded machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -256,6 +267,8 @@ def test_dummy_repr_replay_and_misuse():
     with pytest.raises(TypeError, match="only records reads"):
         y.foo = 1
     assert copy.deepcopy(chain) is chain and copy.copy(chain) is chain  # immutable; dunders are not recorded
+    assert repr(pickle.loads(pickle.dumps(chain))) == repr(chain)
+    assert not hasattr(y, "__array__") and not hasattr(y, "_repr_html_")
 
 
 def test_replay_error_reaches_the_user_with_the_chain():

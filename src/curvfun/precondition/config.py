@@ -51,6 +51,11 @@ Differences from ASDL 0.1 (all deliberate; ASDL's behaviour is described in the 
   ``'constant'``; in the GitHub version ``preconditioner_interval_type`` is not even a dataclass
   field. ``curvature_interval_type`` is a real dataclass field here (it is a class attribute in
   ASDL, so ``PreconditioningConfig(curvature_interval_type=...)`` raises there).
+* When ``curvature_upd_ratio`` is None, ASDL's curvature schedule is the one built from the
+  preconditioner's interval or ratios, and ``curvature_warmup_steps`` / ``curvature_warmup_ratio`` /
+  ``curvature_interval_type`` are silently ignored. curvfun gives the curvature its own schedule as
+  soon as ``curvature_upd_interval`` or ``curvature_upd_ratio`` is set, and rejects the other
+  ``curvature_*`` fields while the curvature follows the preconditioner.
 * ASDL switches the preconditioner to ratio mode whenever ``num_total_steps`` is set, ignoring
   (with a warning) an explicit ``preconditioner_upd_interval``, so that ``num_total_steps=1000,
   preconditioner_upd_interval=10`` refreshes on *every* step. curvfun uses ratio mode only when a
@@ -67,7 +72,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from torch import nn

@@ -11,8 +11,9 @@ Differences from ASDL 0.1's ``DummyObject`` (same idea, written anew):
 
 * Unpacking (``a, b = dummy_y``), ``in`` and truth tests raise ``TypeError``. In ASDL, unpacking
   loops forever, since Python falls back to ``__getitem__(0), (1), ...``.
-* Dunder lookups (``__deepcopy__``, ``__array__``, ...) are not recorded, so ``copy`` / ``numpy``
-  probing gives the usual ``AttributeError``; setting an attribute raises ``TypeError``.
+* Dunder lookups (``__array__``, ...) and IPython's display probes (``_repr_html_``, ...) are not
+  recorded, so such probing gives the usual ``AttributeError``; dummies are immutable (``copy``
+  returns the same object, pickling works) and setting an attribute raises ``TypeError``.
 * A failed replay raises :class:`DummyReplayError` naming the recorded chain and the step that
   failed, chained to the original error.
 * The default logits (when ``setup_logits_repr`` is not called) also understand dict-like outputs
@@ -124,7 +125,7 @@ class DummyObject:
 
     # --- recording
     def __getattr__(self, name: str) -> "DummyObject":
-        if name == _OPS_SLOT or (name.startswith("__") and name.endswith("__")):
+        if name == _OPS_SLOT or (name.startswith("__") and name.endswith("__")) or name.startswith(("_ipython_", "_repr_")):
             raise AttributeError(name)
         return DummyObject(self._curvfun_ops + (GetAttr(name),))
 
