@@ -833,3 +833,42 @@ def test_pure_helpers_evaluate_the_registered_calls_without_side_effects():
     with pytest.raises(TypeError, match="has no 'reduction' option"):
         gm.loss_from_output(out, reduction="none")
     assert torch.isfinite(gm.loss_from_output(out))
+
+
+def test_subclass_can_make_the_pass_functionally_with_the_pure_helpers():
+    """update_curvature as pure functions: torch.func.grad_and_value of loss_from_output(model_output_at(p))."""
+
+    class Functional(Counting):
+        def update_curvature(self):
+            self.curvature_steps.append(self.step)
+            params = {k: v.detach() for k, v in self.model.named_parameters()}
+
+            def loss_of(p):
+                out = self.model_output_at(p)
+                return self.loss_from_output(out), out
+
+            g, (loss, out) = torch.func.grad_and_value(loss_of, has_aux=True)(params)
+            for name, p in self.model.named_parameters():
+                p.grad = g[name] if p.grad is None else p.grad + g[name]
+            self._record_pass(out, loss)
+
+    model = mlp()
+    gm = Functional(model, PreconditioningConfig(curvature_upd_interval=2))
+    x, t = batches(1)[0]
+    want = plain_grads(model, lambda m: F.cross_entropy(m(x), t))
+    for step in range(2):  # a functional pass, then a plain one
+        model.zero_grad()
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        out, loss = gm.forward_and_backward()
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(grads(model), want))
+        assert torch.allclose(loss, F.cross_entropy(model(x), t)) and torch.allclose(gm.logits, model(x))
+    assert gm.curvature_steps == [0]
+
+
+def test_wrapped_models_are_named_as_the_inner_module():
+    inner = mlp()
+    a = assign_modules(nn.DataParallel(inner))
+    assert list(a.preconditioned) == ["0", "2"]
+    gm = Counting(nn.DataParallel(inner))
+    assert gm.module_name_of(inner[2].bias) == ("2", "bias")
