@@ -509,6 +509,12 @@ def _weighted(g: Tensor, w: Tensor) -> Tensor:
     return g * w.sqrt().to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
 
 
+def _gram(X: Tensor) -> Tensor:
+    """Xᵀ X over the rows of ``[R, d]`` or ``[G, R, d]`` (one GEMM; the lower triangle is what
+    Cholesky / eigh read)."""
+    return X.T @ X if X.ndim == 2 else X.transpose(1, 2) @ X
+
+
 def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):
     """The factor object of one layer from its :class:`~curvfun.layers.LayerData`.
 
@@ -529,27 +535,24 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
             a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
         Gr, T = a.shape[1], a.shape[2]
         if kfac_type == "expand":
-            am = a.transpose(0, 1).reshape(Gr, N * T, -1)
-            A = am.transpose(1, 2) @ am / (N * T)
-            gm = g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
+            am = a.reshape(N * T, -1) if Gr == 1 else a.transpose(0, 1).reshape(Gr, N * T, -1)
+            A = _gram(am) / (N * T)
+            gm = g.reshape(-1, g.shape[-1]) if Gr == 1 else g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
         else:
-            am = a.mean(2).transpose(0, 1)  # [G, N, d]
-            A = am.transpose(1, 2) @ am / N
-            gm = g.sum(3).permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
-        B = gm.transpose(1, 2) @ gm / N
-        if Gr == 1:
-            A, B = A[0], B[0]
-        return KronFactor((A + A.transpose(-1, -2)) / 2, (B + B.transpose(-1, -2)) / 2,
-                          tuple(m.weight.shape), data.has_bias, folded)
+            am = a.mean(2)[:, 0] if Gr == 1 else a.mean(2).transpose(0, 1)  # [N, d] / [G, N, d]
+            A = _gram(am) / N
+            gs = g.sum(3)
+            gm = gs.reshape(-1, g.shape[-1]) if Gr == 1 else gs.permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
+        B = _gram(gm) / N
+        return KronFactor(A, B, tuple(m.weight.shape), data.has_bias, folded)
     if data.kind == "embedding":
         ids = data.a  # [N, T]
         valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
         counts = torch.zeros(m.num_embeddings, dtype=g.dtype, device=g.device)
         counts.index_add_(0, ids[valid], torch.ones(int(valid.sum()), dtype=g.dtype, device=g.device))
         A = counts / (N * ids.shape[1])
-        gm = g.reshape(-1, g.shape[-1])
-        B = gm.T @ gm / N
-        return EmbeddingFactor(A, (B + B.T) / 2)
+        B = _gram(g.reshape(-1, g.shape[-1])) / N
+        return EmbeddingFactor(A, B)
     # layernorm / batchnorm: exact unit-wise blocks
     u = [(g * data.a).sum(2)]  # [K, N, C]
     if data.has_bias:

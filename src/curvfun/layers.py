@@ -53,25 +53,44 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
 def _linear(rec: LayerRecord):
     a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in rec.inputs]
     g = None if rec.grads is None else [y.reshape(y.shape[0], y.shape[1], -1, y.shape[-1]) for y in rec.grads]
-    return torch.cat(a, 1).unsqueeze(1), None if g is None else torch.cat(g, 2).unsqueeze(2)
+    return _cat(a, 1).unsqueeze(1), None if g is None else _cat(g, 2).unsqueeze(2)
+
+
+def im2col(x: Tensor, module: nn.Conv2d) -> Tensor:
+    """Patches of a Conv2d input, ``[N, Ho·Wo, C_in·kh·kw]`` in the order of
+    ``weight.flatten(1)`` (channel, kernel row, kernel column). Strided views of the padded
+    input and one copy; several times faster than ``F.unfold`` on CPU."""
+    kh, kw = module.kernel_size
+    dh, dw = module.dilation
+    sh, sw = module.stride
+    ph, pw = _conv_padding(module)
+    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+    u = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # [N, C, Ho, Wo, sh, sw]
+    if dh > 1 or dw > 1:
+        u = u[..., ::dh, ::dw]
+    N, C, Ho, Wo = u.shape[:4]
+    return u.permute(0, 2, 3, 1, 4, 5).reshape(N, Ho * Wo, C * kh * kw)
+
+
+def _cat(ts: list[Tensor], dim: int) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
 
 def _conv(rec: LayerRecord):
     m: nn.Conv2d = rec.module
     G = m.groups
-    pad = _conv_padding(m)
     a_list, g_list = [], []
     for i, x in enumerate(rec.inputs):
         if x.ndim != 4:
             raise ValueError(f"Conv2d {rec.info.name!r}: expected a batched [N, C, H, W] input, got shape {tuple(x.shape)}")
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # [N, Cin*k, L]
-        N, D, L = cols.shape
-        a_list.append(cols.reshape(N, G, D // G, L).transpose(-1, -2))
+        cols = im2col(x, m)  # [N, L, D]
+        N, L, D = cols.shape
+        a_list.append(cols.reshape(N, L, G, D // G).transpose(1, 2))
         if rec.grads is not None:
             y = rec.grads[i]  # [K, N, Cout, Ho, Wo]
             K, _, Cout = y.shape[:3]
             g_list.append(y.reshape(K, N, G, Cout // G, -1).transpose(-1, -2))
-    return torch.cat(a_list, 2), None if rec.grads is None else torch.cat(g_list, 3)
+    return _cat(a_list, 2), None if rec.grads is None else _cat(g_list, 3)
 
 
 def _embedding(rec: LayerRecord):
