@@ -26,6 +26,7 @@ when named explicitly.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -231,10 +232,21 @@ def _maker(cls_name: str, **fixed) -> Factory:
         config = config_cls(data_size=ctx.batch_size, num_total_steps=ctx.steps,
                             **{k: hp[k] for k in _CONFIG_KEYS if k in hp})
         kwargs = {k: v for k, v in hp.items() if k not in _CONFIG_KEYS + _SGD_KEYS}
-        gm = maker_cls(model, config, **fixed, **kwargs)
+        kwargs.update(fixed)
+        if "seed" not in kwargs and _accepts(maker_cls, "seed"):
+            kwargs["seed"] = ctx.seed  # MC sampling reproducible per run (and saved in its state_dict)
+        gm = maker_cls(model, config, **kwargs)
         opt = torch.optim.SGD(model.parameters(), **{k: hp[k] for k in _SGD_KEYS if k in hp})
         return opt, gm
     return factory
+
+
+def _accepts(cls, name: str) -> bool:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
 
 
 def _model_optimizer(cls_name: str) -> Factory:
