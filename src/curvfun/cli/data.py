@@ -90,8 +90,8 @@ class ImageClassification:
         """Stored images -> float model inputs (uint8 storage is scaled and normalised)."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-            std = torch.tensor(self.std).view(1, -1, 1, 1)
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
             x = (x - mean) / std
         return x.float()
 
@@ -163,8 +163,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     _ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
 
     def find_class(self, module, name):
-        if module.split(".")[0] == "numpy" and name in self._ALLOWED:
-            return super().find_class(module, name)
+        if (module.split(".")[0] == "numpy" and name in self._ALLOWED) or (module, name) == ("_codecs", "encode"):
+            return super().find_class(module, name)  # _codecs.encode: bytes in protocol-2 pickles of Python 3
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
 
 
