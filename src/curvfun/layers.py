@@ -233,3 +233,48 @@ def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
     if ld.has_bias:
         sq = sq + g.sum(1).pow(2).sum(-1)
     return sq
+
+
+def column(ld: LayerData, k: int) -> LayerData:
+    """The layer data restricted to output-gradient column ``k`` (weight not applied)."""
+    return LayerData(ld.kind, ld.module, ld.a, ld.g[k : k + 1], None, ld.has_bias)
+
+
+def layer_diag_fisher(ld: LayerData) -> dict[str, Tensor]:
+    """diag F = (1/N) Σ_k w_k Σ_n (∇ℓ_nk)² per parameter of the layer (``{"weight", "bias"}``).
+
+    Linear/Conv2d with T = 1: from (g²)ᵀ(a²) without per-sample gradients, O(K·N·d_in·d_out);
+    otherwise from the materialised per-sample gradients of each column.
+    """
+    if ld.g is None or ld.weights is None:
+        raise ValueError("a diagonal Fisher needs output gradients and column weights")
+    N = ld.batch_size
+    w = ld.weights
+    if ld.kind in ("linear", "conv2d") and ld.a.shape[2] == 1:
+        a2 = ld.a[:, :, 0].pow(2)  # [N, G, d]
+        g2 = (ld.g[:, :, :, 0].pow(2) * w.reshape(-1, 1, 1, 1).to(ld.g.dtype)).sum(0)  # [N, G, o]
+        W = torch.einsum("ngo,ngd->god", g2, a2) / N
+        out = {"weight": W.reshape(ld.module.weight.shape)}
+        if ld.has_bias:
+            out["bias"] = g2.sum(0).reshape(-1) / N
+        return out
+    acc: dict[str, Tensor] = {}
+    for k in range(ld.g.shape[0]):
+        for p, gp in per_sample_layer_grads(column(ld, k)).items():
+            v = w[k] * gp.pow(2).sum(0) / N
+            acc[p] = acc[p] + v if p in acc else v
+    return acc
+
+
+def layer_column_rows(ld: LayerData) -> Tensor:
+    """Rows U ``[K·N, P_layer]`` with F_layer = UᵀU: per-sample gradients of every column,
+    scaled by sqrt(w_k / N), flattened in the layer's parameter order (weight, bias)."""
+    if ld.g is None or ld.weights is None:
+        raise ValueError("layer rows need output gradients and column weights")
+    N = ld.batch_size
+    rows = []
+    for k in range(ld.g.shape[0]):
+        grads = per_sample_layer_grads(column(ld, k))
+        r = torch.cat([grads[p].reshape(N, -1) for p in ("weight", "bias") if p in grads], 1)
+        rows.append(r * (ld.weights[k].to(r.dtype) / N).sqrt())
+    return torch.cat(rows, 0)

@@ -68,6 +68,10 @@ __all__ = [
 ]
 
 # --- makers -------------------------------------------------------------------------------------
+from .natural_gradient import *  # noqa: F401,F403,E402
+from .natural_gradient import __all__ as _ng_all  # noqa: E402
+
+__all__ += list(_ng_all)
 # The natural-gradient family (KfacGradientMaker, EkfacGradientMaker, DiagNaturalGradientMaker,
 # UnitWiseNaturalGradientMaker, LayerWiseNaturalGradientMaker, FullNaturalGradientMaker,
 # EmpNaturalGradientMaker, LowRankKfacGradientMaker) is added here, once natural_gradient.py

@@ -1,0 +1,522 @@
+"""The natural-gradient family as ``GradientMaker`` s: K-FAC, EKFAC, low-rank K-FAC, diagonal,
+unit-wise, layer-wise and full (empirical) natural gradient.
+
+Every maker is "which pure functions, called when":
+
+* curvature steps (``update_curvature``): one capture pass (:func:`curvfun.capture.record_layers`
+  around the registered model + loss call), the user's ``loss.backward()`` for ``param.grad``,
+  then the layer curvature from :mod:`curvfun.kron` / :mod:`curvfun.layers` / :mod:`curvfun.lowrank`,
+  blended by EMA ``F ← (1 − decay)·F + decay·F_new`` when ``config.ema_decay`` is not -1;
+* preconditioner steps (``update_preconditioner``): damped inverses of the current curvature;
+* every step (``precondition``): ``param.grad ← inverse.matvec(param.grad)`` per layer.
+
+Curvature is of the **per-sample** losses' mean (GUIDE): output gradients are those of ℓ_n, not
+of the user's (mean-reduced) loss. For ``fisher_type="fisher_emp"`` they are taken from the
+registered loss called with ``reduction="sum"`` (the loss function must accept ``reduction``);
+for ``fisher_mc`` / ``fisher_exact`` from the logits (``setup_logits_repr``) and ``loss_type``'s
+likelihood, sampled with the maker's generator. ``config.data_size`` is accepted for ASDL
+compatibility and not used: the curvature is that of the batch mean.
+
+A new curvature or inverse that is non-finite (or not positive definite) is not installed: the
+last good one stays, with one warning per layer (:meth:`_install_if_finite`). Layers that are
+unsupported, ignored, or share a parameter with another layer keep the plain gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from ..capture import ModuleInfo, _batched_backward, _check_versions, layer_kind, output_grad_columns, record_layers
+from ..kron import (
+    BIAS_MODES,
+    KFAC_TYPES,
+    EKFACFactor,
+    KronFactor,
+    NotPositiveDefiniteError,
+    DiagFactor,
+    _ekfac_from,
+    damped_cholesky_inverse,
+    kron_factors_from_layer,
+)
+from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
+from ..losses import LOSSES, get_likelihood
+from ..lowrank import LowRankKron
+from .base import PreconditionedGradientMaker
+from .config import NO_EMA, PreconditioningConfig
+from .state_packing import pack, unpack
+
+__all__ = [
+    "KfacGradientMaker",
+    "EkfacGradientMaker",
+    "LowRankKfacGradientMaker",
+    "DiagNaturalGradientMaker",
+    "UnitWiseNaturalGradientMaker",
+    "LayerWiseNaturalGradientMaker",
+    "FullNaturalGradientMaker",
+    "EmpNaturalGradientMaker",
+    "FISHER_TYPES",
+    "DenseBlock",
+    "RowsBlock",
+]
+
+#: ASDL's names -> curvfun's
+FISHER_TYPES = {"fisher_exact": "exact", "fisher_mc": "mc", "fisher_emp": "emp"}
+
+
+def ema(old: Any, new: Any, decay: float) -> Any:
+    """``(1 − decay)·old + decay·new`` leafwise over factor objects (``decay`` = weight of the new);
+    ``old`` None or ``decay`` = -1 (no EMA) returns ``new``."""
+    if old is None or decay == NO_EMA:
+        return new
+    return optree.tree_map(lambda o, n: o.mul(1 - decay).add_(n, alpha=decay), old, new, namespace="curvfun")
+
+
+# --- dense / low-rank blocks for layer-wise and full natural gradient -------------------------
+
+
+@dataclass(frozen=True)
+class DenseBlock:
+    """F as a dense ``[P, P]`` matrix; ``inv`` = (F + λI)^{-1} once inverted."""
+
+    F: Tensor
+    inv: Tensor | None = None
+
+    def damped_inverse(self, damping: float) -> "DenseBlock":
+        return DenseBlock(self.F, damped_cholesky_inverse(self.F, max(damping, 1e-7), "Fisher block"))
+
+    def solve(self, v: Tensor) -> Tensor:
+        return self.inv @ v
+
+
+@dataclass(frozen=True)
+class RowsBlock:
+    """F = UᵀU held as its rows ``U`` ``[R, P]`` (R = columns·N ≪ P); (F + λI)^{-1} v by the
+    push-through identity: (v − Uᵀ (λI + UUᵀ)^{-1} U v)/λ, with the R x R Cholesky factor
+    cached. Cost O(R·P) per solve, O(R²·P + R³) per refresh; never a P x P matrix."""
+
+    U: Tensor
+    chol: Tensor | None = None
+    lam: float = 0.0
+
+    def damped_inverse(self, damping: float) -> "RowsBlock":
+        lam = max(float(damping), 1e-7)
+        K = self.U @ self.U.T
+        K.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(K.to(torch.float64) if K.dtype != torch.float64 else K)
+        if int(info.max()) != 0:
+            raise NotPositiveDefiniteError("the R x R Gram core is not positive definite; increase the damping")
+        return RowsBlock(self.U, L, lam)
+
+    def solve(self, v: Tensor) -> Tensor:
+        Uv = (self.U @ v).to(self.chol.dtype)
+        z = torch.cholesky_solve(Uv.unsqueeze(-1), self.chol).squeeze(-1).to(v.dtype)
+        return (v - self.U.T @ z) / self.lam
+
+
+for _cls, _kids, _meta in ((DenseBlock, ("F", "inv"), ()), (RowsBlock, ("U", "chol"), ("lam",))):
+    optree.register_pytree_node(
+        _cls,
+        lambda o, k=_kids, m=_meta: (tuple(getattr(o, f) for f in k), tuple(getattr(o, f) for f in m), k),
+        lambda meta, kids, c=_cls, k=_kids, m=_meta: c(**dict(zip(k, kids)), **dict(zip(m, meta))),
+        namespace="curvfun",
+    )
+
+
+# --- the shared capture-based maker ----------------------------------------------------------------
+
+
+class _CurvatureMaker(PreconditionedGradientMaker):
+    """Shared plumbing: arguments, the capture pass, EMA, inverses and precondition()."""
+
+    _kinds: tuple[str, ...] = ("linear", "conv2d", "embedding", "layernorm", "batchnorm")
+    _state_attributes = ("curvature", "inverses")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PreconditioningConfig | None = None,
+        fisher_type: str = "fisher_mc",
+        loss_type: str = "cross_entropy",
+        n_mc_samples: int = 1,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {list(FISHER_TYPES)}")
+        if loss_type not in LOSSES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
+        if not isinstance(n_mc_samples, int) or n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples must be a positive integer, got {n_mc_samples!r}")
+        config = PreconditioningConfig() if config is None else config
+        if not (config.damping >= 0 and math.isfinite(config.damping)):
+            raise ValueError(f"config.damping must be a finite number >= 0, got {config.damping}")
+        self.fisher_type = fisher_type
+        self.loss_type = loss_type
+        self.n_mc_samples = n_mc_samples
+        self.likelihood = get_likelihood(loss_type)
+        self.curvature: dict[str, Any] = {}
+        self.inverses: dict[str, Any] = {}
+        super().__init__(model, config, seed=seed)
+        self._infos = {
+            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" for k in self.module_params(name)})
+            for name, m in self.preconditioned_modules.items()
+        }
+
+    def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
+        kind = layer_kind(module)
+        if kind is None or kind not in self._kinds:
+            return f"unsupported layer class {type(module).__name__}"
+        return None
+
+    # --- the capture pass ------------------------------------------------------------------------
+    def _capture_pass(self) -> dict[str, LayerData]:
+        """forward (recording) + output-gradient columns + the user's backward; returns layer data."""
+        with record_layers(self._infos) as records:
+            self.forward()
+        names = [n for n, r in records.items() for _ in r.eps]
+        leaves = [e for r in records.values() for e in r.eps]
+        for r in records.values():
+            r.grads = []
+        if leaves:
+            if FISHER_TYPES[self.fisher_type] == "emp":
+                total = self.loss_from_output(self.model_output, reduction="sum")
+                gs = [g.unsqueeze(0) for g in torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)]
+                gs = [torch.zeros_like(l).unsqueeze(0) if g is None else g for g, l in zip(gs, leaves)]
+                weights = torch.ones(1)
+            else:
+                logits = self.logits
+                if not isinstance(logits, Tensor):
+                    raise TypeError(
+                        f"{type(self).__name__} needs tensor logits for fisher_type={self.fisher_type!r}; got "
+                        f"{type(logits).__name__}: declare them with gm.setup_logits_repr(dummy_y.logits)"
+                    )
+                cot, weights = output_grad_columns(
+                    logits.detach(), self.likelihood, FISHER_TYPES[self.fisher_type], None, self.n_mc_samples,
+                    self.generator,
+                )
+                gs = _batched_backward(logits, leaves, cot.to(logits.dtype), retain=True)
+            for n, g in zip(names, gs):
+                records[n].grads.append(g)
+        self.backward()
+        _check_versions(records)
+        return {n: layer_data(r, weights.to(r.inputs[0].dtype if r.inputs[0].is_floating_point() else torch.float32))
+                for n, r in records.items() if r.inputs}
+
+    @property
+    def _decay(self) -> float:
+        return self.config.ema_decay
+
+    def _install_curvature(self, name: str, new: Any) -> None:
+        blended = ema(self.curvature.get(name), new, self._decay)
+        self.curvature[name] = self._install_if_finite(name, blended, self.curvature.get(name), "curvature")
+
+    def _invert(self, name: str, fn) -> None:
+        try:
+            new = fn()
+        except (NotPositiveDefiniteError, ValueError, RuntimeError):
+            new = {"nonfinite": torch.tensor(float("nan"))}
+        self.inverses[name] = self._install_if_finite(name, new, self.inverses.get(name), "inverse")
+
+    def update_curvature(self) -> None:
+        data = self._capture_pass()
+        for name, ld in data.items():
+            self._install_curvature(name, self._layer_curvature(ld))
+
+    def _layer_curvature(self, ld: LayerData) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update_preconditioner(self) -> None:
+        for name, curv in self.curvature.items():
+            self._invert(name, lambda c=curv: c.damped_inverse(self.config.damping))
+
+    def precondition(self) -> None:
+        for name, inv in self.inverses.items():
+            params = self.module_params(name)
+            grads = {k: p.grad for k, p in params.items()}
+            if any(g is None for g in grads.values()):
+                continue
+            out = inv.matvec(grads)
+            for k, p in params.items():
+                if k in out:
+                    p.grad.copy_(out[k])
+
+    # --- state: factor objects as plain containers ---------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {name: pack(getattr(self, name)) for name in self._state_attributes}
+
+    def _load_extra_state(self, state) -> None:
+        missing = [k for k in self._state_attributes if k not in state]
+        if missing:
+            raise ValueError(f"the state dict's maker state misses {missing} for {type(self).__name__}")
+        for name in self._state_attributes:
+            setattr(self, name, unpack(state[name]))
+
+
+class KfacGradientMaker(_CurvatureMaker):
+    """K-FAC (Martens & Grosse 2015) with curvfun's factor conventions (GUIDE): A ⊗ B per Linear /
+    Conv2d (bias its own block B, or ``bias="folded"``), diagonal-A Kronecker for Embedding,
+    unit-wise 2x2 blocks for LayerNorm / BatchNorm (as ASDL); π-damped inverses
+    (``damping_heuristic="pi"``, or ``"none"``). ``kfac_type="expand"|"reduce"`` for weight sharing.
+
+    Cost per curvature step: one forward, one backward to the layer outputs per MC sample (none
+    extra for ``fisher_emp`` beyond the sum-loss backward), the user's backward, and the factor
+    GEMMs; per preconditioner step one Cholesky per factor; per step two GEMMs per layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PreconditioningConfig | None = None,
+        fisher_type: str = "fisher_mc",
+        loss_type: str = "cross_entropy",
+        n_mc_samples: int = 1,
+        kfac_type: str = "expand",
+        bias: str = "separate",
+        damping_heuristic: str = "pi",
+        *,
+        seed: int | None = None,
+    ) -> None:
+        if kfac_type not in KFAC_TYPES:
+            raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
+        if bias not in BIAS_MODES:
+            raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
+        if damping_heuristic not in ("pi", "none"):
+            raise ValueError(f"unknown damping_heuristic {damping_heuristic!r}; expected 'pi' or 'none'")
+        self.kfac_type, self.bias, self.damping_heuristic = kfac_type, bias, damping_heuristic
+        super().__init__(model, config, fisher_type, loss_type, n_mc_samples, seed=seed)
+
+    def _layer_curvature(self, ld: LayerData) -> Any:
+        return kron_factors_from_layer(ld, self.kfac_type, self.bias)
+
+    def update_preconditioner(self) -> None:
+        for name, f in self.curvature.items():
+            if isinstance(f, KronFactor) or hasattr(f, "damping"):
+                self._invert(name, lambda f=f: f.damped_inverse(self.config.damping, self.damping_heuristic))
+            else:
+                self._invert(name, lambda f=f: f.damped_inverse(self.config.damping))
+
+
+class EkfacGradientMaker(KfacGradientMaker):
+    """EKFAC (George et al. 2018): K-FAC's eigenbasis refreshed on preconditioner steps, the
+    diagonal scalings S = E[(Q_Bᵀ G_n Q_A)²] re-estimated (EMA) on every curvature step in the
+    current basis; inverse Q diag(1/(S + λ)) Qᵀ. Non-Kronecker layers use their K-FAC factor.
+    (ASDL 0.1's ``EkfacGradientMaker`` calls methods it does not define and cannot run.)"""
+
+    _state_attributes = ("curvature", "inverses", "ekfac")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.ekfac: dict[str, EKFACFactor] = {}
+        self._last_data: dict[str, LayerData] = {}
+        super().__init__(*args, **kwargs)
+
+    def update_curvature(self) -> None:
+        data = self._capture_pass()
+        for name, ld in data.items():
+            self._install_curvature(name, self._layer_curvature(ld))
+            old = self.ekfac.get(name)
+            if old is not None and ld.kind in ("linear", "conv2d"):
+                fresh = _ekfac_from(replace_eig(old), ld)
+                S = ema(old.S, fresh.S, self._decay)
+                sb = None if old.s_bias is None else ema(old.s_bias, fresh.s_bias, self._decay)
+                new = replace(old, S=S, s_bias=sb)
+                if self._install_if_finite(name, new, None, "EKFAC scaling") is not None:
+                    self.ekfac[name] = new
+                    self._invert(name, lambda e=new: e.damped_inverse(self.config.damping))
+        self._last_data = data
+
+    def update_preconditioner(self) -> None:
+        for name, f in self.curvature.items():
+            if isinstance(f, KronFactor):
+                try:
+                    eig = f.eigh()
+                    ld = self._last_data.get(name)
+                    if ld is not None:
+                        ek = _ekfac_from(eig, ld)
+                    else:
+                        lam = eig.eigenvalues().reshape(-1, eig.QB.shape[-1], eig.QA.shape[-1])
+                        sb = eig.lamB.reshape(lam.shape[0], -1) if f.has_bias and not f.folded else None
+                        ek = EKFACFactor(eig.QA, eig.QB, lam, sb, f.weight_shape, f.has_bias, f.folded)
+                except (RuntimeError, ValueError):
+                    ek = None
+                if ek is not None and self._install_if_finite(name, ek, None, "EKFAC basis") is not None:
+                    self.ekfac[name] = ek
+                    self._invert(name, lambda e=ek: e.damped_inverse(self.config.damping))
+                else:
+                    self._invert(name, lambda: (_ for _ in ()).throw(ValueError("eigh failed")))
+            else:
+                self._invert(name, lambda f=f: f.damped_inverse(self.config.damping))
+
+    def _teardown(self) -> None:
+        self._last_data = {}
+
+
+def replace_eig(ek: EKFACFactor):
+    """The (Q_A, Q_B) basis of an EKFAC factor as a KronEigen-like object for :func:`_ekfac_from`."""
+    from ..kron import KronEigen
+
+    return KronEigen(ek.QA, torch.zeros(ek.QA.shape[:-1]), ek.QB, torch.zeros(ek.QB.shape[:-1]),
+                     ek.weight_shape, ek.has_bias, ek.folded)
+
+
+class LowRankKfacGradientMaker(KfacGradientMaker):
+    """Low-rank K-FAC (the low-rank ASDL seed): per Linear / Conv2d (groups = 1) layer, A ≈ rank-k
+    and B ≈ diag + rank-k by warm-started block power iteration on the captured rows (the d x d
+    factors are never formed), inverted by Woodbury (:class:`curvfun.lowrank.LowRankKron`);
+    π-damping from the exact traces. Other supported layers use their K-FAC factors.
+
+    ``rank`` is clipped to each side's dimension. The factors are those of the current batch:
+    an EMA of factors that are never formed is not offered, so ``config.ema_decay`` must be -1.
+    The low-rank factors are refreshed (and inverted) on curvature steps.
+    """
+
+    _state_attributes = ("curvature", "inverses", "lowrank")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PreconditioningConfig | None = None,
+        rank: int = 16,
+        power_iters: int = 5,
+        fisher_type: str = "fisher_mc",
+        loss_type: str = "cross_entropy",
+        n_mc_samples: int = 1,
+        damping_heuristic: str = "pi",
+        *,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if not isinstance(power_iters, int) or power_iters < 1:
+            raise ValueError(f"power_iters must be a positive integer, got {power_iters!r}")
+        if config is not None and config.ema_decay != NO_EMA:
+            raise ValueError(
+                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
+                "set config.ema_decay=-1"
+            )
+        self.rank, self.power_iters = rank, power_iters
+        self.lowrank: dict[str, LowRankKron] = {}
+        super().__init__(model, config, fisher_type, loss_type, n_mc_samples, "expand", "separate",
+                         damping_heuristic, seed=seed)
+
+    def update_curvature(self) -> None:
+        data = self._capture_pass()
+        for name, ld in data.items():
+            if ld.kind in ("linear", "conv2d") and ld.a.shape[1] == 1:
+                N, _, T, d = ld.a.shape
+                a_rows = ld.a.reshape(N * T, d)
+                g = ld.g * ld.weights.sqrt().to(ld.g.dtype).reshape(-1, 1, 1, 1, 1)
+                g_rows = g.reshape(-1, g.shape[-1])
+                rank = (min(self.rank, d), min(self.rank, g_rows.shape[-1]))
+                try:
+                    new = LowRankKron.from_rows(
+                        a_rows, g_rows, rank, self.config.damping, 1.0 / (N * T), 1.0 / N,
+                        heuristic=self.damping_heuristic, power_iters=self.power_iters,
+                        init=self.lowrank.get(name), generator=self.generator,
+                    )
+                except (ValueError, RuntimeError):
+                    new = {"nonfinite": torch.tensor(float("nan"))}
+                got = self._install_if_finite(name, new, self.lowrank.get(name), "low-rank factors")
+                if got is not None:
+                    self.lowrank[name] = got
+                    self.inverses[name] = got
+            else:
+                self._install_curvature(name, self._layer_curvature(ld))
+
+    def update_preconditioner(self) -> None:
+        for name, f in self.curvature.items():
+            self._invert(name, lambda f=f: f.damped_inverse(self.config.damping))
+
+
+class DiagNaturalGradientMaker(_CurvatureMaker):
+    """Diagonal natural gradient: g / (diag F + λ) with diag F = (1/N) Σ_k w_k Σ_n (∇ℓ_nk)² per
+    parameter of every supported layer (exact diagonal of the chosen Fisher type)."""
+
+    def _layer_curvature(self, ld: LayerData) -> Any:
+        return DiagFactor(layer_diag_fisher(ld))
+
+
+class UnitWiseNaturalGradientMaker(_CurvatureMaker):
+    """Unit-wise natural gradient for LayerNorm / BatchNorm: per channel, the exact 2x2 Fisher
+    block over (γ_c, β_c), inverted with damping λ. Other layers keep the plain gradient."""
+
+    _kinds = ("layernorm", "batchnorm")
+
+    def _layer_curvature(self, ld: LayerData) -> Any:
+        return kron_factors_from_layer(ld)
+
+
+class _BlockMaker(_CurvatureMaker):
+    """Layer-wise / full blocks from per-sample column gradients U: (F + λI)^{-1} g.
+
+    Without EMA (``ema_decay=-1``) F = UᵀU is held as its rows and solved by the push-through
+    identity (:class:`RowsBlock`, never P x P); with EMA the dense block is accumulated and
+    inverted by Cholesky (:class:`DenseBlock`, O(P³): small models only)."""
+
+    def _block(self, U: Tensor):
+        if self._decay == NO_EMA:
+            return RowsBlock(U)
+        return DenseBlock(U.T @ U)
+
+    def _install_block(self, name: str, U: Tensor) -> None:
+        new = self._block(U)
+        old = self.curvature.get(name)
+        if isinstance(new, DenseBlock) and isinstance(old, DenseBlock):
+            new = DenseBlock(ema(old.F, new.F, self._decay))
+        self.curvature[name] = self._install_if_finite(name, new, old, "curvature")
+
+    def _apply(self, names: list[str], inv) -> None:
+        params = [p for n in names for p in self.module_params(n).values()]
+        if any(p.grad is None for p in params):
+            return
+        v = torch.cat([p.grad.reshape(-1) for p in params])
+        out = inv.solve(v)
+        i = 0
+        for p in params:
+            p.grad.copy_(out[i : i + p.numel()].reshape(p.shape))
+            i += p.numel()
+
+
+class LayerWiseNaturalGradientMaker(_BlockMaker):
+    """One Fisher block per layer over all its parameters (weight and bias together)."""
+
+    def update_curvature(self) -> None:
+        for name, ld in self._capture_pass().items():
+            self._install_block(name, layer_column_rows(ld))
+
+    def precondition(self) -> None:
+        for name, inv in self.inverses.items():
+            self._apply([name], inv)
+
+
+class FullNaturalGradientMaker(_BlockMaker):
+    """One Fisher block over the parameters of all preconditioned layers (cross-layer terms
+    included): (F + λI)^{-1} g."""
+
+    _FULL = "__full__"
+
+    def update_curvature(self) -> None:
+        data = self._capture_pass()
+        names = [n for n in self.preconditioned_modules if n in data]
+        U = torch.cat([layer_column_rows(data[n]) for n in names], 1)
+        self._full_names = names
+        self._install_block(self._FULL, U)
+
+    def precondition(self) -> None:
+        inv = self.inverses.get(self._FULL)
+        if inv is not None:
+            self._apply(list(self.preconditioned_modules), inv)
+
+
+class EmpNaturalGradientMaker(FullNaturalGradientMaker):
+    """Full natural gradient with the empirical Fisher (ASDL's ``EmpNaturalGradientMaker``):
+    (F_emp + λI)^{-1} g, F_emp = (1/N) Σ_n g_n g_nᵀ, by the N x N push-through solve."""
+
+    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None,
+                 loss_type: str = "cross_entropy", *, seed: int | None = None) -> None:
+        super().__init__(model, config, "fisher_emp", loss_type, 1, seed=seed)
