@@ -1,0 +1,736 @@
+"""Low-rank and low-rank-plus-diagonal K-FAC factors, as pure functions.
+
+The low-rank K-FAC of the seed ``001`` approximates, per layer,
+
+* the input factor   A = a_scale · UᵀU   (U = a_rows, ``[n, d_in]``)   by   Ã = V_A Λ_A V_Aᵀ   (rank k),
+* the output factor  B = b_scale · GᵀG   (G = g_rows, ``[n, d_out]``)  by   B̃ = diag(B) + V_B Λ_B V_Bᵀ,
+
+where the low-rank parts come from block power iteration driven by the captured rows, so that no
+d x d matrix is ever formed, and inverts the damped factors by Sherman-Morrison / Woodbury. The
+preconditioned weight gradient is (B̃ + δ_B I)⁻¹ G_W (Ã + δ_A I)⁻¹ at O(d_out · d_in · k).
+
+Everything here is pure: functions take tensors and return new ones; the objects
+(:class:`WoodburyFactor`, :class:`LowRankKron`) are immutable and registered as optree pytree
+nodes in the ``"curvfun"`` namespace (``optree.tree_map(f, obj, namespace="curvfun")``).
+
+Costs below use n = number of rows, d = dimension, k = rank, m = number of right-hand sides.
+
+Negative eigenvalues (B side). B - diag(B) has zero diagonal, hence zero trace, hence is indefinite
+whenever it is non-zero. Block power iteration finds the k eigenpairs of largest *magnitude* (the
+best rank-k approximation in Frobenius / spectral norm, Eckart-Young), both signs kept. A truncation
+that drops positive eigenvalues can leave diag(B) + VΛVᵀ indefinite, so :func:`lowrank_plus_diag`
+checks positive semi-definiteness exactly through a k x k eigenproblem and, only if needed, scales
+the *negative* eigenvalues by the largest factor t ∈ (0, 1) that keeps the approximation plus half
+the damping positive semi-definite, so approximation + damping is positive definite (see
+:func:`lowrank_plus_diag`). When the truncation is already PSD (always at
+full rank, where it equals B) nothing is changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PowerIterationResult",
+    "power_iteration",
+    "LowRank",
+    "lowrank",
+    "LowRankPlusDiag",
+    "lowrank_plus_diag",
+    "sherman_morrison_solve",
+    "woodbury_solve",
+    "woodbury_factor",
+    "WoodburyFactor",
+    "pi_damping",
+    "LowRankInit",
+    "LowRankKron",
+]
+
+PYTREE_NAMESPACE = "curvfun"
+
+_MIN_DAMPING = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _check_rank(rank: Any, dim: int, where: str) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        try:
+            ok = int(rank) == rank
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: rank must be an integer, got {rank!r}.")
+        rank = int(rank)
+    if rank < 1:
+        raise ValueError(f"{where}: rank={rank} is less than 1; ask for at least one eigenpair (rank >= 1).")
+    if rank > dim:
+        raise ValueError(
+            f"{where}: rank={rank} is larger than the dimension {dim}; use rank <= {dim} "
+            f"(rank = {dim} already reproduces the dense factor exactly)."
+        )
+    return rank
+
+
+def _check_finite(t: Tensor, name: str, where: str, hint: str = "") -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{where}: {name} contains {bad} non-finite (NaN or Inf) entries; the curvature built "
+            f"from it would be NaN. {hint or 'Pass finite values.'}"
+        )
+
+
+_ROWS_HINT = (
+    "Check the captured layer inputs / output-gradients (e.g. lower the learning rate, clip the "
+    "loss or gradients) or skip this curvature refresh."
+)
+
+
+def _check_rows(U: Any, name: str, where: str) -> Tensor:
+    if not isinstance(U, Tensor):
+        raise ValueError(f"{where}: {name} must be a torch.Tensor of shape [n_rows, d], got {type(U).__name__}.")
+    if U.dim() != 2:
+        raise ValueError(
+            f"{where}: {name} must be 2-D [n_rows, d], got shape {tuple(U.shape)}; flatten the batch "
+            "(and spatial/sequence) dimensions into rows first."
+        )
+    if not U.is_floating_point():
+        raise ValueError(f"{where}: {name} must be a floating-point tensor, got dtype {U.dtype}.")
+    _check_finite(U, name, where, _ROWS_HINT)
+    return U
+
+
+def _check_nonneg(x: Any, name: str, where: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name} must be a non-negative real number, got {x!r}.") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{where}: {name}={v} must be finite and >= 0; pass a non-negative {name}.")
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# power iteration
+# --------------------------------------------------------------------------------------------
+class PowerIterationResult(NamedTuple):
+    """Ritz pairs of a symmetric operator.
+
+    ``eigenvalues`` ``[k]`` in descending order, ``eigenvectors`` ``[dim, k]`` with orthonormal
+    columns (column j belongs to eigenvalue j), ``iterations`` = number of ``matvec`` calls made.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    iterations: int
+
+
+def power_iteration(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    rank: int,
+    iters: int = 20,
+    init: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    tol: Optional[float] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[Union[torch.device, str]] = None,
+) -> PowerIterationResult:
+    """Top-k eigenpairs (by magnitude) of a symmetric operator by block power iteration.
+
+    Subspace iteration with Rayleigh-Ritz: starting from Q₀ (orthonormal ``[dim, k]``), each
+    iteration computes Z = M Q, the Ritz pairs of the k x k projection T = QᵀZ = S diag(w) Sᵀ
+    (vectors Q S, values w), and the next basis Q ← qr(Z S). The span converges to the dominant
+    k-dimensional invariant subspace at rate |λ_{k+1}| / |λ_k| per iteration; the returned pairs are
+    the Ritz pairs of the last basis, sorted by descending eigenvalue (for an indefinite operator
+    these are the k largest in magnitude, in descending signed order).
+
+    Args:
+        matvec: X ↦ M X for X ``[dim, k]`` (M symmetric); called once per iteration.
+        init: previous eigenvectors ``[dim, r]`` to warm-start from (e.g. the last refresh's
+            vectors). The first ``min(r, rank)`` columns are used; missing columns are drawn at
+            random. Without it the start is Gaussian (seeded by ``generator``).
+        tol: early stopping. Stop once every Ritz residual satisfies
+            ‖M v_j − w_j v_j‖ ≤ tol · max_j |w_j|; each returned w_j is then within that bound of an
+            exact eigenvalue, and each vector's angle to the true eigenspace is at most
+            residual / gap. ``None`` runs exactly ``iters`` iterations.
+
+    Returns:
+        :class:`PowerIterationResult` ``(eigenvalues, eigenvectors, iterations)``.
+
+    Cost: ``iterations`` matvecs plus O(dim · k²) per iteration (QR, Ritz rotation, residual).
+    """
+    where = "power_iteration"
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{where}: dim must be a positive integer, got {dim!r}.")
+    rank = _check_rank(rank, dim, where)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{where}: iters={iters!r} must be an integer >= 1.")
+    if tol is not None:
+        tol = _check_nonneg(tol, "tol", where)
+    if init is not None:
+        if not isinstance(init, Tensor):
+            init = torch.as_tensor(init)
+        if init.dim() == 1:
+            init = init[:, None]
+        if init.dim() != 2 or init.shape[0] != dim:
+            raise ValueError(
+                f"{where}: init must have shape [dim={dim}, r], got {tuple(init.shape)}; pass the "
+                "eigenvectors of the previous refresh of the same factor."
+            )
+        _check_finite(init, "init", where, "Warm-start from finite vectors, or pass init=None.")
+        dtype = dtype or (init.dtype if init.is_floating_point() else None)
+        device = device if device is not None else init.device
+    dtype = dtype or torch.get_default_dtype()
+    cols = [] if init is None else [init[:, :rank].to(dtype=dtype, device=device)]
+    missing = rank - (0 if init is None else cols[0].shape[1])
+    if missing > 0:
+        cols.append(torch.randn(dim, missing, generator=generator, dtype=dtype, device=device))
+    Q, _ = torch.linalg.qr(torch.cat(cols, dim=1))
+
+    w = V = None
+    it = 0
+    for it in range(1, iters + 1):
+        Z = matvec(Q)
+        if not isinstance(Z, Tensor) or Z.shape != Q.shape:
+            raise ValueError(
+                f"{where}: matvec must map a [{dim}, {rank}] tensor to the same shape, got "
+                f"{getattr(Z, 'shape', type(Z))}."
+            )
+        _check_finite(Z, "matvec(Q)", where, "The operator produced NaN/Inf; check its inputs.")
+        T = Q.mT @ Z
+        w, S = torch.linalg.eigh(0.5 * (T + T.mT))  # ascending
+        w, S = w.flip(0), S.flip(1)
+        V = Q @ S
+        ZS = Z @ S  # = M V
+        if tol is not None:
+            res = torch.linalg.vector_norm(ZS - V * w, dim=0).max()
+            if bool(res <= tol * w.abs().max()):
+                break
+        if it < iters:
+            Q, _ = torch.linalg.qr(ZS)
+    return PowerIterationResult(w, V, it)
+
+
+# --------------------------------------------------------------------------------------------
+# low-rank (A side) and low-rank plus diagonal (B side)
+# --------------------------------------------------------------------------------------------
+class LowRank(NamedTuple):
+    """Ã = V diag(λ) Vᵀ: ``eigenvalues`` ``[k]`` descending and >= 0, ``eigenvectors`` ``[d, k]``."""
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    iterations: int
+
+
+def lowrank(
+    U: Tensor,
+    rank: int,
+    scale: float = 1.0,
+    iters: int = 20,
+    init: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    tol: Optional[float] = None,
+) -> LowRank:
+    """Rank-k approximation V Λ Vᵀ of A = scale · UᵀU without forming the d x d matrix.
+
+    U: ``[n, d]`` captured rows (e.g. layer inputs), so A = scale · Σ_rows u uᵀ (scale = 1/N for
+    the mean). The operator is X ↦ scale · Uᵀ(U X), O(n · d · k) per iteration, driven by
+    :func:`power_iteration`. A is PSD, so the eigenvalues are clipped at 0 (round-off only).
+    With rank = d (and one iteration) the result is the exact eigendecomposition of A.
+
+    Cost: iterations · O(n · d · k + d · k²); memory O(d · k).
+    """
+    where = "lowrank"
+    U = _check_rows(U, "U", where)
+    _, d = U.shape
+    rank = _check_rank(rank, d, where)
+    scale = _check_nonneg(scale, "scale", where)
+
+    def mv(X: Tensor) -> Tensor:
+        return (U.mT @ (U @ X)) * scale
+
+    r = power_iteration(mv, d, rank, iters, init, generator, tol, dtype=U.dtype, device=U.device)
+    return LowRank(r.eigenvalues.clamp_min(0), r.eigenvectors, r.iterations)
+
+
+class LowRankPlusDiag(NamedTuple):
+    """B̃ = diag(``diag``) + V diag(λ) Vᵀ.
+
+    ``diag`` ``[d]`` = diag(B); ``eigenvalues`` ``[k]`` descending (may be negative), after the
+    PSD repair; ``eigenvectors`` ``[d, k]``; ``iterations``; ``shrink`` = factor t applied to the
+    negative eigenvalues (1.0 when no repair was needed).
+    """
+
+    diag: Tensor
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    iterations: int
+    shrink: float
+
+
+def _shrink_negative(dvec: Tensor, V: Tensor, lam: Tensor) -> tuple[Tensor, float]:
+    """Scale the negative entries of ``lam`` by the largest t ∈ (0, 1] keeping diag(dvec) + VΛVᵀ ⪰ 0.
+
+    With D = diag(dvec) ≻ 0 and W = D^{-1/2} V, D + VΛVᵀ = D^{1/2}(I + WΛWᵀ)D^{1/2}, and the
+    eigenvalues of I + WΛWᵀ other than 1 are those of the k x k matrix I + H Λ H with
+    H = (VᵀD⁻¹V)^{1/2}. Split Λ = Λ₊ + Λ₋: I + HΛ₊H + t·HΛ₋H ⪰ 0 iff t·μ ≤ 1, where μ is the
+    largest eigenvalue of C^{-1/2}(−HΛ₋H)C^{-1/2}, C = I + HΛ₊H ≻ 0. Returns (λ, 1) unchanged
+    if μ ≤ 1, else the negative entries times t = 1/μ. Cost O(d · k² + k³).
+    """
+    neg = lam < 0
+    if not bool(neg.any()):
+        return lam, 1.0
+    G = V.mT @ (V / dvec[:, None])
+    g, E = torch.linalg.eigh(0.5 * (G + G.mT))
+    H = (E * g.clamp_min(0).sqrt()) @ E.mT
+    P = (H * lam.clamp_min(0)) @ H
+    Nm = -(H * lam.clamp_max(0)) @ H  # ⪰ 0
+    C = torch.eye(lam.shape[0], dtype=lam.dtype, device=lam.device) + 0.5 * (P + P.mT)
+    L = torch.linalg.cholesky(C)
+    X = torch.linalg.solve_triangular(L, 0.5 * (Nm + Nm.mT), upper=False)
+    X = torch.linalg.solve_triangular(L, X.mT, upper=False)
+    mu = float(torch.linalg.eigvalsh(0.5 * (X + X.mT)).max())
+    if mu <= 1.0:
+        return lam, 1.0
+    t = 1.0 / mu
+    return torch.where(neg, lam * t, lam), t
+
+
+def lowrank_plus_diag(
+    U: Tensor,
+    rank: int,
+    scale: float = 1.0,
+    iters: int = 20,
+    init: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    tol: Optional[float] = None,
+    damping: float = 0.0,
+) -> LowRankPlusDiag:
+    """B ≈ diag(B) + V Λ Vᵀ for B = scale · UᵀU, with V, Λ from the off-diagonal part B − diag(B).
+
+    diag(B) = scale · Σ_rows U² (O(n · d)). The off-diagonal operator
+    X ↦ scale · Uᵀ(U X) − diag(B) ⊙ X costs O(n · d · k) per :func:`power_iteration` step; it is
+    indefinite (zero diagonal, zero trace), and power iteration returns its k eigenpairs of
+    largest magnitude, both signs kept (the best rank-k approximation of B − diag(B)).
+
+    Negative eigenvalues: a truncated spectrum can make diag(B) + VΛVᵀ indefinite (the dropped
+    positive eigenvalues may be what kept B PSD). The truncation is checked exactly by a k x k
+    eigenproblem (``_shrink_negative``) against D' = diag(B) + δ'I with
+    δ' = max(damping / 2, eps · max diag(B)); if diag(B) + δ'I + VΛVᵀ is not PSD, only the
+    negative eigenvalues are scaled by t = 1/μ < 1, the largest factor that makes it PSD, and t is
+    returned as ``shrink``. Guarantee: B̃ + δI ⪰ (δ − δ')I ≻ 0 for every δ > δ', in particular
+    for δ = ``damping`` > 0 (with ``damping=0``: B̃ ⪰ −eps · max diag(B) · I, PSD to round-off).
+    Positive eigenvalues are never changed, and a truncation that is already PSD (e.g. rank = d,
+    where B̃ = B) is left exactly as is.
+
+    Cost: iterations · O(n · d · k + d · k²) + O(d · k² + k³); memory O(d · k).
+    """
+    where = "lowrank_plus_diag"
+    U = _check_rows(U, "U", where)
+    _, d = U.shape
+    rank = _check_rank(rank, d, where)
+    scale = _check_nonneg(scale, "scale", where)
+    damping = _check_nonneg(damping, "damping", where)
+    diag = (U * U).sum(0) * scale
+
+    def mv(X: Tensor) -> Tensor:
+        return (U.mT @ (U @ X)) * scale - diag[:, None] * X
+
+    r = power_iteration(mv, d, rank, iters, init, generator, tol, dtype=U.dtype, device=U.device)
+    dmax = float(diag.max())
+    floor = max(0.5 * damping, torch.finfo(U.dtype).eps * dmax, torch.finfo(U.dtype).tiny)
+    lam, t = _shrink_negative(diag + floor, r.eigenvectors, r.eigenvalues)
+    return LowRankPlusDiag(diag, lam, r.eigenvectors, r.iterations, t)
+
+
+# --------------------------------------------------------------------------------------------
+# inverses of diagonal plus low rank
+# --------------------------------------------------------------------------------------------
+def _prep_dlr(diag: Any, V: Tensor, lam: Tensor, damping: Any, where: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate (diag, V, lam, damping) and return (inv_diag, V, lam); inv_diag is 0-dim or [d]."""
+    if not isinstance(V, Tensor) or V.dim() != 2:
+        raise ValueError(f"{where}: V must be a [d, k] tensor, got {getattr(V, 'shape', type(V))}.")
+    d, k = V.shape
+    lam = torch.as_tensor(lam, dtype=V.dtype, device=V.device)
+    if lam.shape != (k,):
+        raise ValueError(f"{where}: lam must have shape [k={k}] to match V {tuple(V.shape)}, got {tuple(lam.shape)}.")
+    damping = _check_nonneg(damping, "damping", where)
+    diag = torch.as_tensor(diag, dtype=V.dtype, device=V.device)
+    if diag.dim() not in (0, 1) or (diag.dim() == 1 and diag.shape[0] != d):
+        raise ValueError(f"{where}: diag must be a scalar or a [d={d}] tensor, got shape {tuple(diag.shape)}.")
+    for name, t in (("diag", diag), ("V", V), ("lam", lam)):
+        _check_finite(t, name, where)
+    D = diag + damping
+    if not bool((D > 0).all()):
+        raise ValueError(
+            f"{where}: diag + damping must be positive everywhere (min is {float(D.min()):.3g}); "
+            "increase the damping (a pure low-rank matrix needs damping > 0 to be invertible)."
+        )
+    return 1.0 / D, V, lam
+
+
+def _scale_rows(inv_diag: Tensor, X: Tensor) -> Tensor:
+    """diag(inv_diag) X for X [d] or [d, m]; inv_diag 0-dim or [d]."""
+    if inv_diag.dim() == 1 and X.dim() == 2:
+        return X * inv_diag[:, None]
+    return X * inv_diag
+
+
+def _check_rhs(X: Tensor, d: int, where: str) -> Tensor:
+    if not isinstance(X, Tensor) or X.dim() not in (1, 2) or X.shape[0] != d:
+        raise ValueError(f"{where}: X must have shape [d={d}] or [d={d}, m], got {getattr(X, 'shape', type(X))}.")
+    return X
+
+
+def sherman_morrison_solve(diag: Any, V: Tensor, lam: Tensor, X: Tensor, damping: float = 0.0) -> Tensor:
+    """(diag(d) + δI + V diag(λ) Vᵀ)⁻¹ X by recursive rank-1 Sherman-Morrison updates.
+
+    With M₀ = D = diag(d) + δI and M_j = M_{j−1} + λ_j v_j v_jᵀ,
+    M_j⁻¹ = M_{j−1}⁻¹ − c_j u_j u_jᵀ,  u_j = M_{j−1}⁻¹ v_j,  c_j = λ_j / (1 + λ_j v_jᵀ u_j),
+    so M_k⁻¹ = D⁻¹ − Σ_j c_j u_j u_jᵀ, where u_j = D⁻¹v_j − Σ_{i<j} c_i u_i (u_iᵀ v_j).
+    ``diag`` is a scalar or ``[d]``; X is ``[d]`` or ``[d, m]``.
+
+    Cost: O(d · k²) for the k rank-1 updates plus O(d · k · m) to apply; no d x d matrix.
+    Raises ValueError if an update is singular (1 + λ_j v_jᵀu_j = 0).
+    """
+    where = "sherman_morrison_solve"
+    inv_diag, V, lam = _prep_dlr(diag, V, lam, damping, where)
+    d, k = V.shape
+    X = _check_rhs(X, d, where)
+    Us = torch.empty(d, k, dtype=V.dtype, device=V.device)
+    c = torch.empty(k, dtype=V.dtype, device=V.device)
+    eps = torch.finfo(V.dtype).eps
+    for j in range(k):
+        v = V[:, j]
+        u = _scale_rows(inv_diag, v)
+        if j > 0:
+            u = u - Us[:, :j] @ (c[:j] * (Us[:, :j].mT @ v))
+        q = lam[j] * (v @ u)
+        den = 1.0 + q
+        if not bool(den.abs() > 16 * eps * (1.0 + q.abs())):
+            raise ValueError(
+                f"{where}: the matrix is singular at rank-1 update {j} (1 + λ vᵀM⁻¹v = {float(den):.3g}); "
+                "increase the damping or check the signs of lam."
+            )
+        Us[:, j] = u
+        c[j] = lam[j] / den
+    Y = _scale_rows(inv_diag, X)
+    if X.dim() == 1:
+        return Y - Us @ (c * (Us.mT @ X))
+    return Y - Us @ (c[:, None] * (Us.mT @ X))
+
+
+def _register(cls, names: Sequence[str], aux: Sequence[str] = ()):
+    def flatten(obj):
+        return [getattr(obj, n) for n in names], tuple(getattr(obj, a) for a in aux), list(names)
+
+    def unflatten(meta, children):
+        return cls(**dict(zip(names, children)), **dict(zip(aux, meta)))
+
+    optree.register_pytree_node(cls, flatten, unflatten, namespace=PYTREE_NAMESPACE)
+    return cls
+
+
+def _nbytes(tensors: Sequence[Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass(frozen=True, eq=False)
+class WoodburyFactor:
+    """Cached inverse of M = D + V diag(λ) Vᵀ, D = diag(d) + δI (from :func:`woodbury_factor`).
+
+    Woodbury (push-through form, valid for λ of any sign, including 0):
+    M⁻¹ = D⁻¹ − D⁻¹V K⁻¹ diag(λ) VᵀD⁻¹, with the k x k core K = I + diag(λ) VᵀD⁻¹V kept as an
+    LU factorisation. ``solve`` costs O(d · k · m) for m right-hand sides.
+    Fields: ``inv_diag`` (0-dim or ``[d]``), ``V`` ``[d, k]``, ``lam`` ``[k]``,
+    ``DinvV`` = D⁻¹V, ``lu``/``pivots`` of K.
+    """
+
+    inv_diag: Tensor
+    V: Tensor
+    lam: Tensor
+    DinvV: Tensor
+    lu: Tensor
+    pivots: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.V.shape[0]
+
+    def solve(self, X: Tensor) -> Tensor:
+        """M⁻¹ X for X ``[d]`` or ``[d, m]``. Cost O(d · k · m + k² · m)."""
+        X = _check_rhs(X, self.dim, "WoodburyFactor.solve")
+        vec = X.dim() == 1
+        X2 = X[:, None] if vec else X
+        Y = _scale_rows(self.inv_diag, X2)
+        if self.V.shape[1] > 0:
+            T = (self.V.mT @ Y) * self.lam[:, None]
+            Z = torch.linalg.lu_solve(self.lu, self.pivots, T)
+            Y = Y - self.DinvV @ Z
+        return Y[:, 0] if vec else Y
+
+    def to_dense(self) -> Tensor:
+        """The dense d x d inverse M⁻¹ (tests only; O(d²) memory)."""
+        I = torch.eye(self.dim, dtype=self.V.dtype, device=self.V.device)
+        return self.solve(I)
+
+    def nbytes(self) -> int:
+        return _nbytes([self.inv_diag, self.V, self.lam, self.DinvV, self.lu, self.pivots])
+
+
+_register(WoodburyFactor, ["inv_diag", "V", "lam", "DinvV", "lu", "pivots"])
+
+
+def woodbury_factor(diag: Any, V: Tensor, lam: Tensor, damping: float = 0.0) -> WoodburyFactor:
+    """Factor M = diag(d) + δI + V diag(λ) Vᵀ once for repeated solves (see :class:`WoodburyFactor`).
+
+    ``diag``: scalar or ``[d]`` (A side: 0, so M = δ_A I + VΛVᵀ); ``damping`` δ >= 0 with
+    diag + δ > 0. Cost O(d · k² + k³); memory O(d · k). Raises ValueError if M is singular.
+    """
+    where = "woodbury_factor"
+    inv_diag, V, lam = _prep_dlr(diag, V, lam, damping, where)
+    d, k = V.shape
+    DinvV = _scale_rows(inv_diag, V)
+    K = torch.eye(k, dtype=V.dtype, device=V.device) + lam[:, None] * (V.mT @ DinvV)
+    lu, pivots, info = torch.linalg.lu_factor_ex(K)
+    if int(info) != 0 or not bool(torch.isfinite(lu).all()):
+        raise ValueError(
+            f"{where}: the matrix diag + damping·I + V diag(lam) Vᵀ is singular (the k x k Woodbury "
+            "core has a zero pivot); increase the damping or check the signs of lam."
+        )
+    return WoodburyFactor(inv_diag, V, lam, DinvV, lu, pivots)
+
+
+def woodbury_solve(diag: Any, V: Tensor, lam: Tensor, X: Tensor, damping: float = 0.0) -> Tensor:
+    """(diag(d) + δI + V diag(λ) Vᵀ)⁻¹ X by the Woodbury identity with a k x k core.
+
+    Same matrix and arguments as :func:`sherman_morrison_solve`. Cost O(d · k² + k³) to build the
+    core plus O(d · k · m) to apply; use :func:`woodbury_factor` to cache the core across solves.
+    """
+    return woodbury_factor(diag, V, lam, damping).solve(X)
+
+
+# --------------------------------------------------------------------------------------------
+# damping
+# --------------------------------------------------------------------------------------------
+def pi_damping(trace_a: float, dim_a: int, trace_b: float, dim_b: int, damping: float, heuristic: str = "pi") -> tuple[float, float]:
+    """Factored Tikhonov damping (δ_A, δ_B) for (A + δ_A I) ⊗ (B + δ_B I) (Martens & Grosse 2015).
+
+    ``heuristic="pi"``: π = sqrt((tr A / dim A) / (tr B / dim B)), δ_A = sqrt(λ)·π,
+    δ_B = sqrt(λ)/π, falling back to δ_A = δ_B = sqrt(λ) when π is 0 or not finite.
+    ``heuristic="none"``: δ_A = δ_B = sqrt(λ). Both are floored at 1e-7 (a low-rank factor is
+    singular without damping). O(1).
+    """
+    where = "pi_damping"
+    lam = _check_nonneg(damping, "damping", where)
+    s = math.sqrt(lam)
+    if heuristic == "none":
+        da = db = s
+    elif heuristic == "pi":
+        try:
+            pi = math.sqrt((float(trace_a) / dim_a) / (float(trace_b) / dim_b))
+        except (ZeroDivisionError, ValueError, OverflowError):
+            pi = float("nan")
+        if math.isfinite(pi) and pi > 0:
+            da, db = s * pi, s / pi
+        else:
+            da = db = s
+    else:
+        raise ValueError(f"{where}: heuristic must be 'pi' or 'none', got {heuristic!r}.")
+    return max(da, _MIN_DAMPING), max(db, _MIN_DAMPING)
+
+
+# --------------------------------------------------------------------------------------------
+# the factor object
+# --------------------------------------------------------------------------------------------
+class LowRankInit(NamedTuple):
+    """Eigenvectors of a previous refresh, to pass as ``init`` to :meth:`LowRankKron.from_rows`."""
+
+    a: Optional[Tensor]
+    b: Optional[Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankKron:
+    """Low-rank K-FAC block of one layer: (Ã + δ_A I) ⊗ (B̃ + δ_B I) and its inverse.
+
+    Ã = V_A diag(λ_A) V_Aᵀ (``[d_in, d_in]``, never formed), B̃ = diag(b_diag) + V_B diag(λ_B) V_Bᵀ
+    (``[d_out, d_out]``, never formed). Build with :meth:`from_rows`. Immutable; an optree pytree
+    node in the ``"curvfun"`` namespace (tensor fields are children, dampings/iterations metadata).
+    """
+
+    a_eigenvalues: Tensor
+    a_eigenvectors: Tensor
+    b_diag: Tensor
+    b_eigenvalues: Tensor
+    b_eigenvectors: Tensor
+    a_inv: WoodburyFactor
+    b_inv: WoodburyFactor
+    damping_a: float
+    damping_b: float
+    iterations: tuple = (0, 0)
+    shrink: float = 1.0
+
+    @property
+    def d_in(self) -> int:
+        return self.a_eigenvectors.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.b_eigenvectors.shape[0]
+
+    @classmethod
+    def from_rows(
+        cls,
+        a_rows: Tensor,
+        g_rows: Tensor,
+        rank: Union[int, tuple[int, int]],
+        damping: float,
+        a_scale: float,
+        b_scale: float,
+        heuristic: str = "pi",
+        power_iters: int = 20,
+        init: Union[None, LowRankInit, tuple, "LowRankKron"] = None,
+        generator: Optional[torch.Generator] = None,
+        power_tol: Optional[float] = None,
+    ) -> "LowRankKron":
+        """Build from captured rows: A = a_scale · a_rowsᵀa_rows, B = b_scale · g_rowsᵀg_rows.
+
+        a_rows ``[n_a, d_in]`` (layer inputs; for Conv2d the im2col patches, d_in = in·kh·kw),
+        g_rows ``[n_b, d_out]`` (output-gradients). The scales carry the GUIDE's normalisation:
+        a_scale = 1/N and b_scale = 1/N for Linear on N samples; a_scale = 1/(N·T), b_scale = 1/N
+        for Conv2d / sequences with T positions.
+
+        ``rank``: k for both sides or ``(k_A, k_B)``. ``damping`` λ >= 0 is split by
+        :func:`pi_damping` using the traces of the *exact* factors, tr A = a_scale·‖a_rows‖²_F and
+        tr B = b_scale·‖g_rows‖²_F (O(n·d), independent of the rank, so that the full-rank factor
+        equals dense damped K-FAC). Ã from :func:`lowrank`, B̃ from :func:`lowrank_plus_diag`
+        with ``damping=δ_B`` (so B̃ + δ_B I ≻ 0 is guaranteed), both inverted by
+        :func:`woodbury_factor`. ``init``: the previous refresh's :meth:`warm_start` (or the
+        previous :class:`LowRankKron`); ``power_tol`` is :func:`power_iteration`'s ``tol``.
+
+        Cost: iterations · O((n_a·d_in + n_b·d_out) · k) + O((d_in + d_out) · k² + k³);
+        memory O((d_in + d_out) · k).
+        """
+        where = "LowRankKron.from_rows"
+        a_rows = _check_rows(a_rows, "a_rows", where)
+        g_rows = _check_rows(g_rows, "g_rows", where)
+        if a_rows.dtype != g_rows.dtype or a_rows.device != g_rows.device:
+            raise ValueError(
+                f"{where}: a_rows ({a_rows.dtype}, {a_rows.device}) and g_rows ({g_rows.dtype}, "
+                f"{g_rows.device}) must share dtype and device."
+            )
+        d_in, d_out = a_rows.shape[1], g_rows.shape[1]
+        if isinstance(rank, (tuple, list)):
+            if len(rank) != 2:
+                raise ValueError(f"{where}: rank must be an int or a pair (rank_a, rank_b), got {rank!r}.")
+            rank_a, rank_b = rank
+        else:
+            rank_a = rank_b = rank
+        rank_a = _check_rank(rank_a, d_in, f"{where} (A side, d_in={d_in})")
+        rank_b = _check_rank(rank_b, d_out, f"{where} (B side, d_out={d_out})")
+        a_scale = _check_nonneg(a_scale, "a_scale", where)
+        b_scale = _check_nonneg(b_scale, "b_scale", where)
+        if heuristic not in ("pi", "none"):
+            raise ValueError(f"{where}: heuristic must be 'pi' or 'none', got {heuristic!r}.")
+        lam = _check_nonneg(damping, "damping", where)
+        if isinstance(init, LowRankKron):
+            init = init.warm_start()
+        if init is None:
+            init_a = init_b = None
+        else:
+            init_a, init_b = init
+
+        tr_a = a_scale * float(torch.linalg.vector_norm(a_rows) ** 2)
+        tr_b = b_scale * float(torch.linalg.vector_norm(g_rows) ** 2)
+        da, db = pi_damping(tr_a, d_in, tr_b, d_out, lam, heuristic)
+
+        A = lowrank(a_rows, rank_a, a_scale, power_iters, init_a, generator, power_tol)
+        B = lowrank_plus_diag(g_rows, rank_b, b_scale, power_iters, init_b, generator, power_tol, damping=db)
+        a_inv = woodbury_factor(0.0, A.eigenvectors, A.eigenvalues, damping=da)
+        b_inv = woodbury_factor(B.diag, B.eigenvectors, B.eigenvalues, damping=db)
+        return cls(
+            A.eigenvalues, A.eigenvectors, B.diag, B.eigenvalues, B.eigenvectors, a_inv, b_inv,
+            da, db, (A.iterations, B.iterations), B.shrink,
+        )
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict:
+        """Precondition ``{"weight": G, "bias": g_b}`` (bias optional).
+
+        weight ↦ (B̃ + δ_B I)⁻¹ G (Ã + δ_A I)⁻¹, bias ↦ (B̃ + δ_B I)⁻¹ g_b. G is ``[d_out, d_in]``
+        or a Conv2d kernel ``[d_out, c_in, kh, kw]`` (flattened to ``[d_out, c_in·kh·kw]`` and
+        reshaped back). Cost O(d_out · d_in · k); no d x d matrix.
+        """
+        where = "LowRankKron.matvec"
+        if not isinstance(grad, Mapping) or "weight" not in grad:
+            raise ValueError(f"{where}: grad must be a mapping with a 'weight' entry (and optionally 'bias').")
+        extra = set(grad) - {"weight", "bias"}
+        if extra:
+            raise ValueError(f"{where}: unexpected keys {sorted(extra)}; only 'weight' and 'bias' are preconditioned here.")
+        W = grad["weight"]
+        if W.dim() < 2 or W.shape[0] != self.d_out or W[0].numel() != self.d_in:
+            raise ValueError(
+                f"{where}: weight gradient of shape {tuple(W.shape)} does not fit the factors "
+                f"(expected [d_out={self.d_out}, ...] with d_in={self.d_in} entries per output)."
+            )
+        G = W.reshape(self.d_out, self.d_in)
+        H = self.b_inv.solve(G)
+        H = self.a_inv.solve(H.mT).mT
+        out = {"weight": H.reshape(W.shape)}
+        if grad.get("bias") is not None:
+            gb = grad["bias"]
+            if gb.shape != (self.d_out,):
+                raise ValueError(f"{where}: bias gradient must have shape [d_out={self.d_out}], got {tuple(gb.shape)}.")
+            out["bias"] = self.b_inv.solve(gb)
+        elif "bias" in grad:
+            out["bias"] = None
+        return out
+
+    def dense_factors(self, damped: bool = True) -> tuple[Tensor, Tensor]:
+        """(Ã, B̃) as dense matrices, plus δ_A I, δ_B I if ``damped`` (tests only; O(d²) memory)."""
+        A = (self.a_eigenvectors * self.a_eigenvalues) @ self.a_eigenvectors.mT
+        B = torch.diag(self.b_diag) + (self.b_eigenvectors * self.b_eigenvalues) @ self.b_eigenvectors.mT
+        if damped:
+            A = A + self.damping_a * torch.eye(self.d_in, dtype=A.dtype, device=A.device)
+            B = B + self.damping_b * torch.eye(self.d_out, dtype=B.dtype, device=B.device)
+        return A, B
+
+    def to_dense(self) -> Tensor:
+        """kron((B̃+δ_B I)⁻¹, (Ã+δ_A I)⁻¹): the preconditioner on the row-major vec of W
+        (vec(W)[i·d_in + j] = W[i, j]), ``[d_out·d_in, d_out·d_in]``. Tests only."""
+        A, B = self.dense_factors(damped=True)
+        return torch.kron(torch.linalg.inv(B), torch.linalg.inv(A))
+
+    def warm_start(self) -> LowRankInit:
+        """The eigenvectors to pass as ``init`` at the next refresh."""
+        return LowRankInit(self.a_eigenvectors, self.b_eigenvectors)
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors of this object (shared storage counted once): O((d_in+d_out)·k)."""
+        return _nbytes(
+            [self.a_eigenvalues, self.a_eigenvectors, self.b_diag, self.b_eigenvalues, self.b_eigenvectors]
+            + [getattr(f, n) for f in (self.a_inv, self.b_inv) for n in ("inv_diag", "V", "lam", "DinvV", "lu", "pivots")]
+        )
+
+
+_register(
+    LowRankKron,
+    ["a_eigenvalues", "a_eigenvectors", "b_diag", "b_eigenvalues", "b_eigenvectors", "a_inv", "b_inv"],
+    ["damping_a", "damping_b", "iterations", "shrink"],
+)
