@@ -1,0 +1,186 @@
+"""Diagonal Kronecker factors and the AdaFisher curvature, as pure functions.
+
+AdaFisher (Gomes et al. 2024) approximates each layer's Fisher block by the Kronecker product of
+the *diagonals* of the K-FAC factors, so the curvature of a weight entry is a product of two
+numbers and the preconditioned gradient is an elementwise division.
+
+Factors (curvfun's K-FAC conventions, :mod:`curvfun.kron`; ĝ the per-sample output gradients
+of the requested columns with weights w_k; see :mod:`curvfun.layers` for ``a`` and ``g``):
+
+* Linear / Conv2d (one pair per conv group):
+  ``diag(A) = (1/(N·T)) Σ_{n,t} a_nt²``, ``diag(B) = (1/N) Σ_k w_k Σ_{n,t} ĝ_nt²``.
+  With a bias the input is read in homogeneous coordinates ā = [a, 1], whose extra diagonal
+  entry is exactly 1, so the bias block is ``diag(B) · 1`` (the same as K-FAC's separate bias
+  block B). ``A`` is returned ``[G, d_in/G (+1)]``, ``B`` ``[G, d_out/G]``.
+* Embedding (weight ``[V, D]``): ``A = counts/(N·T)`` ``[V]`` (token frequencies; padding_idx
+  excluded), ``diag(B)`` ``[D]``.
+* LayerNorm / BatchNorm: each channel c is a 1x1 "linear" unit z_c = γ_c x̂_c + β_c, so
+  ``A_c = (1/(N·T)) Σ_{n,t} x̂²_ntc`` (with a homogeneous 1 for β) ``[C, 1 (+1)]`` and
+  ``B_c = (1/N) Σ_{n,t} ĝ²_ntc`` ``[C, 1]``.
+
+The damped diagonal-Kronecker Fisher of a layer, elementwise in the parameter's shape:
+
+    F̃_W[o, i] = diag(B)[o] · diag(A)[i] + λ,     F̃_b[o] = diag(B)[o] · ā_last + λ
+
+(for Embedding ``F̃_W[v, d] = A[v] · diag(B)[d] + λ``). Cost: one pass over the layer data,
+O(N·T·(d_in + d_out)) (plus im2col for Conv2d); F̃ costs O(#parameters).
+
+Moving averages of the factors, refreshed every ``TCov`` steps (``mode``):
+
+* ``"corrected"`` (curvfun's default): a true convex average
+  ``H ← γ·H + (1 − γ)·Ĥ``, initialised with the first estimate (``H₀ = Ĥ₀``), so the scale
+  of H is the scale of the Fisher and damping λ means what it says.
+* ``"paper"``: the published AdaFisher code's rule, kept for comparison:
+  ``H ← 0.1γ·H + 0.01γ·MinMax(Ĥ)``, ``H`` initialised to ones before the first update, with
+  ``MinMax(x) = (x − min x)/(max x − min x + 1e-6)`` over the whole layer factor (+inf read as 1,
+  −inf as 0). The coefficients sum to 0.11γ, not 1: the factors settle near
+  0.01γ/(1 − 0.1γ) ≈ 0.009 (γ = 0.8) whatever the curvature, and λ = 1e-3 dominates F̃.
+
+These functions keep no state; :class:`curvfun.optim.AdaFisher` holds the averages and calls
+them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .layers import LayerData
+
+__all__ = [
+    "EMA_MODES",
+    "PAPER_MINMAX_EPS",
+    "DiagKron",
+    "diag_kron_factors",
+    "min_max_normalise",
+    "ema_corrected",
+    "ema_paper",
+    "update_diag_kron",
+    "diag_kron_fisher",
+]
+
+EMA_MODES = ("corrected", "paper")
+#: the epsilon of the published min-max normalisation
+PAPER_MINMAX_EPS = 1e-6
+
+
+class DiagKron(NamedTuple):
+    """The diagonal factors of one layer (shapes in the module docstring)."""
+
+    A: Tensor
+    B: Tensor
+
+
+def _weighted_sq_sum(g: Tensor, w: Tensor | None, dims: tuple[int, ...]) -> Tensor:
+    """Σ_k w_k Σ_dims g² for ``g [K, ...]`` (the column dim 0 is always summed)."""
+    sq = g.pow(2)
+    if w is not None:
+        sq = sq * w.to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
+    return sq.sum((0,) + dims)
+
+
+def diag_kron_factors(data: LayerData) -> DiagKron:
+    """``(diag A, diag B)`` of one layer from its captured data (module docstring).
+
+    ``data.g`` must hold output gradients (``[K, ...]``) and ``data.weights`` their column
+    weights (None means weight 1 for every column).
+    """
+    if data.g is None:
+        raise ValueError("diagonal Kronecker factors need output gradients (a capture with fisher_type != 'none')")
+    N = data.batch_size
+    w = data.weights
+    if data.kind in ("linear", "conv2d"):
+        a, g = data.a, data.g  # [N, G, T, d_in], [K, N, G, T, d_out]
+        T = a.shape[2]
+        A = a.pow(2).sum((0, 2)) / (N * T)  # [G, d_in]
+        if data.has_bias:
+            A = torch.cat([A, torch.ones_like(A[:, :1])], 1)
+        B = _weighted_sq_sum(g, w, (1, 3)) / N  # [G, d_out]
+        return DiagKron(A, B)
+    if data.kind == "embedding":
+        ids, g = data.a, data.g  # [N, T], [K, N, T, D]
+        m = data.module
+        valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+        counts = torch.zeros(m.num_embeddings, dtype=g.dtype, device=g.device)
+        counts.index_add_(0, ids[valid], torch.ones(int(valid.sum()), dtype=g.dtype, device=g.device))
+        A = counts / (N * ids.shape[1])
+        B = _weighted_sq_sum(g, w, (1, 2)) / N  # [D]
+        return DiagKron(A, B)
+    if data.kind in ("layernorm", "batchnorm"):
+        xhat, g = data.a, data.g  # [N, T, C], [K, N, T, C]
+        T = xhat.shape[1]
+        A = (xhat.pow(2).sum((0, 1)) / (N * T)).unsqueeze(1)  # [C, 1]
+        if data.has_bias:
+            A = torch.cat([A, torch.ones_like(A)], 1)
+        B = (_weighted_sq_sum(g, w, (1, 2)) / N).unsqueeze(1)  # [C, 1]
+        return DiagKron(A, B)
+    raise ValueError(f"no diagonal Kronecker factors for layer kind {data.kind!r}")
+
+
+def min_max_normalise(x: Tensor, eps: float = PAPER_MINMAX_EPS) -> Tensor:
+    """``(x − min x)/(max x − min x + eps)`` over all entries (+inf read as 1, −inf as 0), as in
+    the published AdaFisher code. Returns a new tensor."""
+    x = torch.where(x == math.inf, torch.ones_like(x), x)
+    x = torch.where(x == -math.inf, torch.zeros_like(x), x)
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo + eps)
+
+
+def ema_corrected(old: Tensor | None, new: Tensor, gamma: float) -> Tensor:
+    """``γ·old + (1 − γ)·new`` (a convex average); the first estimate is taken as it is."""
+    if old is None:
+        return new.clone()
+    return gamma * old + (1.0 - gamma) * new
+
+
+def ema_paper(old: Tensor | None, new: Tensor, gamma: float) -> Tensor:
+    """The published rule ``0.1γ·old + 0.01γ·MinMax(new)``, with ``old`` = ones at the start."""
+    if old is None:
+        old = torch.ones_like(new)
+    return (0.1 * gamma) * old + (0.01 * gamma) * min_max_normalise(new)
+
+
+def update_diag_kron(old: DiagKron | None, new: DiagKron, gamma: float, mode: str = "corrected") -> DiagKron:
+    """Both factors of a layer averaged by ``mode`` (``"corrected"`` or ``"paper"``)."""
+    if mode == "corrected":
+        rule = ema_corrected
+    elif mode == "paper":
+        rule = ema_paper
+    else:
+        raise ValueError(f"unknown ema mode {mode!r}; expected one of {EMA_MODES}")
+    return DiagKron(
+        rule(None if old is None else old.A, new.A, gamma),
+        rule(None if old is None else old.B, new.B, gamma),
+    )
+
+
+def diag_kron_fisher(
+    factors: DiagKron,
+    kind: str,
+    weight_shape: tuple[int, ...],
+    has_bias: bool,
+    damping: float,
+) -> dict[str, Tensor]:
+    """The damped diagonal-Kronecker Fisher ``{"weight": F̃_W, "bias": F̃_b}`` of one layer, each in
+    its parameter's shape (formula in the module docstring). ``has_bias`` must match how the
+    factors were built (a homogeneous entry in ``A``)."""
+    A, B = factors
+    out: dict[str, Tensor] = {}
+    if kind in ("linear", "conv2d"):
+        d_in = A.shape[1] - (1 if has_bias else 0)
+        out["weight"] = (B.unsqueeze(2) * A[:, None, :d_in]).reshape(weight_shape) + damping
+        if has_bias:
+            out["bias"] = (B * A[:, d_in:]).reshape(-1) + damping
+        return out
+    if kind == "embedding":
+        out["weight"] = (A.unsqueeze(1) * B.unsqueeze(0)).reshape(weight_shape) + damping
+        return out
+    if kind in ("layernorm", "batchnorm"):
+        out["weight"] = (B[:, 0] * A[:, 0]).reshape(weight_shape) + damping
+        if has_bias:
+            out["bias"] = (B[:, 0] * A[:, 1]).reshape(weight_shape) + damping
+        return out
+    raise ValueError(f"no diagonal Kronecker Fisher for layer kind {kind!r}")
