@@ -80,3 +80,7 @@ __all__ += list(_ng_all)
 #     from .natural_gradient import *  # noqa: F401,F403
 #     from .natural_gradient import __all__ as _ng_all
 #     __all__ += list(_ng_all)
+from .newton import NewtonGradientMaker  # noqa: E402
+from .curveball import CurveBallGradientMaker  # noqa: E402
+
+__all__ += ["NewtonGradientMaker", "CurveBallGradientMaker"]
