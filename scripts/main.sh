@@ -6,5 +6,6 @@
 # The run folder (default runs/<timestamp>) holds results.md, metrics.csv, config.yaml and PNG plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python3 -m pip --version >/dev/null 2>&1 || python3 -m ensurepip --upgrade
 python3 -m pip install -q -c constraints.txt -e ".[main]"
 python3 -m curvfun compare "$@"
