@@ -118,6 +118,38 @@ def _check_nonneg(x: Any, name: str, where: str) -> float:
     return v
 
 
+def _orthonormalize(Z: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Orthonormal basis of span(Z) (``[d, k]``, k <= d) by classical Gram-Schmidt with one
+    re-orthogonalisation per column ("twice is enough", orthogonal to working precision).
+
+    A column that is (numerically) dependent on the previous ones, e.g. when Z has rank < k,
+    is replaced by a random direction orthogonalised the same way, so the result always has k
+    orthonormal columns. Only matrix products: O(d · k²). (Chosen over LAPACK's Householder QR,
+    whose many tiny parallel regions stall badly on busy machines.)
+    """
+    d, k = Z.shape
+    Q = torch.empty_like(Z)
+    eps = torch.finfo(Z.dtype).eps
+    ref = float(torch.linalg.vector_norm(Z, dim=0).max()) if k else 0.0
+    thresh = 10.0 * math.sqrt(d) * eps * ref
+    for j in range(k):
+        v = Z[:, j]
+        for attempt in range(3):
+            for _ in range(2):
+                if j:
+                    P = Q[:, :j]
+                    v = v - P @ (P.mT @ v)
+            nv = float(torch.linalg.vector_norm(v))
+            if nv > thresh and nv > 0:
+                break
+            # dependent column: try a random direction instead (threshold relative to it now)
+            v = torch.randn(d, generator=generator, dtype=Z.dtype, device=Z.device)
+            thresh = 10.0 * math.sqrt(d) * eps * float(torch.linalg.vector_norm(v))
+        Q[:, j] = v / nv
+        thresh = 10.0 * math.sqrt(d) * eps * ref
+    return Q
+
+
 # --------------------------------------------------------------------------------------------
 # power iteration
 # --------------------------------------------------------------------------------------------
@@ -148,7 +180,8 @@ def power_iteration(
 
     Subspace iteration with Rayleigh-Ritz: starting from Q₀ (orthonormal ``[dim, k]``), each
     iteration computes Z = M Q, the Ritz pairs of the k x k projection T = QᵀZ = S diag(w) Sᵀ
-    (vectors Q S, values w), and the next basis Q ← qr(Z S). The span converges to the dominant
+    (vectors Q S, values w), and the next basis Q ← orth(Z S) (re-orthonormalised by Gram-Schmidt
+    with re-orthogonalisation, the thin-QR Q factor up to column signs). The span converges to the dominant
     k-dimensional invariant subspace at rate |λ_{k+1}| / |λ_k| per iteration; the returned pairs are
     the Ritz pairs of the last basis, sorted by descending eigenvalue (for an indefinite operator
     these are the k largest in magnitude, in descending signed order).
@@ -194,7 +227,7 @@ def power_iteration(
     missing = rank - (0 if init is None else cols[0].shape[1])
     if missing > 0:
         cols.append(torch.randn(dim, missing, generator=generator, dtype=dtype, device=device))
-    Q, _ = torch.linalg.qr(torch.cat(cols, dim=1))
+    Q = _orthonormalize(torch.cat(cols, dim=1), generator)
 
     w = V = None
     it = 0
@@ -216,7 +249,7 @@ def power_iteration(
             if bool(res <= tol * w.abs().max()):
                 break
         if it < iters:
-            Q, _ = torch.linalg.qr(ZS)
+            Q = _orthonormalize(ZS, generator)
     return PowerIterationResult(w, V, it)
 
 
@@ -295,9 +328,9 @@ def _shrink_negative(dvec: Tensor, V: Tensor, lam: Tensor) -> tuple[Tensor, floa
     P = (H * lam.clamp_min(0)) @ H
     Nm = -(H * lam.clamp_max(0)) @ H  # ⪰ 0
     C = torch.eye(lam.shape[0], dtype=lam.dtype, device=lam.device) + 0.5 * (P + P.mT)
-    L = torch.linalg.cholesky(C)
-    X = torch.linalg.solve_triangular(L, 0.5 * (Nm + Nm.mT), upper=False)
-    X = torch.linalg.solve_triangular(L, X.mT, upper=False)
+    c, F = torch.linalg.eigh(C)  # C ⪰ I
+    Cih = (F * c.clamp_min(1.0).rsqrt()) @ F.mT  # C^{-1/2}
+    X = Cih @ Nm @ Cih
     mu = float(torch.linalg.eigvalsh(0.5 * (X + X.mT)).max())
     if mu <= 1.0:
         return lam, 1.0
