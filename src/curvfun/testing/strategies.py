@@ -425,18 +425,28 @@ def models(kinds: Sequence[str] = ("mlp", "cnn", "sequence", "batchnorm"), min_o
 # params, batches, losses
 # --------------------------------------------------------------------------------------
 @st.composite
-def params_of(draw, model: nn.Module, subset: bool = True, shuffle: bool = True, new_values: bool = True,
+def params_of(draw, model: nn.Module, subset: bool | str = True, shuffle: bool = True, new_values: bool = True,
               only: Sequence[str] | None = None) -> dict[str, Tensor]:
     """A params mapping for ``model``.
 
-    ``subset``: a drawn non-empty subset of the parameters (else all); ``shuffle``: in a drawn
-    order (curvfun's dense matrices follow this insertion order); ``new_values``: possibly
-    replace the values by fresh ones (then functions must use ``params``, not the module's
-    own values); ``only``: restrict to these names.
+    ``subset``: ``True`` a drawn non-empty subset of the parameters (a module may contribute
+    only some of its parameters, e.g. a Linear's bias without its weight); ``"modules"`` a
+    drawn non-empty set of modules with all their parameters; ``False`` all parameters.
+    ``shuffle``: in a drawn order (curvfun's dense matrices follow this insertion order);
+    ``new_values``: possibly replace the values by fresh ones (then functions must use
+    ``params``, not the module's own values); ``only``: restrict to these names.
     """
     names = [n for n, _ in model.named_parameters()]
     if only is not None:
         names = [n for n in names if n in set(only)]
+    if subset == "modules":
+        mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
+        chosen_mods = draw(st.lists(st.sampled_from(mods), min_size=1, max_size=len(mods), unique=True))
+        keep = [n for n in names if (n.rsplit(".", 1)[0] if "." in n else "") in chosen_mods]
+        if shuffle:  # modules in drawn order, a module's parameters in a drawn order
+            keep = [n for m in chosen_mods for n in draw(st.permutations(
+                [q for q in keep if (q.rsplit(".", 1)[0] if "." in q else "") == m]))]
+        names, subset = keep, False
     if subset and len(names) > 1:
         chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
         if not shuffle:
@@ -509,11 +519,12 @@ def losses(names: Sequence[str] = LOSS_NAMES, configured: bool = True) -> st.Sea
 
 @st.composite
 def problems(draw, loss: Any = None, kinds: Sequence[str] = ("mlp", "cnn", "sequence", "batchnorm"),
-             min_n: int = 1, max_n: int = 4, subset: bool = True, ignore: bool = True,
+             min_n: int = 1, max_n: int = 4, subset: bool | str = True, ignore: bool = True,
              linear_only: bool = False) -> Problem:
     """A full :class:`Problem`. ``loss``: a fixed loss (name, Likelihood or callable), a
-    strategy of losses, or ``None`` for :func:`losses`. ``linear_only``: params restricted to
-    the parameters in which the model output is affine (for Hessian = GGN)."""
+    strategy of losses, or ``None`` for :func:`losses`. ``subset``: see :func:`params_of`.
+    ``linear_only``: params restricted to the parameters in which the model output is affine
+    (for Hessian = GGN)."""
     if loss is None:
         loss = draw(losses())
     elif isinstance(loss, st.SearchStrategy):
