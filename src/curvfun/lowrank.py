@@ -313,25 +313,28 @@ class LowRankPlusDiag(NamedTuple):
 def _shrink_negative(dvec: Tensor, V: Tensor, lam: Tensor) -> tuple[Tensor, float]:
     """Scale the negative entries of ``lam`` by the largest t ∈ (0, 1] keeping diag(dvec) + VΛVᵀ ⪰ 0.
 
-    With D = diag(dvec) ≻ 0 and W = D^{-1/2} V, D + VΛVᵀ = D^{1/2}(I + WΛWᵀ)D^{1/2}, and the
-    eigenvalues of I + WΛWᵀ other than 1 are those of the k x k matrix I + H Λ H with
-    H = (VᵀD⁻¹V)^{1/2}. Split Λ = Λ₊ + Λ₋: I + HΛ₊H + t·HΛ₋H ⪰ 0 iff t·μ ≤ 1, where μ is the
-    largest eigenvalue of C^{-1/2}(−HΛ₋H)C^{-1/2}, C = I + HΛ₊H ≻ 0. Returns (λ, 1) unchanged
-    if μ ≤ 1, else the negative entries times t = 1/μ. Cost O(d · k² + k³).
+    With D = diag(dvec) ≻ 0, write VΛVᵀ = W₊W₊ᵀ − W₋W₋ᵀ (W± = V± |Λ±|^{1/2}, the columns with
+    λ > 0 / λ < 0; columns with λ = 0 play no part). Then
+    D + V(Λ₊ + tΛ₋)Vᵀ = D^{1/2}(C − t·Y₋Y₋ᵀ)D^{1/2}, C = I + Y₊Y₊ᵀ, Y± = D^{-1/2}W±,
+    which is PSD iff t·μ <= 1 with μ = λ_max(Y₋ᵀC⁻¹Y₋) and, by the push-through identity,
+    Y₋ᵀC⁻¹Y₋ = Y₋ᵀY₋ − (Y₊ᵀY₋)ᵀ(I + Y₊ᵀY₊)⁻¹(Y₊ᵀY₋), a k x k computation.
+    Returns (λ, 1) unchanged if μ <= 1, else the negative entries times t = 1/μ.
+    Cost O(d · k² + k³).
     """
     neg = lam < 0
     if not bool(neg.any()):
         return lam, 1.0
-    G = V.mT @ (V / dvec[:, None])
-    g, E = torch.linalg.eigh(0.5 * (G + G.mT))
-    H = (E * g.clamp_min(0).sqrt()) @ E.mT
-    P = (H * lam.clamp_min(0)) @ H
-    Nm = -(H * lam.clamp_max(0)) @ H  # ⪰ 0
-    C = torch.eye(lam.shape[0], dtype=lam.dtype, device=lam.device) + 0.5 * (P + P.mT)
-    c, F = torch.linalg.eigh(C)  # C ⪰ I
-    Cih = (F * c.clamp_min(1.0).rsqrt()) @ F.mT  # C^{-1/2}
-    X = Cih @ Nm @ Cih
-    mu = float(torch.linalg.eigvalsh(0.5 * (X + X.mT)).max())
+    pos = lam > 0
+    Y = V * dvec.rsqrt()[:, None]
+    Ym = Y[:, neg] * (-lam[neg]).sqrt()
+    M = Ym.mT @ Ym
+    if bool(pos.any()):
+        Yp = Y[:, pos] * lam[pos].sqrt()
+        C = torch.eye(int(pos.sum()), dtype=lam.dtype, device=lam.device) + Yp.mT @ Yp
+        c, F = torch.linalg.eigh(0.5 * (C + C.mT))  # C ⪰ I
+        Z = (F.mT @ (Yp.mT @ Ym)) * c.clamp_min(1.0).rsqrt()[:, None]  # C^{-1/2} Y₊ᵀY₋ (rotated)
+        M = M - Z.mT @ Z
+    mu = float(torch.linalg.eigvalsh(0.5 * (M + M.mT)).max())
     if mu <= 1.0:
         return lam, 1.0
     t = 1.0 / mu
