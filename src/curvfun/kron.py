@@ -112,8 +112,10 @@ def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "facto
         Md = (M.to(dtype) + delta.to(dtype)[..., None, None] * eye.to(dtype))
         L, info = torch.linalg.cholesky_ex(Md)
         if bool((info == 0).all()) and bool(torch.isfinite(L).all()):
-            inv = torch.cholesky_inverse(L)
-            return ((inv + inv.transpose(-1, -2)) / 2).to(M.dtype)
+            # L^{-1} by one triangular solve, then L^{-T} L^{-1} by one GEMM: symmetric by
+            # construction and ~3x faster than torch.cholesky_inverse on CPU
+            Linv = torch.linalg.solve_triangular(L, eye.to(dtype).expand_as(L), upper=False)
+            return (Linv.transpose(-1, -2) @ Linv).to(M.dtype)
         if dtype == torch.float64:
             break
     raise NotPositiveDefiniteError(
