@@ -220,23 +220,24 @@ _CONFIG_KEYS = ("damping", "ema_decay", "curvature_upd_interval", "preconditione
 _SGD_KEYS = ("lr", "momentum", "weight_decay")
 
 
-def _maker(cls_name: str, **fixed) -> Factory:
+def _maker(cls_name: str, sgd_keys: Tuple[str, ...] = _SGD_KEYS, **fixed) -> Factory:
     """K-FAC-style entry: ``XxxGradientMaker(model, PreconditioningConfig(...), **kwargs)`` + SGD.
 
     ``hp`` keys in ``_CONFIG_KEYS`` go to the config (with ``data_size`` = batch size and
-    ``num_total_steps`` = steps), ``lr``/``momentum``/``weight_decay`` to SGD, the rest to the maker.
+    ``num_total_steps`` = steps), ``sgd_keys`` (default ``lr``, ``momentum``, ``weight_decay``) to
+    SGD, the rest to the maker (with ``seed`` = the run's seed where the maker takes one).
     """
     def factory(model, hp, ctx):
         config_cls = resolve("curvfun.precondition", "PreconditioningConfig")
         maker_cls = resolve("curvfun.precondition", cls_name)
         config = config_cls(data_size=ctx.batch_size, num_total_steps=ctx.steps,
                             **{k: hp[k] for k in _CONFIG_KEYS if k in hp})
-        kwargs = {k: v for k, v in hp.items() if k not in _CONFIG_KEYS + _SGD_KEYS}
+        kwargs = {k: v for k, v in hp.items() if k not in _CONFIG_KEYS + sgd_keys}
         kwargs.update(fixed)
         if "seed" not in kwargs and _accepts(maker_cls, "seed"):
             kwargs["seed"] = ctx.seed  # MC sampling reproducible per run (and saved in its state_dict)
         gm = maker_cls(model, config, **kwargs)
-        opt = torch.optim.SGD(model.parameters(), **{k: hp[k] for k in _SGD_KEYS if k in hp})
+        opt = torch.optim.SGD(model.parameters(), **{k: hp[k] for k in sgd_keys if k in hp})
         return opt, gm
     return factory
 
@@ -257,12 +258,17 @@ def _model_optimizer(cls_name: str) -> Factory:
 
 
 def _adahessian(model, hp, ctx):
-    opt = resolve("curvfun.optim", "AdaHessian")(model.parameters(), **hp)
+    cls = resolve("curvfun.optim", "AdaHessian")
+    if "seed" not in hp and _accepts(cls, "seed"):
+        hp = {**hp, "seed": ctx.seed}
+    opt = cls(model.parameters(), **hp)
     return opt, PlainGradientMaker(model, create_graph=True)
 
 
-def _ng(interval: int = 5, damping: float = 1e-3, lr: float = 0.1, ema_decay: float = -1, **extra):
-    """Hyper-parameters of a natural-gradient style maker on the digits MLP."""
+def _ng(interval: int = 5, damping: float = 0.03, lr: float = 0.03, ema_decay: float = 0.1, **extra):
+    """Hyper-parameters of a natural-gradient style maker, chosen on the digits MLP (300 steps of
+    batch 64; stable over seeds 0-2): SGD momentum 0.9 with a smaller lr than plain SGD (the
+    preconditioned step is larger), curvature and inverses refreshed every 5 steps, EMA 0.1."""
     return dict(lr=lr, momentum=0.9, weight_decay=0.0, damping=damping, ema_decay=ema_decay,
                 curvature_upd_interval=interval, preconditioner_upd_interval=interval, **extra)
 
@@ -282,21 +288,22 @@ for _spec in [
     OptimizerSpec("kfac", "K-FAC (MC Fisher, 1 sample) + SGD", _maker("KfacGradientMaker"),
                   _ng(fisher_type="fisher_mc", n_mc_samples=1), requires=(_P, "KfacGradientMaker")),
     OptimizerSpec("ekfac", "eigenvalue-corrected K-FAC (empirical Fisher) + SGD", _maker("EkfacGradientMaker"),
-                  _ng(fisher_type="fisher_emp"), requires=(_P, "EkfacGradientMaker")),
-    OptimizerSpec("lowrank_kfac", "low-rank(+diag) K-FAC by power iteration + SGD",
-                  _maker("LowRankKfacGradientMaker"), _ng(rank=16, power_iters=2),
+                  _ng(damping=0.1, fisher_type="fisher_emp"), requires=(_P, "EkfacGradientMaker")),
+    OptimizerSpec("lowrank_kfac", "low-rank(+diag) K-FAC by power iteration (rank 16) + SGD",
+                  _maker("LowRankKfacGradientMaker"), _ng(lr=0.01, ema_decay=-1, rank=16, power_iters=2),
                   requires=(_P, "LowRankKfacGradientMaker")),
     OptimizerSpec("diag_ng", "diagonal natural gradient + SGD", _maker("DiagNaturalGradientMaker"),
-                  _ng(damping=1e-2, lr=0.05), requires=(_P, "DiagNaturalGradientMaker")),
-    OptimizerSpec("unitwise_ng", "unit-wise natural gradient + SGD", _maker("UnitWiseNaturalGradientMaker"),
-                  _ng(), requires=(_P, "UnitWiseNaturalGradientMaker")),
-    OptimizerSpec("layerwise_ng", "layer-wise (dense block) natural gradient + SGD",
-                  _maker("LayerWiseNaturalGradientMaker"), _ng(interval=10),
-                  requires=(_P, "LayerWiseNaturalGradientMaker"), default_compare=False),
-    OptimizerSpec("full_ng", "full (dense) natural gradient + SGD", _maker("FullNaturalGradientMaker"),
-                  _ng(interval=10), requires=(_P, "FullNaturalGradientMaker"), default_compare=False),
-    OptimizerSpec("emp_ng", "dense empirical-Fisher natural gradient + SGD", _maker("EmpNaturalGradientMaker"),
-                  _ng(interval=10), requires=(_P, "EmpNaturalGradientMaker"), default_compare=False),
+                  _ng(damping=0.1), requires=(_P, "DiagNaturalGradientMaker")),
+    OptimizerSpec("unitwise_ng", "unit-wise natural gradient on BatchNorm/LayerNorm (plain SGD elsewhere)",
+                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.1), requires=(_P, "UnitWiseNaturalGradientMaker")),
+    # no EMA: the blocks stay as N x N push-through solves (with EMA they are dense P x P blocks)
+    OptimizerSpec("layerwise_ng", "layer-wise (one block per layer) natural gradient + SGD",
+                  _maker("LayerWiseNaturalGradientMaker"), _ng(damping=0.3, ema_decay=-1),
+                  requires=(_P, "LayerWiseNaturalGradientMaker")),
+    OptimizerSpec("full_ng", "full natural gradient (all layers, one block) + SGD", _maker("FullNaturalGradientMaker"),
+                  _ng(damping=0.3, ema_decay=-1), requires=(_P, "FullNaturalGradientMaker")),
+    OptimizerSpec("emp_ng", "full empirical-Fisher natural gradient + SGD", _maker("EmpNaturalGradientMaker"),
+                  _ng(damping=0.3, ema_decay=-1), requires=(_P, "EmpNaturalGradientMaker")),
     # the rest of the family (issue 6)
     OptimizerSpec("shampoo", "Shampoo + SGD", _maker("ShampooGradientMaker"),
                   _ng(interval=5, damping=1e-3, lr=0.1), requires=(_P, "ShampooGradientMaker")),
@@ -312,15 +319,17 @@ for _spec in [
     OptimizerSpec("smw_ng", "Sherman-Morrison-Woodbury empirical natural gradient + SGD",
                   _maker("SmwEmpNaturalGradientMaker"), dict(lr=0.1, momentum=0.9, weight_decay=0.0, damping=1e-1),
                   requires=(_P, "SmwEmpNaturalGradientMaker")),
-    OptimizerSpec("curveball", "CurveBall + SGD", _maker("CurveBallGradientMaker"),
-                  dict(lr=0.1, momentum=0.0, weight_decay=0.0, damping=1.0),
+    OptimizerSpec("curveball", "CurveBall (one GGN-vector product per step; SGD lr 1 applies its step)",
+                  _maker("CurveBallGradientMaker", sgd_keys=("lr", "weight_decay")),
+                  dict(lr=1.0, weight_decay=0.0, damping=0.1, momentum=0.9, momentum_decay=1, auto_tune=True),
                   requires=(_P, "CurveBallGradientMaker")),
     OptimizerSpec("newton", "damped dense Newton + SGD", _maker("NewtonGradientMaker"),
                   dict(lr=0.1, momentum=0.0, weight_decay=0.0, damping=1e-1),
                   requires=(_P, "NewtonGradientMaker"), default_compare=False),
     # optimizers that read curvature themselves
     OptimizerSpec("adahessian", "AdaHessian (Hutchinson Hessian diagonal)", _adahessian,
-                  dict(lr=0.1), requires=(_O, "AdaHessian")),
+                  dict(lr=0.15, betas=[0.9, 0.999], eps=1e-4, weight_decay=0.0, hessian_power=1.0),
+                  requires=(_O, "AdaHessian")),
     OptimizerSpec("adafisher", "AdaFisher (diagonal Kronecker Fisher)", _model_optimizer("AdaFisher"),
                   dict(lr=3e-3, TCov=5), requires=(_O, "AdaFisher")),
     OptimizerSpec("adafisherw", "AdaFisherW (decoupled weight decay)", _model_optimizer("AdaFisherW"),

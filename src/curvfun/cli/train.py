@@ -320,8 +320,15 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
             x, t = x.to(device), t.to(device)
             _sync(device)
             t0 = time.perf_counter()
-            loss = train_step(model, optimizer, grad_maker, x, t, data.task, autocast)
-            loss_value = loss.item()
+            try:
+                loss = train_step(model, optimizer, grad_maker, x, t, data.task, autocast)
+                loss_value = loss.item()
+            except Exception as exc:  # e.g. sampling from NaN logits: report as divergence
+                if all(torch.isfinite(p).all() for p in model.parameters()):
+                    raise
+                result.status = f"diverged at step {step + 1} ({type(exc).__name__})"
+                result.steps_done = step
+                break
             _sync(device)
             result.step_times.append(time.perf_counter() - t0)
             done = step + 1
