@@ -1,0 +1,114 @@
+"""Functions of symmetric positive semi-definite matrices by eigen-decomposition (pure).
+
+For a symmetric PSD matrix M = Q diag(λ) Qᵀ (``torch.linalg.eigh``) and a damping δ ≥ 0,
+
+    inverse_root(M, p, δ) = (M + δ I)^{-1/p} = Q diag((max(λ, 0) + δ)^{-1/p}) Qᵀ,
+
+with δ = ``damping`` (``relative=False``) or δ = ``damping · λ_max(M)`` (``relative=True``, the
+"ridge" of Shampoo's reference implementation, which ASDL 0.1 uses). Eigenvalues that rounding
+pushed below zero are clamped to 0 before the damping is added, so the result of a PSD input is
+always symmetric positive definite when δ > 0.
+
+float64 retry. ``torch.linalg.eigh`` in float32 can fail to converge (``LinAlgError``) or return
+non-finite values for badly conditioned input. :func:`sym_eigh` then repeats the decomposition in
+float64 and casts the result back to the input's dtype; only if float64 also fails does it raise.
+
+Cost: one symmetric eigen-decomposition, about 9·d³ flops for d x d (LAPACK ``syevd``), plus one
+d x d x d product to form the matrix; leading batch dimensions are decomposed independently.
+ASDL 0.1 computes the same root by a coupled Newton iteration (Guo & Higham 2006) with up to 100
+iterations of several d x d products each, plus a power iteration for λ_max, and adds the ridge to
+its statistics matrix *in place* on every call, so its accumulated statistics drift upwards by
+``ε·λ_max·I`` per refresh; :func:`inverse_root` never modifies its input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["sym_eigh", "EigenPower", "eigen_power", "inverse_root", "matrix_power_sym"]
+
+
+def _check_square(M: Tensor, where: str) -> None:
+    if not isinstance(M, Tensor):
+        raise TypeError(f"{where}: expected a tensor, got {type(M).__name__}")
+    if M.ndim < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"{where}: expected a square matrix (or a batch of them), got shape {tuple(M.shape)}")
+    if not M.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point matrix, got {M.dtype}")
+
+
+def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric part (M + Mᵀ)/2.
+
+    Tries ``torch.linalg.eigh`` in M's dtype; when that raises or returns non-finite values and
+    the dtype is narrower than float64, it repeats in float64 and casts back. Raises
+    ``torch.linalg.LinAlgError`` (or ``ValueError`` for non-finite input) if float64 fails too.
+    """
+    _check_square(M, "sym_eigh")
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("sym_eigh: the matrix has inf/NaN entries")
+    S = (M + M.transpose(-1, -2)) / 2
+    if S.dtype != torch.float64:
+        try:
+            lam, Q = torch.linalg.eigh(S)
+            if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all()):
+                return lam, Q
+        except RuntimeError:  # LinAlgError is a RuntimeError
+            pass
+    lam, Q = torch.linalg.eigh(S.to(torch.float64))
+    if not (bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all())):
+        raise torch.linalg.LinAlgError("sym_eigh: eigh returned non-finite values even in float64")
+    return lam.to(M.dtype), Q.to(M.dtype)
+
+
+class EigenPower(NamedTuple):
+    """``Q diag(w) Qᵀ`` kept factored: ``Q`` ``[..., d, d]`` orthogonal, ``w`` ``[..., d]``."""
+
+    Q: Tensor
+    w: Tensor
+
+    def matrix(self) -> Tensor:
+        """The dense matrix ``Q diag(w) Qᵀ`` (one d x d x d product)."""
+        return (self.Q * self.w.unsqueeze(-2)) @ self.Q.transpose(-1, -2)
+
+    def apply(self, X: Tensor) -> Tensor:
+        """``Q diag(w) Qᵀ X`` without forming the matrix (two d x d x m products)."""
+        return self.Q @ (self.w.unsqueeze(-1) * (self.Q.transpose(-1, -2) @ X))
+
+
+def _damping_for(lam: Tensor, damping: float, relative: bool) -> Tensor:
+    if relative:
+        return damping * lam.amax(-1, keepdim=True).clamp_min(0)
+    return torch.full_like(lam[..., :1], float(damping))
+
+
+def eigen_power(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False) -> EigenPower:
+    """``(M + δI)^exponent`` of a symmetric PSD ``M`` in factored form (see the module docstring
+    for δ). A negative exponent with δ = 0 and a singular M gives ``inf`` entries (the caller
+    decides what to do with a non-finite result)."""
+    _check_square(M, "eigen_power")
+    if not (isinstance(damping, (int, float)) and damping >= 0 and damping == damping and damping != float("inf")):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    lam, Q = sym_eigh(M)
+    lam = lam.clamp_min(0)
+    lam = lam + _damping_for(lam, float(damping), relative)
+    return EigenPower(Q, lam.pow(exponent))
+
+
+def inverse_root(M: Tensor, p: float, damping: float = 0.0, relative: bool = False) -> Tensor:
+    """``(M + δI)^{-1/p}`` of a symmetric PSD matrix (batched over leading dims), by ``eigh``
+    with a float64 retry; δ = ``damping`` or ``damping · λ_max(M)`` when ``relative``.
+
+    Cost: one eigen-decomposition and one d x d x d product.
+    """
+    if not (isinstance(p, (int, float)) and p > 0):
+        raise ValueError(f"p must be a positive number (the root's order, e.g. 4), got {p!r}")
+    return eigen_power(M, -1.0 / p, damping, relative).matrix()
+
+
+def matrix_power_sym(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False) -> Tensor:
+    """``(M + δI)^exponent`` of a symmetric PSD matrix for any real exponent (dense)."""
+    return eigen_power(M, exponent, damping, relative).matrix()

@@ -1,0 +1,271 @@
+"""ShampooGradientMaker and curvfun.roots: dense float64 references, training, README loop,
+resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from curvfun.precondition import PreconditioningConfig
+from curvfun.precondition.shampoo import ShampooGradientMaker
+from curvfun.roots import eigen_power, inverse_root, sym_eigh
+from curvfun.shampoo_math import block_slices, merge_blocks, split_blocks
+from digits_helper import train_digits
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a loaded machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):  # SciPy's BLAS too
+        yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    """Linear, Conv2d (4-D kernel) and a 1-D-only LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.LayerNorm(12)
+        self.fc1 = nn.Linear(12, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.avg_pool2d(torch.tanh(self.conv(x)), 2).flatten(1)  # 3 x 2 x 2 = 12
+        return self.fc2(torch.tanh(self.fc1(self.norm(h))))
+
+
+def batches(n, N=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(N, 2, 4, 4, generator=g), torch.randint(0, 3, (N,), generator=g)) for _ in range(n)]
+
+
+def root_ref(M: np.ndarray, eps: float, relative: bool) -> np.ndarray:
+    """(M + δI)^{-1/4} by SciPy's Schur-Padé fractional power (independent of eigh)."""
+    lam_max = np.linalg.eigvalsh(M).max()
+    delta = eps * lam_max if relative else eps
+    return np.real(scipy.linalg.fractional_matrix_power(M + delta * np.eye(len(M)), -0.25))
+
+
+# --- roots ------------------------------------------------------------------------------------
+
+
+@given(d=st.integers(1, 6), k=st.integers(1, 8), p=st.sampled_from([1, 2, 4, 8]), eps=st.sampled_from([1e-3, 0.1, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_inverse_root_is_the_root(d, k, p, eps, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d, k, generator=g)
+    M = X @ X.T  # PSD, singular when k < d
+    R = inverse_root(M, p, eps)
+    Mp = M + eps * torch.eye(d)
+    assert torch.allclose(R, R.T, atol=1e-12)
+    assert torch.allclose(torch.linalg.matrix_power(R, p) @ Mp, torch.eye(d), atol=1e-8)
+    # relative damping: δ = eps · λ_max
+    Rr = inverse_root(M, p, eps, relative=True)
+    lam_max = torch.linalg.eigvalsh(M).max().clamp_min(0)
+    Mr = M + eps * lam_max * torch.eye(d)
+    if lam_max > 0:
+        assert torch.allclose(torch.linalg.matrix_power(Rr, p) @ Mr, torch.eye(d), atol=1e-7)
+
+
+def test_sym_eigh_retries_in_float64(monkeypatch):
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(M, *a, **k):
+        calls.append(M.dtype)
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated: failed to converge")
+        return real(M, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    X = torch.randn(5, 7, dtype=torch.float32)
+    M = X @ X.T
+    lam, Q = sym_eigh(M)
+    assert calls == [torch.float32, torch.float64]
+    assert lam.dtype == Q.dtype == torch.float32
+    assert torch.allclose((Q * lam) @ Q.T, M, atol=1e-4)
+    R = inverse_root(M, 4, 1e-3)
+    assert R.dtype == torch.float32 and bool(torch.isfinite(R).all())
+
+
+def test_roots_bad_input():
+    with pytest.raises(ValueError, match="expected a square matrix"):
+        inverse_root(torch.ones(2, 3), 4)
+    with pytest.raises(ValueError, match="p must be a positive number"):
+        inverse_root(torch.eye(2), 0)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        eigen_power(torch.eye(2), -0.25, damping=-1.0)
+    with pytest.raises(ValueError, match="inf/NaN"):
+        sym_eigh(torch.full((2, 2), float("nan")))
+
+
+def test_blocks_roundtrip():
+    G = torch.arange(35.0).reshape(5, 7)
+    tiles = split_blocks(G, 3)
+    assert [tuple(t.shape) for t in tiles] == [(3, 3), (3, 3), (3, 1), (2, 3), (2, 3), (2, 1)]
+    assert torch.equal(merge_blocks(tiles, G.shape, 3), G)
+    assert block_slices((5, 7), -1) == [(slice(0, 5), slice(0, 7))]
+
+
+# --- the maker against the dense formula ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block_size, ema, mode",
+    [(-1, -1, "relative"), (2, -1, "relative"), (-1, 0.3, "absolute"), (4, 0.5, "absolute")],
+)
+def test_update_equals_dense_formula(block_size, ema, mode):
+    torch.manual_seed(0)
+    model = Net()
+    eps = 1e-3
+    config = PreconditioningConfig(damping=eps, ema_decay=ema)
+    gm = ShampooGradientMaker(model, config, block_size=block_size, damping_mode=mode)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    matrices = {"conv.weight", "fc1.weight", "fc2.weight"}
+    stats = {}
+    for x, t in batches(3):
+        params = dict(model.named_parameters())
+        plain = dict(zip(params, torch.autograd.grad(F.cross_entropy(model(x), t), list(params.values()))))
+        opt.zero_grad()
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        for key, p in params.items():
+            if key not in matrices:  # 1-D parameters (biases, LayerNorm) keep the plain gradient
+                assert torch.equal(p.grad, plain[key])
+                continue
+            G = plain[key].reshape(plain[key].shape[0], -1).numpy()
+            want = np.zeros_like(G)
+            for i, (r, c) in enumerate(block_slices(G.shape, block_size)):
+                tile = G[r, c]
+                L0, R0 = stats.get((key, i), (1e-12 * np.eye(tile.shape[0]), 1e-12 * np.eye(tile.shape[1])))
+                if ema == -1:
+                    L, R = L0 + tile @ tile.T, R0 + tile.T @ tile
+                else:
+                    L, R = (1 - ema) * L0 + ema * tile @ tile.T, (1 - ema) * R0 + ema * tile.T @ tile
+                stats[(key, i)] = (L, R)
+                want[r, c] = root_ref(L, eps, mode == "relative") @ tile @ root_ref(R, eps, mode == "relative")
+            got = p.grad.reshape(G.shape).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
+        opt.step()
+
+
+def test_interval_roots_lag_statistics():
+    """Roots refreshed every 2 steps from statistics accumulated on every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    config = PreconditioningConfig(damping=1e-2, preconditioner_upd_interval=2, curvature_upd_interval=1)
+    gm = ShampooGradientMaker(model, config)
+    L = 1e-12 * torch.eye(3)
+    Lroot = None
+    for step, (x, t) in enumerate(batches(3, N=5)):
+        x = x.reshape(5, -1)[:, :4]
+        t = t % 2
+        model.zero_grad()
+        G = torch.autograd.grad(F.cross_entropy(model(x), t), model[0].weight)[0]
+        L = L + G @ G.T
+        if step % 2 == 0:
+            Lroot = torch.as_tensor(root_ref(L.numpy(), 1e-2, True))
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        assert torch.allclose(gm.statistics["0.weight"][0][0], L, rtol=1e-12)
+        assert torch.allclose(gm.roots["0.weight"][0][0], Lroot, rtol=1e-8, atol=1e-12)
+
+
+# --- training, README loop, resume, bad input ------------------------------------------------
+
+
+def test_trains_digits():
+    """lr 0.1, damping 1e-4 (relative), statistics and roots refreshed every step."""
+    acc = train_digits(
+        lambda m: (torch.optim.SGD(m.parameters(), lr=0.1), ShampooGradientMaker(m, PreconditioningConfig(damping=1e-4))),
+        dtype=torch.float32,
+    )
+    assert acc >= 0.90, acc
+
+
+README_LOOP = """
+from curvfun.precondition import PreconditioningConfig, ShampooGradientMaker
+
+model = Net()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+config = PreconditioningConfig(data_size=batch_size, damping=0.01)
+gm = ShampooGradientMaker(model, config)
+
+for x, t in data_loader:
+  optimizer.zero_grad()
+  dummy_y = gm.setup_model_call(model, x)
+  gm.setup_loss_call(loss_fn, dummy_y, t)
+  y, loss = gm.forward_and_backward()
+  optimizer.step()
+  losses.append(loss.item())
+"""
+
+
+def test_readme_loop():
+    torch.manual_seed(0)
+    x, t = batches(1, N=16)[0]
+    ns = {"torch": torch, "Net": Net, "batch_size": 16, "loss_fn": F.cross_entropy,
+          "data_loader": [(x, t)] * 8, "losses": []}
+    exec(README_LOOP, ns)
+    assert ns["gm"].step == 8 and set(ns["gm"].roots) == {"conv.weight", "fc1.weight", "fc2.weight"}
+    assert ns["losses"][-1] < ns["losses"][0]
+
+
+def _run(model, gm, opt, data):
+    for x, t in data:
+        opt.zero_grad()
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        opt.step()
+
+
+def test_resume_is_bit_exact():
+    data = batches(6)
+    config = PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=2, curvature_upd_interval=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt, ShampooGradientMaker(model, config, block_size=3)
+
+    model, opt, gm = fresh()
+    _run(model, gm, opt, data)
+    ref = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, gm = fresh()
+    _run(model, gm, opt, data[:3])
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict())) + (gm.state_dict(),)
+    _run(model, gm, opt, data[3:4])  # the live maker keeps training: the saved copy must not move
+    model2, opt2, gm2 = fresh()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    gm2.load_state_dict(saved[2])
+    _run(model2, gm2, opt2, data[3:])
+    assert all(torch.equal(a, b) for a, b in zip(ref, model2.parameters()))
+
+
+def test_bad_input():
+    model = Net()
+    with pytest.raises(ValueError, match="block_size must be a positive tile size or -1"):
+        ShampooGradientMaker(model, PreconditioningConfig(), block_size=0)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        ShampooGradientMaker(model, PreconditioningConfig(), block_size=2.5)
+    with pytest.raises(ValueError, match="damping_mode must be one of"):
+        ShampooGradientMaker(model, PreconditioningConfig(), damping_mode="trace")
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        ShampooGradientMaker(model, PreconditioningConfig(damping=-1.0))
