@@ -36,7 +36,9 @@ passes before one ``step()``.
 
 Hooks: the optimizer holds forward hooks on the supported layers of ``model`` (and, during a
 refresh step's forward, tensor hooks on their outputs). ``remove_hooks()`` takes them off for
-good (the last factors stay in use); they are also armed only on refresh steps. Avoid in-place
+good (the last factors stay in use); they are also armed only on refresh steps. While armed
+they keep every supported layer's input of each forward run with gradients enabled until the
+next ``step()``, so run evaluation forwards under ``torch.no_grad()`` (as usual). Avoid in-place
 operations on a layer's input after the layer used it (an error says which layer).
 
 Parameters and layers are matched **by identity** (:func:`curvfun.precondition.assign_modules`):
