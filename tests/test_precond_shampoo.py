@@ -269,3 +269,24 @@ def test_bad_input():
         ShampooGradientMaker(model, PreconditioningConfig(), damping_mode="trace")
     with pytest.raises(ValueError, match="damping must be >= 0"):
         ShampooGradientMaker(model, PreconditioningConfig(damping=-1.0))
+
+
+def test_non_finite_gradient_keeps_the_last_statistics():
+    from curvfun.precondition import NonFiniteCurvatureWarning
+
+    torch.manual_seed(0)
+    model = Net()
+    gm = ShampooGradientMaker(model, PreconditioningConfig(damping=1e-3))
+    (x, t), = batches(1)
+    y = gm.setup_model_call(model, x)
+    gm.setup_loss_call(F.cross_entropy, y, t)
+    gm.forward_and_backward()
+    before = copy.deepcopy(gm.statistics), copy.deepcopy(gm.roots)
+    model.zero_grad()
+    gm.setup_loss_call(lambda out, tt: F.cross_entropy(out, tt) * float("nan"), y, t)
+    with pytest.warns(NonFiniteCurvatureWarning, match="new statistics of 'conv.weight' at step 1"):
+        gm.forward_and_backward()
+    assert gm.nonfinite_counts == {"conv.weight": 1, "fc1.weight": 1, "fc2.weight": 1}
+    for key in before[0]:
+        assert all(torch.equal(a, b) for pa, pb in zip(before[0][key], gm.statistics[key]) for a, b in zip(pa, pb))
+        assert all(torch.equal(a, b) for pa, pb in zip(before[1][key], gm.roots[key]) for a, b in zip(pa, pb))

@@ -9,7 +9,7 @@ For a parameter whose gradient is read as a matrix G (d_out x d_in; a conv kerne
 
     G̃ = (L + δ_L I)^{-1/4} G (R + δ_R I)^{-1/4},
 
-the inverse 4th roots coming from :func:`curvfun.roots.inverse_root`. With ``block_size = b > 0``
+the inverse 4th roots coming from :func:`curvfun.roots.eigen_power` (eigh, float64 retry). With ``block_size = b > 0``
 the matrix is cut into tiles of at most b x b (:func:`block_slices`, row-major order) and each
 tile has its own L and R (Anil et al. 2020's blocking); ``b <= 0`` means one tile.
 
@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .roots import inverse_root
+from .roots import EigenPower, eigen_power
 
 __all__ = [
     "as_matrix",
@@ -87,10 +87,11 @@ def update_statistic(old: Tensor, new: Tensor, ema_decay: float) -> Tensor:
     return old.mul(1.0 - ema_decay).add_(new, alpha=ema_decay)
 
 
-def shampoo_roots(L: Tensor, R: Tensor, damping: float, relative: bool = True, p: float = 4) -> tuple[Tensor, Tensor]:
-    """``((L + δ_L I)^{-1/p}, (R + δ_R I)^{-1/p})`` with δ = ``damping`` (absolute) or
-    ``damping · λ_max`` of each factor (``relative``, as ASDL / the reference implementation)."""
-    return inverse_root(L, p, damping, relative), inverse_root(R, p, damping, relative)
+def shampoo_roots(L: Tensor, R: Tensor, damping: float, relative: bool = True, p: float = 4) -> tuple[EigenPower, EigenPower]:
+    """``(L + δ_L I)^{-1/p}`` and ``(R + δ_R I)^{-1/p}`` in factored form (:class:`~curvfun.roots.EigenPower`;
+    ``.matrix()`` is the dense root) with δ = ``damping`` (absolute) or ``damping · λ_max`` of each
+    factor (``relative``, as ASDL / the reference implementation)."""
+    return eigen_power(L, -1.0 / p, damping, relative), eigen_power(R, -1.0 / p, damping, relative)
 
 
 def precondition_matrix(G: Tensor, L_root: Tensor, R_root: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..capture import LayerRecord, ModuleInfo, layer_kind
+from ..capture import LayerRecord, ModuleInfo, _check_versions, layer_kind
 from ..layers import LayerData, layer_data
 
 __all__ = ["module_infos", "eps_leaves", "records_to_data", "linear_or_conv_reason", "user_reduction"]
@@ -60,6 +60,7 @@ def records_to_data(
     default each ``ε.grad`` (after ``backward()``). Each is multiplied by ``scale`` (e.g. N to turn
     gradients of a mean loss into gradients of the per-sample losses).
     """
+    _check_versions(records)  # a layer input modified in place after the layer read it: error
     out = {}
     i = 0
     for name, rec in records.items():

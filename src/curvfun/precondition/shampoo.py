@@ -134,14 +134,24 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             for (L, R), tile in zip(stats, split_blocks(G, self.block_size)):
                 GGt, GtG = gram_statistics(tile)
                 new.append([update_statistic(L, GGt, decay), update_statistic(R, GtG, decay)])
-            self.statistics[key] = self._install_if_finite(key, new, stats, "statistics")
+            # PSD matrices are finite iff their diagonals are (|S_ij| <= sqrt(S_ii S_jj), NaN shows on
+            # the diagonal): a d-vector check instead of a scan of every entry
+            if all(bool(torch.isfinite(S.diagonal()).all()) for pair in new for S in pair):
+                self.statistics[key] = new
+            else:
+                self.statistics[key] = self._install_if_finite(key, new, stats, "statistics")
 
     def update_preconditioner(self) -> None:
         relative = self.damping_mode == "relative"
         damping = float(self.config.damping)
         for key, stats in self.statistics.items():
-            roots = [list(shampoo_roots(L, R, damping, relative)) for L, R in stats]
-            self.roots[key] = self._install_if_finite(key, roots, self.roots.get(key), "inverse root")
+            powers = [shampoo_roots(L, R, damping, relative) for L, R in stats]
+            # the roots Q diag(w) Qᵀ are finite iff the powered eigenvalues w are (Q is orthogonal)
+            if all(bool(torch.isfinite(e.w).all()) for pair in powers for e in pair):
+                self.roots[key] = [[eL.matrix(), eR.matrix()] for eL, eR in powers]
+            else:
+                bad = [[eL.matrix(), eR.matrix()] for eL, eR in powers]
+                self.roots[key] = self._install_if_finite(key, bad, self.roots.get(key), "inverse root")
 
     def precondition(self) -> None:
         for key, p in self._matrix_params().items():
