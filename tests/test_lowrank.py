@@ -212,10 +212,13 @@ def test_lowrank_equals_eigendecomposition_of_UtU(seed, n, d):
     for k in sorted({1, (d + 1) // 2, d}):
         r = lowrank(U, k, scale=0.5, iters=400, tol=1e-12, generator=_gen(seed + 1))
         assert torch.all(r.eigenvalues >= 0)
+        # orthonormal even when A has rank n < k (the re-orthonormalisation refills the null space)
+        torch.testing.assert_close(r.eigenvectors.T @ r.eigenvectors, torch.eye(k), rtol=0, atol=1e-12)
         ev = torch.linalg.eigvalsh(A).flip(0)  # descending
         truth = ev[:k]
         if k == d or float(ev[k - 1] - ev[k]) > 0.05:  # with a gap, the top-k are determined
             torch.testing.assert_close(r.eigenvalues, truth.clamp_min(0), rtol=0, atol=1e-8)
+            torch.testing.assert_close(A @ r.eigenvectors, r.eigenvectors * r.eigenvalues, rtol=0, atol=1e-8)
     # rank = d reproduces A exactly
     r = lowrank(U, d, scale=0.5, iters=1, generator=_gen(seed + 2))
     torch.testing.assert_close(r.eigenvectors @ torch.diag(r.eigenvalues) @ r.eigenvectors.T, A, rtol=0, atol=1e-12)
@@ -317,6 +320,24 @@ def test_conv2d_kernel_is_flattened_and_reshaped(seed, n, c_in, kh, d_out):
     out = K.matvec({"weight": Gk})["weight"]
     assert out.shape == Gk.shape
     torch.testing.assert_close(out.reshape(d_out, d_in), expected, rtol=1e-9, atol=1e-9)
+
+
+@given(seed=seeds, d_in=st.integers(1, 5), d_out=st.integers(1, 5), k=st.integers(1, 3))
+def test_fused_weight_solve_equals_two_woodbury_solves(seed, d_in, d_out, k):
+    """matvec's one-pass formula against dense solves, also for diagonal-plus-low-rank on both
+    sides (a LowRankKron assembled by hand from two Woodbury factors)."""
+    g = _gen(seed)
+    ka, kb = min(k, d_in), min(k, d_out)
+    Va, Vb = torch.randn(d_in, ka, generator=g), torch.randn(d_out, kb, generator=g)
+    la, lb = torch.rand(ka, generator=g), torch.rand(kb, generator=g)
+    diag_a, diag_b = 0.5 + torch.rand(d_in, generator=g), 0.5 + torch.rand(d_out, generator=g)
+    K = LowRankKron(la, Va, diag_b, lb, Vb, woodbury_factor(diag_a, Va, la, 0.1), woodbury_factor(diag_b, Vb, lb, 0.2),
+                    0.1, 0.2)
+    Ma = torch.diag(diag_a) + 0.1 * torch.eye(d_in) + Va @ torch.diag(la) @ Va.T
+    Mb = torch.diag(diag_b) + 0.2 * torch.eye(d_out) + Vb @ torch.diag(lb) @ Vb.T
+    G = torch.randn(d_out, d_in, generator=g)
+    expected = torch.linalg.solve(Mb, G) @ torch.linalg.inv(Ma)
+    torch.testing.assert_close(K.matvec({"weight": G})["weight"], expected, rtol=1e-10, atol=1e-10)
 
 
 def _decaying_rows(seed: int, n: int, d: int, decay: float) -> torch.Tensor:
