@@ -1,6 +1,7 @@
 """Issue 4 benchmark: low-rank(+diag) K-FAC vs dense K-FAC for one Linear layer.
 
-d_in = d_out = 2048, N = 256 captured rows, rank 16, float32, threads fixed (2).
+d_in = d_out = 2048, N = 256 captured rows, rank 16, float32, threads fixed (2 by default;
+``python benchmarks/bench_lowrank.py --threads 1`` for one).
 
 (a) refresh: low-rank factors + their Woodbury cores (warm-started from the previous refresh,
     a fresh batch of rows each time) vs forming both dense factors and their damped Cholesky
@@ -74,8 +75,12 @@ def _dense_refresh(a_rows: torch.Tensor, g_rows: torch.Tensor):
     return A_inv, B_inv
 
 
-def main() -> None:
-    setup(threads=2)
+def main(threads: int | None = None) -> None:
+    """Run at ``threads`` intra-op threads (default 2, the suite's setting; ``--threads N`` on
+    the command line)."""
+    if threads is None:
+        threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
+    setup(threads=threads)
     torch.set_default_dtype(torch.float32)
     gen = torch.Generator().manual_seed(0)
     draw_a, draw_g = _row_source(D_IN, gen), _row_source(D_OUT, gen)

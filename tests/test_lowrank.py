@@ -479,6 +479,16 @@ def test_non_finite_rows_raise(bad):
         woodbury_solve(1.0, torch.ones(3, 1), torch.tensor([bad]), torch.ones(3))
 
 
+def test_finite_check_is_exact_when_the_sum_overflows():
+    from curvfun.lowrank import _check_finite
+
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # finite entries, sum overflows to inf
+    _check_finite(big, "x", "here")  # accepted: no entry is NaN/Inf
+    big[2] = float("nan")
+    with pytest.raises(ValueError, match=r"here: x contains 1 non-finite"):
+        _check_finite(big, "x", "here")
+
+
 def test_rank_errors():
     a, gr = torch.randn(4, 3), torch.randn(4, 2)
     with pytest.raises(ValueError, match=r"rank=3 is larger than the dimension 2; use rank <= 2"):
