@@ -36,7 +36,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import curvfun
@@ -44,6 +44,8 @@ from curvfun.losses import MSE
 from curvfun.testing import checks, reference as ref, strategies as cst
 
 RTOL, ATOL = 1e-8, 1e-10
+# the costliest conv tests run half the profile's examples (at least 3)
+HALF = settings(max_examples=max(3, settings.default.max_examples // 2))
 FISHER_TYPES = ("exact", "emp")
 
 
@@ -239,6 +241,7 @@ def conv_1x1_output(draw):
 
 
 @pytest.mark.parametrize("fisher_type", FISHER_TYPES)
+@HALF
 @given(case=conv_1x1_output(), n=st.integers(1, 3), seed=cst.seeds())
 def test_conv_with_1x1_output_identical_data_is_exact_per_group(fisher_type, case, n, seed):
     """Conv2d with a 1x1 output has T = 1 (one patch): with identical data its K-FAC blocks are
@@ -374,6 +377,7 @@ def conv_expand_setting(draw):
     return model, (cin, H, W), draw(st.sampled_from([0.5, 1.0, 2.0]))
 
 
+@HALF
 @given(case=conv_expand_setting(), n=st.integers(1, 3), seed=cst.seeds(), folded=st.booleans())
 def test_conv_expand_is_exact_for_deep_linear_convs_with_per_pixel_loss(case, n, seed, folded):
     """Conv2d is a Linear over im2col patches shared over the T output pixels. With only

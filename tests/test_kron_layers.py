@@ -25,13 +25,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import curvfun
 from curvfun.testing import checks, reference as ref, strategies as cst
 
 RTOL, ATOL = 1e-8, 1e-10
+# the costliest conv tests run half the profile's examples (at least 3)
+HALF = settings(max_examples=max(3, settings.default.max_examples // 2))
 
 
 def close(actual, expected, what):
@@ -270,6 +272,7 @@ def asymmetric_convs(draw):
     return model, (cin, H, W), C
 
 
+@HALF
 @given(case=asymmetric_convs(), n=st.integers(1, 3), seed=cst.seeds(),
        fisher_type=st.sampled_from(["exact", "emp"]), kfac_type=st.sampled_from(["expand", "reduce"]),
        bias=st.sampled_from(["separate", "folded"]))
