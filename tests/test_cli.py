@@ -86,6 +86,11 @@ def test_python_dash_m_and_help_of_every_command(capsys):
     assert proc.returncode == 0, proc.stderr
     for cmd in ("compare", "train", "demo", "list"):
         assert cmd in proc.stdout
+    import shutil
+    script = shutil.which("curvfun")
+    if script:  # the console script of an installed curvfun (pyproject: curvfun.__main__:main)
+        proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "--checkpoint-every" in proc.stdout, proc.stderr
     for cmd, needle in (("compare", "--optimizers"), ("train", "--resume"), ("demo", "--batch-size")):
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
@@ -351,17 +356,11 @@ def test_demo_prints_norms_and_fisher_diagonal_matching_autograd(capsys):
 
 # ----------------------------------------------------------------------------- the seeds' claim
 
-def test_kfac_beats_sgd_and_every_optimizer_reaches_90_percent(tmp_path):
-    """Default digits run (MLP 64-128-10, batch 64, seed 0, default steps and hyper-parameters).
-
-    Claims: K-FAC's final train loss is below SGD's by a margin (K-FAC <= 0.8 x SGD), and every
-    default optimizer reaches >= 90% test accuracy.
-    """
-    if O.resolve("curvfun.precondition", "KfacGradientMaker") is None:
-        pytest.skip("curvfun.precondition.KfacGradientMaker is not in this build yet")
+def _default_digits_run(names):
+    """The default digits run (MLP 64-128-10, batch 64, seed 0, default steps and hyper-parameters),
+    evaluated at the end only, without the memory probe and plots."""
     from curvfun.cli.config import Config
     from curvfun.cli.data import load_digits_data
-    names = O.available_names(default_only=True)
     cfg = Config(progress=False, plots=False, mem_probe_steps=0, eval_every=10_000)
     old, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float32)
@@ -372,8 +371,27 @@ def test_kfac_beats_sgd_and_every_optimizer_reaches_90_percent(tmp_path):
         torch.set_default_dtype(old)
         torch.set_num_threads(threads)
     assert not errors, errors
-    by = {r.optimizer: r for r in results}
-    assert by["kfac"].final["train_loss"] <= 0.8 * by["sgd"].final["train_loss"], (
-        by["kfac"].final, by["sgd"].final)
+    return {r.optimizer: r for r in results}
+
+
+def _needs_kfac():
+    if O.resolve("curvfun.precondition", "KfacGradientMaker") is None:
+        pytest.skip("curvfun.precondition.KfacGradientMaker is not in this build yet")
+
+
+def test_kfac_reaches_lower_train_loss_than_sgd_at_equal_steps():
+    """The seeds' claim on the default digits run: K-FAC's final train loss (full training set)
+    is at most 0.8 x SGD's (measured: 0.0016 vs 0.033 at seed 0, about 20x lower)."""
+    _needs_kfac()
+    by = _default_digits_run(["sgd", "kfac"])
+    assert by["kfac"].steps_done == by["sgd"].steps_done == 300
+    assert by["kfac"].final["train_loss"] <= 0.8 * by["sgd"].final["train_loss"], (by["kfac"].final, by["sgd"].final)
+
+
+def test_every_default_optimizer_reaches_90_percent_test_accuracy():
+    _needs_kfac()
+    names = O.available_names(default_only=True)
+    by = _default_digits_run(names)
+    assert all(r.status == "ok" for r in by.values()), {n: r.status for n, r in by.items()}
     low = {n: r.final["test_accuracy"] for n, r in by.items() if r.final["test_accuracy"] < 0.9}
     assert not low, low

@@ -49,7 +49,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed (model init, data order, augmentation, sampling)"})
     device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA; ignored with a warning on CPU"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = auto: 1 on digits, torch's default otherwise)"})
     mem_probe_steps: int = field(default=3, metadata={"help": "steps of the CPU peak-memory probe (0 = off)"})
     progress: bool = field(default=True, metadata={"help": "show tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})

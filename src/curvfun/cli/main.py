@@ -206,6 +206,8 @@ def _prepare(cfg: C.Config):
     from .train import select_device
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    elif cfg.data == "digits":  # tiny layers: intra-op threads only add overhead (and spin on a busy machine)
+        torch.set_num_threads(1)
     device = select_device(cfg)
     if cfg.amp and device.type != "cuda":
         warnings.warn(f"--amp: mixed precision is used on CUDA only; running in float32 on {device.type}")
@@ -389,3 +391,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("curvfun: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `curvfun list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
