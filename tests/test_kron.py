@@ -480,11 +480,6 @@ def test_embedding_followed_by_deep_linear_mse_is_exact(case, n, T, seed, var):
     _embed_check(model, ids, y, MSE(var), "exact")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kron.py/layers.py: Embedding with padding_idx zeroes the output-gradients ĝ at padding "
-    "positions, so B sums only the non-padding positions while A = counts/(N·T) divides by all "
-    "positions: kron(diag(A), B) is off by a factor (non-padding positions)/(N·T) in the exact "
-    "deep-linear setting (GUIDE: ĝ is the gradient w.r.t. the layer output, nonzero at padding)"))
 def test_embedding_with_padding_tokens_in_the_batch_is_exact_for_deep_linear_mse():
     """Minimal case: Embedding(2, 1, padding_idx=0) → Linear(1, 2), one sample with tokens
     [0, 1] (one padding position), MSE. The dense block is exact-Fisher ground truth; K-FAC

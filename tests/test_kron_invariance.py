@@ -248,11 +248,6 @@ def test_embedding_damped_inverse(V, D, lam, seed):
           "embedding inverse matvec", rtol=1e-8, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "kron.py: to_dense() calls torch.kron on A and B as given; torch.kron (2.13, CPU) raises "
-    "'view size is not compatible with input tensor's size and stride' when its two arguments "
-    "have different memory layouts (one row-major, one column-major, e.g. a .T view or a LAPACK "
-    "result). Fix: .contiguous() before torch.kron in _layer_dense / EmbeddingFactor.to_dense"))
 @pytest.mark.parametrize("kind", ["kron", "embedding"])
 def test_to_dense_does_not_depend_on_memory_layout(kind):
     X = torch.randn(3, 3, generator=_gen(0))

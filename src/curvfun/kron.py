@@ -158,14 +158,14 @@ def _layer_dense(left: Tensor, right: Tensor, folded: bool, has_bias: bool, incl
     d = right.shape[-1]
     if folded:
         din = d - 1
-        blocks = [torch.kron(left[g], right[g]) for g in range(G)]  # over row-major [W_g b_g]
+        blocks = [torch.kron(left[g].contiguous(), right[g].contiguous()) for g in range(G)]  # over row-major [W_g b_g]
         M = torch.block_diag(*blocks)
         # permute augmented order (g, o, i) with i = din meaning bias -> [vec_r(W); b]
         idx_w = [(g * o + r) * d + i for g in range(G) for r in range(o) for i in range(din)]
         idx_b = [(g * o + r) * d + din for g in range(G) for r in range(o)]
         perm = torch.tensor(idx_w + idx_b)
         return M[perm][:, perm]
-    Mw = torch.block_diag(*[torch.kron(left[g], right[g]) for g in range(G)])
+    Mw = torch.block_diag(*[torch.kron(left[g].contiguous(), right[g].contiguous()) for g in range(G)])
     if not (include_bias and has_bias):
         return Mw
     return torch.block_diag(Mw, torch.block_diag(*[left[g] for g in range(G)]))
@@ -356,7 +356,7 @@ class EKFACFactor:
         G = QA.shape[0]
         blocks = []
         for g in range(G):
-            Q = torch.kron(QB[g], QA[g])
+            Q = torch.kron(QB[g].contiguous(), QA[g].contiguous())
             blocks.append(Q @ torch.diag(self._scale(self.S[g]).reshape(-1)) @ Q.T)
         M = torch.block_diag(*blocks)
         if self.folded:
@@ -414,7 +414,7 @@ class EmbeddingFactor:
         return {"weight": self.A.unsqueeze(-1) * grad["weight"] @ self.B}
 
     def to_dense(self, include_bias: bool = False) -> Tensor:
-        return torch.kron(torch.diag(self.A), self.B)
+        return torch.kron(torch.diag(self.A), self.B.contiguous())
 
     def damped_inverse(self, damping: float, heuristic: str = "pi") -> "EmbeddingFactor":
         dA, dB = pi_damping(self.A, self.B, damping, heuristic, a_diag=True)

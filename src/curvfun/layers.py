@@ -99,9 +99,17 @@ def _embedding(rec: LayerRecord):
     g = None
     if rec.grads is not None:
         g = torch.cat([y.reshape(y.shape[0], y.shape[1], -1, y.shape[-1]) for y in rec.grads], 2)
-        if m.padding_idx is not None:
-            g = g * (ids != m.padding_idx)[None, :, :, None].to(g.dtype)
     return ids, g
+
+
+def _embedding_g(ld: "LayerData", g: Tensor) -> Tensor:
+    """Output gradients with padding positions zeroed: the weight row ``padding_idx`` gets no
+    gradient (as in ``nn.Embedding``). The K-FAC factor B keeps them unmasked (the GUIDE's ĝ is
+    the gradient w.r.t. the layer output); its A has count 0 at ``padding_idx``."""
+    pad = ld.module.padding_idx
+    if pad is None:
+        return g
+    return g * (ld.a != pad).unsqueeze(-1).to(g.dtype)
 
 
 def _normalised(rec: LayerRecord, x: Tensor) -> Tensor:
@@ -190,6 +198,7 @@ def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) 
             res["bias"] = out["bias"].copy_(b) if "bias" in out else b
     elif ld.kind == "embedding":
         ids = ld.a  # [N, T]
+        g = _embedding_g(ld, g)
         D = g.shape[-1]
         dst = out.get("weight")
         if dst is None:
@@ -227,6 +236,7 @@ def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
         return sq
     if ld.kind == "embedding":
         ids = ld.a
+        g = _embedding_g(ld, g)
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)  # [N, T, T]
         return (same * (g @ g.transpose(-1, -2))).reshape(N, -1).sum(1)
     sq = (g * ld.a).sum(1).pow(2).sum(-1)
