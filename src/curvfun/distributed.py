@@ -19,7 +19,7 @@ collective, instead of a bare backend error or a hang.
 from __future__ import annotations
 
 import collections
-import contextlib
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import optree
@@ -40,6 +40,11 @@ __all__ = [
     "assign_by_cost",
     "broadcast_from_owners",
     "check_same_structure",
+    "is_ddp",
+    "average_gradients",
+    "all_gather_rows",
+    "inverse_cost",
+    "owners_for",
     "INVERSE_MODES",
 ]
 
@@ -133,6 +138,40 @@ def assign_by_cost(costs: Mapping[str, float], n_ranks: int) -> dict[str, int]:
         out[name] = r
         load[r] += c
     return out
+
+
+def inverse_cost(obj: Any) -> float:
+    """Cost model of inverting / eigen-decomposing a factor object: d³ per (batched) square
+    matrix leaf (K-FAC: d_A³ + d_B³), the element count for every other tensor leaf."""
+    cost = 0.0
+    for t in optree.tree_leaves(obj, namespace="curvfun"):
+        if isinstance(t, Tensor):
+            if t.ndim >= 2 and t.shape[-1] == t.shape[-2]:
+                cost += math.prod(t.shape[:-2]) * float(t.shape[-1]) ** 3
+            else:
+                cost += t.numel()
+    return cost
+
+
+def owners_for(mode: str, costs: Mapping[str, float]) -> dict[str, int] | None:
+    """The owning rank of every item under ``mode="assigned"`` when distributed
+    (:func:`assign_by_cost`); None means "compute everything here" (one process or ``"replicated"``)."""
+    if mode not in INVERSE_MODES:
+        raise ValueError(f"unknown inverse_mode {mode!r}; expected one of {INVERSE_MODES}")
+    if not is_distributed() or mode == "replicated":
+        return None
+    return assign_by_cost(costs, world_size())
+
+
+def all_gather_rows(rows: Tensor, category: str, step: int | None = None) -> Tensor:
+    """Rows ``[R, P]`` of every rank stacked in rank order ``[world·R, P]`` (same shape on every
+    rank: equal per-rank batches); identity when not distributed."""
+    if not is_distributed():
+        return rows
+    rows = rows.contiguous()
+    out = [torch.empty_like(rows) for _ in range(world_size())]
+    collective(category, "all_gather", step, lambda: dist.all_gather(out, rows), rows.numel() * rows.element_size())
+    return torch.cat(out, 0)
 
 
 def broadcast_from_owners(values: dict[str, Any], owners: Mapping[str, int], step: int | None = None) -> dict[str, Any]:

@@ -72,8 +72,12 @@ Differences from the published AdaFisher code (read for behaviour only):
   diagonal-Kronecker factors above (a 1x1 unit per channel);
 * ``state_dict()`` here also holds the optimizer's step count, the averaged factors and the EMA
   mode, by layer name, so training resumes exactly;
-* ``dist=True`` all-reduces the factors on every step there; here it raises
-  ``NotImplementedError`` until the data-parallel issue (issue 7) lands.
+* ``dist=True`` all-reduces the factors on every step there; here (``torch.distributed``
+  initialised, e.g. under ``torchrun``) the new factors are averaged over ranks with one
+  coalesced all-reduce on refresh steps only (``s % TCov == 0``), before the moving average, and
+  the gradients are averaged in ``step()`` unless the model is wrapped in
+  ``DistributedDataParallel`` (which already did). With equal per-rank batches this equals one
+  process on the concatenated batch. The model structure is checked across ranks at construction.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as cfd
 from ..capture import LayerRecord, ModuleInfo, layer_kind
 from ..diag_kron import EMA_MODES, DiagKron, diag_kron_factors, diag_kron_fisher, update_diag_kron
 from ..layers import layer_data
@@ -138,10 +143,10 @@ class _AdaFisherBase(torch.optim.Optimizer):
                 f"{cls} needs the model (an nn.Module), not its parameters: {cls}(model, lr=...); got "
                 f"{type(model).__name__}"
             )
-        if dist:
-            raise NotImplementedError(
-                f"{cls}(dist=True): data-parallel reduction of the Kronecker factors is not implemented yet; "
-                f"it belongs to the torch.distributed issue (issue 7). Use dist=False."
+        if dist and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                f"{cls}(dist=True) needs torch.distributed to be initialised first "
+                f"(torch.distributed.init_process_group, e.g. under torchrun); use dist=False in one process"
             )
         _check_number("learning rate", lr, lambda v: v >= 0, "lr >= 0")
         _check_number("beta parameter", beta, lambda v: 0 <= v < 1, "0 <= beta < 1")
@@ -166,7 +171,7 @@ class _AdaFisherBase(torch.optim.Optimizer):
         self.ema = ema
         self.fallback = fallback
         self.loss_reduction = loss_reduction
-        self.dist = False
+        self.dist = bool(dist)
         defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, fallback_beta2=fallback_beta2, eps=eps)
         super().__init__(model.parameters() if params is None else params, defaults)
 
@@ -201,6 +206,11 @@ class _AdaFisherBase(torch.optim.Optimizer):
         self._records: dict[str, list[list]] = {n: [] for n in self._infos}
         self._handles: list = []
         self._hooks_enabled = True
+        if self.dist:
+            cfd.check_same_structure(
+                [cls, [[n, list(p.shape)] for n, p in root.named_parameters()], list(self._infos)],
+                f"model structure or preconditioned layers of {cls}",
+            )
         self._arm_for_step()
 
     # --- hooks ------------------------------------------------------------------------------
@@ -255,6 +265,7 @@ class _AdaFisherBase(torch.optim.Optimizer):
 
     # --- factors ----------------------------------------------------------------------------
     def _refresh_factors(self) -> None:
+        news: dict[str, DiagKron] = {}
         for name, entries in self._records.items():
             done = [e for e in entries if e[2] is not None]
             if not done:
@@ -272,7 +283,11 @@ class _AdaFisherBase(torch.optim.Optimizer):
                 scale = float(x.shape[0]) if self.loss_reduction == "mean" else 1.0
                 grads.append((g * scale).unsqueeze(0))
             rec = LayerRecord(info, inputs=[e[0] for e in done], grads=grads)
-            new = diag_kron_factors(layer_data(rec, None))
+            news[name] = diag_kron_factors(layer_data(rec, None))
+        if self.dist:
+            # this refresh's factors averaged over ranks (one coalesced all-reduce, refresh steps only)
+            news = cfd.all_reduce_tree_mean(news, "curvature", self._steps)
+        for name, new in news.items():
             if not all_finite(tuple(new)):
                 warnings.warn(
                     f"{type(self).__name__}: the new factors of layer {name!r} at step {self._steps} are not finite; "
@@ -317,6 +332,9 @@ class _AdaFisherBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.dist and not cfd.is_ddp(self.model):
+            # DDP averages in backward; otherwise one coalesced all-reduce of the gradients here
+            cfd.average_gradients((p for g in self.param_groups for p in g["params"]), self._steps)
         if self._is_refresh(self._steps):
             self._refresh_factors()
         for group in self.param_groups:
@@ -435,7 +453,8 @@ class AdaFisher(_AdaFisherBase):
         gamma: factor-average coefficient γ in [0, 1). (default: 0.8)
         TCov: steps between factor refreshes (step 0 refreshes). (default: 100)
         weight_decay: L2 coefficient added to the gradient. (default: 0)
-        dist: must be False (data-parallel factors: issue 7). (default: False)
+        dist: data-parallel under ``torch.distributed`` (must be initialised): factors averaged on
+            refresh steps, gradients averaged unless the model is DDP-wrapped. (default: False)
         ema: ``"corrected"`` (convex average) or ``"paper"`` (published rule). (default: "corrected")
         fallback: rule for parameters without F̃, ``"adam"`` or ``"momentum"``. (default: "adam")
         fallback_beta2, eps: the Adam fallback's β₂ and ε. (defaults: 0.999, 1e-8)

@@ -279,7 +279,17 @@ class GradientMaker:
         self._require_ready()
         self.forward()
         self.backward()
+        self._average_gradients()
         return self._model_output, self._loss
+
+    def _average_gradients(self, step: int | None = None) -> None:
+        """Under ``torch.distributed`` with a model that is not wrapped in
+        ``DistributedDataParallel`` (which averages in backward): ``param.grad`` ← mean over ranks,
+        one coalesced all-reduce (:func:`curvfun.distributed.average_gradients`). No-op otherwise."""
+        from .. import distributed as cfd
+
+        if cfd.is_distributed() and not cfd.is_ddp(self.model):
+            cfd.average_gradients(unwrap_model(self.model).parameters(), self._pass_count - 1 if step is None else step)
 
     def _require_loss_setup(self) -> None:
         if self._loss_fn is None and self._dummy_loss is None:
@@ -606,7 +616,21 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     _supported_classes: tuple[type, ...] | None = None
     _state_attributes: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PreconditioningConfig | None = None,
+        *,
+        seed: int | None = None,
+        inverse_mode: str = "assigned",
+    ) -> None:
+        from .. import distributed as cfd
+
+        if inverse_mode not in cfd.INVERSE_MODES:
+            raise ValueError(f"unknown inverse_mode {inverse_mode!r}; expected one of {cfd.INVERSE_MODES}")
+        #: under torch.distributed: "assigned" (each inverse computed by one rank, chosen by cost, and
+        #: broadcast) or "replicated" (computed on every rank); ignored in a single process
+        self.inverse_mode = inverse_mode
         if config is None:
             config = PreconditioningConfig()
         super().__init__(model, config)  # type-checks and validates config
@@ -621,12 +645,18 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.seed = _derived_seed() if seed is None else seed
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(self.seed)
+        # per rank under torch.distributed (seed + rank: reproducible, and MC samples differ across
+        # ranks as independent samples of the concatenated batch would); rank 0 = single process
+        self.generator.manual_seed((self.seed + cfd.rank()) % 2**63)
         self.nonfinite_counts: dict[str, int] = {}
         self._nonfinite_warned: set[str] = set()
         self._reported = False
         self._warned_past_total: set[str] = set()
         self._resolve_modules()
+        cfd.check_same_structure(
+            [type(self).__name__, self._model_structure(), list(self.preconditioned_modules)],
+            f"model structure or preconditioned layers of {type(self).__name__}",
+        )
 
     # --- module assignment ------------------------------------------------------------------------
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
@@ -745,11 +775,18 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self._warn_past_total(step)
         before = self._pass_count
         self._startup()
+        synced = False
         if self.do_forward_and_backward(step):
             self.forward()
             self.backward()
+            # under torch.distributed: mean gradient over ranks before update_curvature (Shampoo
+            # builds its statistics from it); no-op in one process or with DDP
+            self._average_gradients(step)
+            synced = True
         if self.do_update_curvature(step):
             self.update_curvature()
+        if not synced and self._pass_count > before:  # the pass ran inside update_curvature
+            self._average_gradients(step)
         if self.do_update_preconditioner(step):
             self.update_preconditioner()
         passes = self._pass_count - before

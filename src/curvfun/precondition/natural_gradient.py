@@ -32,6 +32,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as cfd
 from ..capture import ModuleInfo, _batched_backward, _check_versions, layer_kind, output_grad_columns, record_layers
 from ..kron import (
     BIAS_MODES,
@@ -146,6 +147,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         n_mc_samples: int = 1,
         *,
         seed: int | None = None,
+        inverse_mode: str = "assigned",
     ) -> None:
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {list(FISHER_TYPES)}")
@@ -162,7 +164,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         self.likelihood = get_likelihood(loss_type)
         self.curvature: dict[str, Any] = {}
         self.inverses: dict[str, Any] = {}
-        super().__init__(model, config, seed=seed)
+        super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self._infos = {
             name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" for k in self.module_params(name)})
             for name, m in self.preconditioned_modules.items()
@@ -223,20 +225,47 @@ class _CurvatureMaker(PreconditionedGradientMaker):
             new = {"nonfinite": torch.tensor(float("nan"))}
         self.inverses[name] = self._install_if_finite(name, new, self.inverses.get(name), "inverse")
 
+    def _invert_all(self, fns: dict[str, Any]) -> None:
+        """``self._invert(name, fn)`` for every item; under ``torch.distributed`` with
+        ``inverse_mode="assigned"`` each rank runs only the layers :func:`~curvfun.distributed.assign_by_cost`
+        gives it (cost: :func:`~curvfun.distributed.inverse_cost` of the curvature) and every rank
+        installs the owner's result (its non-finite handling included: a rejected inverse leaves the
+        owner's last good one, on every rank)."""
+        owners = cfd.owners_for(self.inverse_mode, {n: cfd.inverse_cost(self.curvature.get(n)) for n in fns})
+        me = cfd.rank()
+        for name, fn in fns.items():
+            if owners is None or owners[name] == me:
+                self._invert(name, fn)
+        if owners is not None:
+            mine = {n: self.inverses.get(n) for n in fns if owners[n] == me}
+            for name, value in cfd.broadcast_from_owners(mine, owners, self.step).items():
+                if value is None:
+                    self.inverses.pop(name, None)
+                else:
+                    self.inverses[name] = value
+
+    def _reduce_curvature(self, new: dict[str, Any]) -> dict[str, Any]:
+        """The mean over ranks of this step's per-layer curvature (one coalesced all-reduce; only
+        called on curvature steps). Identity in one process."""
+        return cfd.all_reduce_tree_mean(new, "curvature", self.step)
+
     def update_curvature(self) -> None:
         data = self._capture_pass()
-        for name, ld in data.items():
-            self._install_curvature(name, self._layer_curvature(ld))
+        new = self._reduce_curvature({name: self._layer_curvature(ld) for name, ld in data.items()})
+        for name, c in new.items():
+            self._install_curvature(name, c)
 
     def _layer_curvature(self, ld: LayerData) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def update_preconditioner(self) -> None:
-        for name, curv in self.curvature.items():
-            self._invert(name, lambda c=curv: c.damped_inverse(self.config.damping))
+        self._invert_all({name: (lambda c=curv: c.damped_inverse(self.config.damping))
+                          for name, curv in self.curvature.items()})
 
     def precondition(self) -> None:
         for name, inv in self.inverses.items():
+            if inv is None:  # no good inverse yet: plain gradient
+                continue
             params = self.module_params(name)
             grads = {k: p.grad for k, p in params.items()}
             if any(g is None for g in grads.values()):
@@ -281,6 +310,7 @@ class KfacGradientMaker(_CurvatureMaker):
         damping_heuristic: str = "pi",
         *,
         seed: int | None = None,
+        inverse_mode: str = "assigned",
     ) -> None:
         if kfac_type not in KFAC_TYPES:
             raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
@@ -289,17 +319,19 @@ class KfacGradientMaker(_CurvatureMaker):
         if damping_heuristic not in ("pi", "none"):
             raise ValueError(f"unknown damping_heuristic {damping_heuristic!r}; expected 'pi' or 'none'")
         self.kfac_type, self.bias, self.damping_heuristic = kfac_type, bias, damping_heuristic
-        super().__init__(model, config, fisher_type, loss_type, n_mc_samples, seed=seed)
+        super().__init__(model, config, fisher_type, loss_type, n_mc_samples, seed=seed, inverse_mode=inverse_mode)
 
     def _layer_curvature(self, ld: LayerData) -> Any:
         return kron_factors_from_layer(ld, self.kfac_type, self.bias)
 
     def update_preconditioner(self) -> None:
+        fns = {}
         for name, f in self.curvature.items():
             if isinstance(f, KronFactor) or hasattr(f, "damping"):
-                self._invert(name, lambda f=f: f.damped_inverse(self.config.damping, self.damping_heuristic))
+                fns[name] = lambda f=f: f.damped_inverse(self.config.damping, self.damping_heuristic)
             else:
-                self._invert(name, lambda f=f: f.damped_inverse(self.config.damping))
+                fns[name] = lambda f=f: f.damped_inverse(self.config.damping)
+        self._invert_all(fns)
 
 
 class EkfacGradientMaker(KfacGradientMaker):
@@ -317,11 +349,20 @@ class EkfacGradientMaker(KfacGradientMaker):
 
     def update_curvature(self) -> None:
         data = self._capture_pass()
+        # this step's factors and, in the current bases, scalings: one all-reduce for all of them
+        fresh_all = {
+            name: _scalings(_ekfac_from(replace_eig(self.ekfac[name]), ld))
+            for name, ld in data.items()
+            if name in self.ekfac and ld.kind in ("linear", "conv2d")
+        }
+        new_curv, fresh_all = self._reduce_curvature(
+            ({name: self._layer_curvature(ld) for name, ld in data.items()}, fresh_all)
+        )
         for name, ld in data.items():
-            self._install_curvature(name, self._layer_curvature(ld))
+            self._install_curvature(name, new_curv[name])
             old = self.ekfac.get(name)
-            if old is not None and ld.kind in ("linear", "conv2d"):
-                fresh = _ekfac_from(replace_eig(old), ld)
+            if name in fresh_all:
+                fresh = replace(old, S=fresh_all[name][0], s_bias=fresh_all[name][1])
                 S = ema(old.S, fresh.S, self._decay)
                 sb = None if old.s_bias is None else ema(old.s_bias, fresh.s_bias, self._decay)
                 new = replace(old, S=S, s_bias=sb)
@@ -331,13 +372,31 @@ class EkfacGradientMaker(KfacGradientMaker):
         self._last_data = data
 
     def update_preconditioner(self) -> None:
+        # the eigh runs on every rank (identical reduced factors, so identical bases); the scalings
+        # of the new bases are averaged over ranks in one all-reduce
+        eigs: dict[str, Any] = {}
         for name, f in self.curvature.items():
             if isinstance(f, KronFactor):
                 try:
-                    eig = f.eigh()
+                    eigs[name] = f.eigh()
+                except (RuntimeError, ValueError):
+                    eigs[name] = None
+        scal = {
+            name: _scalings(_ekfac_from(eig, self._last_data[name]))
+            for name, eig in eigs.items()
+            if eig is not None and name in self._last_data
+        }
+        scal = self._reduce_curvature(scal)
+        others = {}
+        for name, f in self.curvature.items():
+            if isinstance(f, KronFactor):
+                try:
+                    eig = eigs[name]
+                    if eig is None:
+                        raise ValueError("eigh failed")
                     ld = self._last_data.get(name)
                     if ld is not None:
-                        ek = _ekfac_from(eig, ld)
+                        ek = _ekfac_from_scalings(eig, *scal[name])
                     else:
                         lam = eig.eigenvalues().reshape(-1, eig.QB.shape[-1], eig.QA.shape[-1])
                         sb = eig.lamB.reshape(lam.shape[0], -1) if f.has_bias and not f.folded else None
@@ -350,10 +409,19 @@ class EkfacGradientMaker(KfacGradientMaker):
                 else:
                     self._invert(name, lambda: (_ for _ in ()).throw(ValueError("eigh failed")))
             else:
-                self._invert(name, lambda f=f: f.damped_inverse(self.config.damping))
+                others[name] = lambda f=f: f.damped_inverse(self.config.damping)
+        self._invert_all(others)
 
     def _teardown(self) -> None:
         self._last_data = {}
+
+
+def _scalings(ek: EKFACFactor) -> tuple[Tensor, Tensor | None]:
+    return ek.S, ek.s_bias
+
+
+def _ekfac_from_scalings(eig: Any, S: Tensor, s_bias: Tensor | None) -> EKFACFactor:
+    return EKFACFactor(eig.QA, eig.QB, S, s_bias, eig.weight_shape, eig.has_bias, eig.folded)
 
 
 def replace_eig(ek: EKFACFactor):
@@ -398,6 +466,11 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
             raise ValueError(
                 "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
                 "set config.ema_decay=-1"
+            )
+        if cfd.is_distributed():
+            raise NotImplementedError(
+                "LowRankKfacGradientMaker does not run under torch.distributed yet (its power iteration "
+                "works on per-rank rows that are never averaged); use KfacGradientMaker or EkfacGradientMaker"
             )
         self.rank, self.power_iters = rank, power_iters
         self.lowrank: dict[str, LowRankKron] = {}
@@ -458,13 +531,19 @@ class _BlockMaker(_CurvatureMaker):
     identity (:class:`RowsBlock`, never P x P); with EMA the dense block is accumulated and
     inverted by Cholesky (:class:`DenseBlock`, O(P³): small models only)."""
 
-    def _block(self, U: Tensor):
+    def _blocks(self, rows: dict[str, Tensor]) -> dict[str, Any]:
+        """This step's blocks from the rows ``U`` of each block. Under ``torch.distributed``: the
+        rows of every rank stacked and scaled by 1/sqrt(world size) (F = mean over ranks of UᵀU;
+        one all-gather per block), or, with EMA, the dense blocks averaged (one all-reduce)."""
         if self._decay == NO_EMA:
-            return RowsBlock(U)
-        return DenseBlock(U.T @ U)
+            ws = cfd.world_size()
+            if ws == 1:
+                return {n: RowsBlock(U) for n, U in rows.items()}
+            return {n: RowsBlock(cfd.all_gather_rows(U, "curvature", self.step) / math.sqrt(ws))
+                    for n, U in rows.items()}
+        return self._reduce_curvature({n: DenseBlock(U.T @ U) for n, U in rows.items()})
 
-    def _install_block(self, name: str, U: Tensor) -> None:
-        new = self._block(U)
+    def _install_block(self, name: str, new: Any) -> None:
         old = self.curvature.get(name)
         if isinstance(new, DenseBlock) and isinstance(old, DenseBlock):
             new = DenseBlock(ema(old.F, new.F, self._decay))
@@ -486,8 +565,9 @@ class LayerWiseNaturalGradientMaker(_BlockMaker):
     """One Fisher block per layer over all its parameters (weight and bias together)."""
 
     def update_curvature(self) -> None:
-        for name, ld in self._capture_pass().items():
-            self._install_block(name, layer_column_rows(ld))
+        rows = {name: layer_column_rows(ld) for name, ld in self._capture_pass().items()}
+        for name, block in self._blocks(rows).items():
+            self._install_block(name, block)
 
     def precondition(self) -> None:
         for name, inv in self.inverses.items():
@@ -505,7 +585,7 @@ class FullNaturalGradientMaker(_BlockMaker):
         names = [n for n in self.preconditioned_modules if n in data]
         U = torch.cat([layer_column_rows(data[n]) for n in names], 1)
         self._full_names = names
-        self._install_block(self._FULL, U)
+        self._install_block(self._FULL, self._blocks({self._FULL: U})[self._FULL])
 
     def precondition(self) -> None:
         inv = self.inverses.get(self._FULL)
@@ -518,5 +598,6 @@ class EmpNaturalGradientMaker(FullNaturalGradientMaker):
     (F_emp + λI)^{-1} g, F_emp = (1/N) Σ_n g_n g_nᵀ, by the N x N push-through solve."""
 
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None,
-                 loss_type: str = "cross_entropy", *, seed: int | None = None) -> None:
-        super().__init__(model, config, "fisher_emp", loss_type, 1, seed=seed)
+                 loss_type: str = "cross_entropy", *, seed: int | None = None,
+                 inverse_mode: str = "assigned") -> None:
+        super().__init__(model, config, "fisher_emp", loss_type, 1, seed=seed, inverse_mode=inverse_mode)

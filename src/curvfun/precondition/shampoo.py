@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as cfd
 from ..shampoo_math import (
     as_matrix,
     block_slices,
@@ -72,6 +73,15 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             δ = ε.
         init_scale: the statistics start at ``init_scale · I`` (default 1e-12, as ASDL).
         seed: see :class:`PreconditionedGradientMaker` (Shampoo draws no random numbers).
+        inverse_mode: under ``torch.distributed``, ``"assigned"`` (default: each parameter's roots
+            computed by one rank, chosen by cost Σ d³, and broadcast) or ``"replicated"`` (every
+            rank computes every root: no communication, more compute).
+
+    Under ``torch.distributed`` the gradients are averaged over ranks before the statistics are
+    updated (by DDP, or by the maker when the model is not wrapped), so the statistics are those
+    of the mean gradient, as in one process on the concatenated batch, and identical on every
+    rank without any curvature collective (averaging per-rank G_r G_rᵀ would give another
+    matrix); only the roots are communicated, on preconditioner steps, in ``"assigned"`` mode.
     """
 
     _state_attributes = ("statistics", "roots")
@@ -85,6 +95,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         damping_mode: str = "relative",
         init_scale: float = 1e-12,
         seed: int | None = None,
+        inverse_mode: str = "assigned",
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int):
             raise TypeError(f"block_size must be an int (-1 for no blocking), got {block_size!r}")
@@ -96,7 +107,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             raise ValueError(f"damping_mode must be one of {_DAMPING_MODES}, got {damping_mode!r}")
         if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
             raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
-        super().__init__(model, config, seed=seed)
+        super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self.block_size = block_size
         self.damping_mode = damping_mode
         self.init_scale = float(init_scale)
@@ -144,7 +155,11 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     def update_preconditioner(self) -> None:
         relative = self.damping_mode == "relative"
         damping = float(self.config.damping)
+        owners = cfd.owners_for(self.inverse_mode, {k: cfd.inverse_cost(v) for k, v in self.statistics.items()})
+        me = cfd.rank()
         for key, stats in self.statistics.items():
+            if owners is not None and owners[key] != me:
+                continue
             powers = [shampoo_roots(L, R, damping, relative) for L, R in stats]
             # the roots Q diag(w) Qᵀ are finite iff the powered eigenvalues w are (Q is orthogonal)
             if all(bool(torch.isfinite(e.w).all()) for pair in powers for e in pair):
@@ -152,6 +167,13 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             else:
                 bad = [[eL.matrix(), eR.matrix()] for eL, eR in powers]
                 self.roots[key] = self._install_if_finite(key, bad, self.roots.get(key), "inverse root")
+        if owners is not None:
+            mine = {k: self.roots.get(k) for k in self.statistics if owners[k] == me}
+            for key, value in cfd.broadcast_from_owners(mine, owners, self.step).items():
+                if value is None:
+                    self.roots.pop(key, None)
+                else:
+                    self.roots[key] = value
 
     def precondition(self) -> None:
         for key, p in self._matrix_params().items():
