@@ -37,18 +37,20 @@ POWER_TOL = 1e-2  # relative Ritz residual; warm starts usually meet it in 1-3 i
 N_BATCHES = 8
 
 
-def _interleaved_medians(fns: dict, warmup: int, repeat: int) -> dict:
-    """Median seconds of each fn, the fns run in turn (round-robin) so that all of them see the
-    same machine load; ``warmup`` untimed rounds first."""
+def _interleaved_medians(fns: dict, warmup: int, rounds: int, inner: dict | None = None) -> dict:
+    """Median seconds of each fn, the fns run in turn (round-robin, ``inner[name]`` calls of fn
+    per round) so that all of them see the same machine load; ``warmup`` untimed rounds first."""
+    inner = inner or {}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeat):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(inner.get(name, 1)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -116,9 +118,10 @@ def main(threads: int | None = None) -> None:
                                   power_tol=POWER_TOL, generator=gen)
         cold_iters.append(K.iterations)
 
-    # several low-rank refreshes per dense one so the warm-start chain runs through new batches
+    # several low-rank refreshes per dense one (they are cheap); the warm-start chain runs
+    # through a new batch at every call
     t = _interleaved_medians({"dense": dense_refresh, "warm": lowrank_refresh, "cold": cold_refresh},
-                             warmup=2, repeat=9)
+                             warmup=2, rounds=7, inner={"warm": 4, "cold": 4})
     t_dense_refresh, t_low_refresh, t_cold_refresh = t["dense"], t["warm"], t["cold"]
     warm_iters = state["iters"][2:]
     cold = cold_iters
@@ -127,7 +130,7 @@ def main(threads: int | None = None) -> None:
     K = state["prev"]
     A_inv, B_inv = _dense_refresh(*batches[(state["i"] - 1) % N_BATCHES])
     t = _interleaved_medians({"dense": lambda: B_inv @ G @ A_inv, "low": lambda: K.matvec({"weight": G})},
-                             warmup=2, repeat=9)
+                             warmup=2, rounds=7, inner={"low": 4})
     t_dense_apply, t_low_apply = t["dense"], t["low"]
 
     # --- (c) memory ----------------------------------------------------------------------------
