@@ -36,6 +36,7 @@ class LayerData:
     g: Tensor | None
     weights: Tensor | None  # column weights [K]
     has_bias: bool
+    has_weight: bool = True  # False when params holds only the bias (the weight held fixed)
 
     @property
     def batch_size(self) -> int:
@@ -157,7 +158,7 @@ def layer_data(rec: LayerRecord, weights: Tensor | None = None) -> LayerData:
         a, g = _norm(rec)
     else:  # pragma: no cover - guarded by capture.layer_kind
         raise ValueError(f"unsupported layer kind {kind!r}")
-    return LayerData(kind, rec.module, a, g, weights, "bias" in rec.info.keys)
+    return LayerData(kind, rec.module, a, g, weights, "bias" in rec.info.keys, "weight" in rec.info.keys)
 
 
 def _col0(ld: LayerData) -> Tensor:
@@ -169,6 +170,13 @@ def _col0(ld: LayerData) -> Tensor:
 
 
 def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    res = _per_sample_layer_grads(ld, out if ld.has_weight else {k: v for k, v in (out or {}).items() if k != "weight"})
+    if not ld.has_weight:
+        res.pop("weight", None)
+    return res
+
+
+def _per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Per-sample gradients ``{"weight": [N, *W.shape], "bias": [N, *b.shape]}`` of one layer
     from its captured data; written into ``out[...]`` when given (preallocated buffers are
     several times faster than fresh pages for large layers). Cost O(N·T·d_in·d_out)."""
@@ -221,6 +229,8 @@ def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
     where that is cheaper: for T positions, ``‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')``
     costs O(T²(d_in+d_out)) instead of O(T·d_in·d_out) (the cheaper one is used)."""
     g, N = _col0(ld), ld.batch_size
+    if not ld.has_weight:  # bias only (embeddings have no bias)
+        return per_sample_layer_grads(ld)["bias"].reshape(N, -1).pow(2).sum(1)
     if ld.kind in ("linear", "conv2d"):
         a = ld.a
         G, T, d = a.shape[1:]
@@ -247,7 +257,7 @@ def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
 
 def column(ld: LayerData, k: int) -> LayerData:
     """The layer data restricted to output-gradient column ``k`` (weight not applied)."""
-    return LayerData(ld.kind, ld.module, ld.a, ld.g[k : k + 1], None, ld.has_bias)
+    return LayerData(ld.kind, ld.module, ld.a, ld.g[k : k + 1], None, ld.has_bias, ld.has_weight)
 
 
 def layer_diag_fisher(ld: LayerData) -> dict[str, Tensor]:
