@@ -648,6 +648,11 @@ class LowRankKron:
     Ã = V_A diag(λ_A) V_Aᵀ (``[d_in, d_in]``, never formed), B̃ = diag(b_diag) + V_B diag(λ_B) V_Bᵀ
     (``[d_out, d_out]``, never formed). Build with :meth:`from_rows`. Immutable; an optree pytree
     node in the ``"curvfun"`` namespace (tensor fields are children, dampings/iterations metadata).
+
+    Fields besides the factors: ``a_inv`` / ``b_inv`` (:class:`WoodburyFactor` of the damped
+    factors), ``damping_a`` / ``damping_b`` (δ_A, δ_B), ``iterations`` (power iterations used on
+    the A and B sides) and ``shrink`` (the factor applied to B's negative off-diagonal eigenvalues
+    to keep B̃ + δ_B I positive definite; 1.0 = untouched, see :func:`lowrank_plus_diag`).
     """
 
     a_eigenvalues: Tensor
