@@ -2,9 +2,9 @@
 step, and eigh inverse roots against a coupled Newton iteration (the kind of root ASDL uses).
 
 A "step" is what the training loop does: ``optimizer.zero_grad()``, the gradient (plain backward, or
-the maker's ``forward_and_backward()``), ``optimizer.step()``. Times are medians over blocks of
-``BLOCK`` consecutive steps (so an interval-10 schedule is averaged over its cycle), after one
-warm-up block, divided by ``BLOCK``; ratios are against the SGD step of the same model in the
+the maker's ``forward_and_backward()``), ``optimizer.step()``. Times are medians of single steps
+(after warm-up), except for the interval-10 schedule, whose time is the median over whole 10-step
+cycles divided by 10 (refresh included); ratios are against the SGD step of the same model in the
 same run. The CNN's Linear head has a 4096 x 4096 right Shampoo factor (one eigh(4096) per
 refresh), so the CNN rows use ``block_size=512``.
 """
@@ -22,18 +22,17 @@ from common import batch, cnn, median_time, mlp, setup, table
 from curvfun.precondition import PreconditioningConfig, ShampooGradientMaker, SmwEmpNaturalGradientMaker
 from curvfun.roots import inverse_root
 
-BLOCK = 10
-
-
-def _block_time(step, repeat: int) -> float:
-    for _ in range(BLOCK):  # warm-up block
+def _cycle_time(step, cycle: int, repeat: int) -> float:
+    """Median over ``repeat`` runs of ``cycle`` consecutive steps (after one warm-up cycle, and at
+    least two warm-up steps), divided by ``cycle``."""
+    for _ in range(max(cycle, 2)):
         step()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        for _ in range(BLOCK):
+        for _ in range(cycle):
             step()
-        times.append((time.perf_counter() - t0) / BLOCK)
+        times.append((time.perf_counter() - t0) / cycle)
     return statistics.median(times)
 
 
@@ -56,20 +55,20 @@ def _stepper(model, x, t, gm):
 def run(kind: str, base) -> dict:
     x, t = batch(kind)
     block = 512 if kind == "cnn" else -1
-    variants = [
-        ("SGD step (forward, backward, step)", None, 5),
+    variants = [  # (name, maker, cycle, repeat)
+        ("SGD step (forward, backward, step)", None, 1, 9),
         (f"Shampoo interval 1{' (block 512)' if block > 0 else ''}",
-         lambda m: ShampooGradientMaker(m, PreconditioningConfig(damping=1e-4), block_size=block), 3),
+         lambda m: ShampooGradientMaker(m, PreconditioningConfig(damping=1e-4), block_size=block), 1, 5),
         (f"Shampoo interval 10{' (block 512)' if block > 0 else ''}",
          lambda m: ShampooGradientMaker(m, PreconditioningConfig(damping=1e-4, preconditioner_upd_interval=10),
-                                        block_size=block), 3),
-        ("SMW empirical NG (damping 1e-3)", lambda m: SmwEmpNaturalGradientMaker(m, PreconditioningConfig(damping=1e-3)), 3),
+                                        block_size=block), 10, 2),
+        ("SMW empirical NG (damping 1e-3)", lambda m: SmwEmpNaturalGradientMaker(m, PreconditioningConfig(damping=1e-3)), 1, 9),
     ]
     rows, base_t = [], None
-    for name, make, repeat in variants:
+    for name, make, cycle, repeat in variants:
         model = copy.deepcopy(base)
         gm = None if make is None else make(model)
-        sec = _block_time(_stepper(model, x, t, gm), repeat)
+        sec = _cycle_time(_stepper(model, x, t, gm), cycle, repeat)
         base_t = sec if base_t is None else base_t
         rows.append((name, sec, sec / base_t))
     table(f"{kind.upper()} (batch {x.shape[0]}, {torch.get_num_threads()} threads)", rows)
@@ -109,7 +108,7 @@ def roots(model) -> None:
             ridge = 1e-4 * torch.linalg.eigvalsh(S).max()
             Sd = S + ridge * torch.eye(S.shape[0])
             t_e = median_time(lambda: inverse_root(S, 4, 1e-4, relative=True), warmup=1, repeat=3)
-            t_n = median_time(lambda: coupled_newton_inverse_root(Sd, 4), warmup=1, repeat=3)
+            t_n = median_time(lambda: coupled_newton_inverse_root(Sd, 4), warmup=0, repeat=1)
             R = coupled_newton_inverse_root(Sd, 4)
             err = (torch.linalg.matrix_power(R, 4) @ Sd - torch.eye(S.shape[0])).abs().max().item()
             rows.append((f"{label} {side} ({S.shape[0]}x{S.shape[0]}) eigh", t_e, 1.0))
