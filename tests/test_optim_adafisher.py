@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from digits_helper import train_digits  # noqa: E402
 
 from curvfun.capture import LayerRecord, ModuleInfo  # noqa: E402
-from curvfun.diag_kron import diag_kron_factors, diag_kron_fisher, ema_corrected, ema_paper  # noqa: E402
+from curvfun.diag_kron import (  # noqa: E402
+    conv2d_diag_kron,
+    diag_kron_factors,
+    diag_kron_fisher,
+    ema_corrected,
+    ema_paper,
+)
 from curvfun.kron import kron_factors_from_layer  # noqa: E402
 from curvfun.layers import layer_data  # noqa: E402
 from curvfun.optim import AdaFisher, AdaFisherW  # noqa: E402
@@ -158,8 +164,8 @@ def reference_factors(model: nn.Module, x, t):
             factors[n] = (A, B)
         elif isinstance(m, nn.Embedding):
             counts = torch.bincount(a[a != m.padding_idx].reshape(-1), minlength=m.num_embeddings).to(g.dtype)
-            keep = (a != m.padding_idx).to(g.dtype)[..., None]  # padding rows get no gradient
-            factors[n] = (counts / a.numel(), (g * keep).pow(2).sum((0, 1)) / N)
+            # A counts tokens other than padding_idx; B, as K-FAC's, keeps every position's ĝ
+            factors[n] = (counts / a.numel(), g.pow(2).sum((0, 1)) / N)
         elif isinstance(m, nn.LayerNorm):
             xhat = (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + m.eps)
             A = torch.stack([xhat.pow(2).sum(0) / N, torch.ones(a.shape[-1])], 1)
@@ -279,6 +285,33 @@ def test_diag_kron_is_the_diagonal_of_kfac(N, T, d_in, d_out, bias, K, seed):
         torch.testing.assert_close(Ft["bias"] - 0.5, torch.diagonal(kf.B), **TOL)
 
 
+@given(
+    N=st.integers(1, 3), groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]), dilation=st.integers(1, 2),
+    bias=st.booleans(), calls=st.integers(1, 2), K=st.integers(1, 2), seed=st.integers(0, 2**16),
+)
+def test_conv_diag_kron_without_im2col_equals_im2col_route(N, groups, k, stride, padding, dilation, bias, calls, K, seed):
+    """The optimizer's Conv2d fast path (strided window sums of x²) equals diag_kron_factors on the
+    im2col layer data, for any kernel / stride / padding / dilation / groups, several calls
+    (weight sharing) and weighted columns."""
+    if padding == "same":  # symmetric 'same' padding only (what the capture supports)
+        stride = 1
+        if (dilation * (k - 1)) % 2:
+            padding = 0
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(2 * groups, 2 * groups, k, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=bias)
+    xs = [torch.randn(N, 2 * groups, 6, 5) for _ in range(calls)]
+    gs = [torch.randn(K, *conv(x).shape) for x in xs]
+    w = torch.rand(K) + 0.1
+    keys = {"weight": "weight"} | ({"bias": "bias"} if bias else {})
+    rec = LayerRecord(ModuleInfo("", conv, "conv2d", keys), inputs=xs, grads=gs)
+    slow = diag_kron_factors(layer_data(rec, w))
+    fast = conv2d_diag_kron(xs, gs, conv, bias, w)
+    torch.testing.assert_close(fast.A, slow.A, **TOL)
+    torch.testing.assert_close(fast.B, slow.B, **TOL)
+
+
 # --------------------------------------------------------------------------------------
 # unsupported parameters: matched by identity, explicit fallback, never skipped
 # --------------------------------------------------------------------------------------
@@ -388,7 +421,7 @@ def test_bad_input_raises_with_message():
         (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay"),
         (dict(ema="kfac"), ValueError, "Invalid ema"),
         (dict(fallback="sgd"), ValueError, "Invalid fallback"),
-        (dict(dist=True), NotImplementedError, "issue 7"),
+        (dict(dist=True), RuntimeError, "needs torch.distributed to be initialised"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):

@@ -13,7 +13,7 @@ of the requested columns with weights w_k; see :mod:`curvfun.layers` for ``a`` a
   entry is exactly 1, so the bias block is ``diag(B) · 1`` (the same as K-FAC's separate bias
   block B). ``A`` is returned ``[G, d_in/G (+1)]``, ``B`` ``[G, d_out/G]``.
 * Embedding (weight ``[V, D]``): ``A = counts/(N·T)`` ``[V]`` (token frequencies; padding_idx
-  excluded), ``diag(B)`` ``[D]``.
+  excluded), ``diag(B)`` ``[D]`` over every position (padding positions included, as K-FAC's B).
 * LayerNorm / BatchNorm: each channel c is a 1x1 "linear" unit z_c = γ_c x̂_c + β_c, so
   ``A_c = (1/(N·T)) Σ_{n,t} x̂²_ntc`` (with a homogeneous 1 for β) ``[C, 1 (+1)]`` and
   ``B_c = (1/N) Σ_{n,t} ĝ²_ntc`` ``[C, 1]``.
@@ -23,7 +23,8 @@ The damped diagonal-Kronecker Fisher of a layer, elementwise in the parameter's 
     F̃_W[o, i] = diag(B)[o] · diag(A)[i] + λ,     F̃_b[o] = diag(B)[o] · ā_last + λ
 
 (for Embedding ``F̃_W[v, d] = A[v] · diag(B)[d] + λ``). Cost: one pass over the layer data,
-O(N·T·(d_in + d_out)) (plus im2col for Conv2d); F̃ costs O(#parameters).
+O(N·T·(d_in + d_out)) (plus im2col for Conv2d; :func:`conv2d_diag_kron` gives the Conv2d
+factors from the raw inputs without im2col, O(N·C·H·W)); F̃ costs O(#parameters).
 
 Moving averages of the factors, refreshed every ``TCov`` steps (``mode``):
 
@@ -55,6 +56,7 @@ __all__ = [
     "PAPER_MINMAX_EPS",
     "DiagKron",
     "diag_kron_factors",
+    "conv2d_diag_kron",
     "min_max_normalise",
     "ema_corrected",
     "ema_paper",
@@ -118,6 +120,52 @@ def diag_kron_factors(data: LayerData) -> DiagKron:
         B = (_weighted_sq_sum(g, w, (1, 2)) / N).unsqueeze(1)  # [C, 1]
         return DiagKron(A, B)
     raise ValueError(f"no diagonal Kronecker factors for layer kind {data.kind!r}")
+
+
+def _conv_padding(m: torch.nn.Conv2d) -> tuple[int, int]:
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))  # 'same', symmetric
+    return tuple(m.padding)
+
+
+def conv2d_diag_kron(
+    inputs: list[Tensor], grads: list[Tensor], module: torch.nn.Conv2d, has_bias: bool, weights: Tensor | None = None
+) -> DiagKron:
+    """The Conv2d case of :func:`diag_kron_factors` straight from the module's inputs
+    ``[N, C_in, H, W]`` and output gradients ``[K, N, C_out, H_o, W_o]`` (one entry per call),
+    without im2col: ``Σ_{n,t} a²`` of the patch entry (c, i, j) is the sum of x² (zero-padded)
+    over the strided window that entry sees, so it is one pass over x² summed over the batch and
+    kh·kw strided sums over ``[C, H, W]``. Same result as the im2col route; cost O(N·C·H·W)
+    instead of O(N·T·C·kh·kw) with a copy."""
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    ph, pw = _conv_padding(module)
+    G = module.groups
+    A_sum, T_total, N = None, 0, inputs[0].shape[0]
+    for x in inputs:
+        if x.ndim != 4:
+            raise ValueError(f"Conv2d: expected a batched [N, C, H, W] input, got shape {tuple(x.shape)}")
+        s = x.pow(2).sum(0)  # [C, H, W]
+        if ph or pw:
+            s = torch.nn.functional.pad(s, (pw, pw, ph, ph))
+        Ho = (s.shape[1] - dh * (kh - 1) - 1) // sh + 1
+        Wo = (s.shape[2] - dw * (kw - 1) - 1) // sw + 1
+        cols = []
+        for i in range(kh):
+            for j in range(kw):
+                win = s[:, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
+                cols.append(win.sum((1, 2)))
+        part = torch.stack(cols, 1)  # [C, kh*kw], order (c, i, j) as weight.flatten(1)
+        A_sum = part if A_sum is None else A_sum + part
+        T_total += Ho * Wo
+    A = A_sum.reshape(G, -1) / (N * T_total)
+    if has_bias:
+        A = torch.cat([A, torch.ones_like(A[:, :1])], 1)
+    B = sum(_weighted_sq_sum(g, weights, (1, 3, 4)) for g in grads) / N  # [C_out]
+    return DiagKron(A, B.reshape(G, -1))
 
 
 def min_max_normalise(x: Tensor, eps: float = PAPER_MINMAX_EPS) -> Tensor:

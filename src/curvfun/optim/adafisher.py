@@ -23,7 +23,8 @@ Which pure functions, when:
   during the user's forward each supported layer's input is kept and a tensor hook on its output
   keeps the output gradient of the user's backward; ``step()`` then turns them into
   :class:`~curvfun.layers.LayerData` (:func:`~curvfun.layers.layer_data`), computes
-  :func:`~curvfun.diag_kron.diag_kron_factors`, averages them with
+  :func:`~curvfun.diag_kron.diag_kron_factors` (Conv2d: :func:`~curvfun.diag_kron.conv2d_diag_kron`,
+  the same numbers without im2col), averages them with
   :func:`~curvfun.diag_kron.update_diag_kron` and caches F̃ (:func:`~curvfun.diag_kron.diag_kron_fisher`);
 * on other steps the hooks are removed (no overhead) and F̃ is reused.
 
@@ -91,7 +92,14 @@ from torch import Tensor, nn
 
 from .. import distributed as cfd
 from ..capture import LayerRecord, ModuleInfo, layer_kind
-from ..diag_kron import EMA_MODES, DiagKron, diag_kron_factors, diag_kron_fisher, update_diag_kron
+from ..diag_kron import (
+    EMA_MODES,
+    DiagKron,
+    conv2d_diag_kron,
+    diag_kron_factors,
+    diag_kron_fisher,
+    update_diag_kron,
+)
 from ..layers import layer_data
 from ..precondition.base import all_finite, assign_modules, unwrap_model
 
@@ -282,8 +290,11 @@ class _AdaFisherBase(torch.optim.Optimizer):
             for x, _, g in done:
                 scale = float(x.shape[0]) if self.loss_reduction == "mean" else 1.0
                 grads.append((g * scale).unsqueeze(0))
-            rec = LayerRecord(info, inputs=[e[0] for e in done], grads=grads)
-            news[name] = diag_kron_factors(layer_data(rec, None))
+            inputs = [e[0] for e in done]
+            if info.kind == "conv2d":  # the same diagonals without im2col
+                news[name] = conv2d_diag_kron(inputs, grads, info.module, "bias" in info.keys)
+            else:
+                news[name] = diag_kron_factors(layer_data(LayerRecord(info, inputs=inputs, grads=grads), None))
         if self.dist:
             # this refresh's factors averaged over ranks (one coalesced all-reduce, refresh steps only)
             news = cfd.all_reduce_tree_mean(news, "curvature", self._steps)
