@@ -12,7 +12,7 @@ The stateful ASDL-compatible preconditioners live in :mod:`curvfun.precondition`
 strategies and dense reference implementations in :mod:`curvfun.testing`.
 """
 
-from . import tree
+from . import lowrank, tree
 from .capture import capture, SUPPORTED_LAYERS
 from .curvature import (
     fisher,
@@ -39,11 +39,26 @@ from .kron import (
     kfac,
 )
 from .losses import BCEWithLogits, CrossEntropy, Likelihood, MSE, get_likelihood
+from .lowrank import (
+    LowRankKron,
+    lowrank as lowrank_factor,
+    lowrank_plus_diag,
+    power_iteration,
+    sherman_morrison_solve,
+    woodbury_solve,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "tree",
+    "lowrank",
+    "power_iteration",
+    "lowrank_factor",
+    "lowrank_plus_diag",
+    "sherman_morrison_solve",
+    "woodbury_solve",
+    "LowRankKron",
     "capture",
     "SUPPORTED_LAYERS",
     "per_sample_grads",
