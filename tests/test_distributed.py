@@ -4,7 +4,7 @@ One spawned job per world size (2 and 3) runs every scenario and writes its resu
 the parent trains the same scenarios in one process on the concatenated batch and compares
 (float64, 1e-6). Scenarios: K-FAC (fisher_emp, so no MC randomness differs), EKFAC, layer-wise
 (rows gathered), Shampoo, each with inverse_mode "assigned" and "replicated", plain and
-DDP-wrapped; AdaFisher(dist=True) plain and DDP-wrapped. Also: collectives counted per step
+DDP-wrapped; AdaFisher(dist=True) and the plain GradientMaker, plain and DDP-wrapped. Also: collectives counted per step
 (none of category "curvature"/"inverse" between refreshes), a rank killed mid-run (the others
 raise CurvfunDistributedError naming rank and step within the process-group timeout), a model
 structure mismatch detected at construction on every rank.
@@ -28,6 +28,7 @@ from curvfun import distributed as cfd
 from curvfun.optim import AdaFisher
 from curvfun.precondition import (
     EkfacGradientMaker,
+    GradientMaker,
     KfacGradientMaker,
     LayerWiseNaturalGradientMaker,
     LowRankKfacGradientMaker,
@@ -49,7 +50,7 @@ SCENARIOS = [
     for mode in ("assigned", "replicated")
     for ddp in (False, True)
     if not (m in ("ekfac", "layerwise") and ddp)
-] + [("adafisher", None, False), ("adafisher", None, True)]
+] + [("adafisher", None, False), ("adafisher", None, True), ("plain", None, False), ("plain", None, True)]
 
 
 def _model(hidden: int = 5) -> nn.Module:
@@ -72,6 +73,8 @@ def _data(step: int, world: int):
 def _maker(method: str, model: nn.Module, mode: str, interval: int):
     cfg = PreconditioningConfig(damping=1e-2, preconditioner_upd_interval=interval,
                                 ema_decay=-1 if method == "layerwise" else 0.5)
+    if method == "plain":
+        return GradientMaker(model)
     if method == "kfac":
         return KfacGradientMaker(model, cfg, fisher_type="fisher_emp", inverse_mode=mode)
     if method == "ekfac":

@@ -7,6 +7,16 @@ inverses (eigen-decompositions, roots) are assigned to ranks by a cost model (gr
 first) and broadcast from their owner, or computed on every rank (``"replicated"``: less
 communication, more compute).
 
+Where each maker communicates: the natural-gradient makers (K-FAC, EKFAC, diagonal, unit-wise,
+layer-wise / full with EMA) all-reduce this step's per-layer curvature before the EMA; EKFAC
+also its scalings (its eigh runs on every rank on the identical averaged factors); layer-wise /
+full without EMA all-gather the per-sample rows (scaled by 1/sqrt(world size)). Shampoo builds
+its statistics from the already averaged gradient, so they are identical on every rank without
+a curvature collective (averaging per-rank G_r G_rᵀ would be another matrix); only its roots
+are broadcast. ``AdaFisher(dist=True)`` all-reduces its diagonal factors on refresh steps.
+``LowRankKfacGradientMaker`` raises ``NotImplementedError`` under ``torch.distributed``.
+The MC-sampling generator of a maker is seeded with ``seed + rank``.
+
 Assumption (documented, not checked every step): every rank has the same batch size, so the
 mean over ranks of per-rank means is the mean over the concatenated batch.
 

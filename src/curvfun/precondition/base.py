@@ -32,6 +32,11 @@ Differences from ASDL 0.1 (``asdl/grad_maker.py``, ``asdl/precondition/prec_grad
 * Calls out of order (``forward_and_backward`` before ``setup_model_call``, ``backward`` twice,
   a subclass step that makes no or two backward passes) raise errors that say what to call.
 * With no preconditioned module at all, the maker warns (ASDL fails with ``StopIteration``).
+* Under ``torch.distributed`` (:mod:`curvfun.distributed`): the gradients are averaged over ranks
+  after the pass (one coalesced all-reduce; not when the model is wrapped in DDP, which already
+  did), the model structure and preconditioned layers are checked across ranks at construction,
+  the MC generator is seeded with ``seed + rank``, and ``inverse_mode`` ("assigned" / "replicated")
+  says whether inverses are computed by one owner per layer and broadcast, or everywhere.
 """
 
 from __future__ import annotations
