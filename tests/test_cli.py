@@ -129,6 +129,12 @@ def test_config_file_overrides_defaults_and_flags_override_file(tmp_path, capsys
     rows = read_csv(tmp_path / "o" / "metrics.csv")
     assert {r["optimizer"] for r in rows} == {"sgd"} and max(int(r["step"]) for r in rows) == 4
     assert not list((tmp_path / "o").glob("*.png"))
+    # the resolved config.yaml repeats the run
+    rc, _, err = run(["compare", "--config", str(tmp_path / "o" / "config.yaml"), "--out", str(tmp_path / "again"),
+                      *QUIET], capsys)
+    assert rc == 0, err
+    again = read_csv(tmp_path / "again" / "metrics.csv")
+    assert [r["batch_loss"] for r in again] == [r["batch_loss"] for r in rows]
 
 
 def test_unknown_config_key_is_an_error_naming_it(tmp_path, capsys):

@@ -180,6 +180,8 @@ def _command_scope():
 
 def _make_run_dir(out: Optional[str]) -> str:
     if out:
+        if os.path.exists(os.path.join(out, "results.md")):
+            warnings.warn(f"run folder {out} already holds a run; its files are overwritten", stacklevel=2)
         os.makedirs(out, exist_ok=True)
         return os.path.abspath(out)
     base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
