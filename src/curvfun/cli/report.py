@@ -102,17 +102,31 @@ def write_plots(results: Sequence[RunResult], run_dir: str) -> List[str]:
 
     lm = any(r.task == "lm" for r in results)
     score_key, score_name = ("test_perplexity", "perplexity") if lm else ("test_accuracy", "accuracy")
+    styles = ("-", "--", ":", "-.")
+
+    def style(i):  # 10 colours x 4 line styles: up to 40 distinguishable curves
+        return dict(color=f"C{i % 10}", linestyle=styles[(i // 10) % len(styles)])
+
+    def finish(fig, ax, path):
+        if results:
+            ax.legend(fontsize=7, ncol=1 + len(results) // 16, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+
     paths = []
     for xkey, xlabel, suffix in (("step", "step", "steps"), ("time_s", "training time (s)", "time")):
         # loss: smoothed batch loss as lines, train-subset loss at evaluations as markers
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9.5, 5), dpi=100)
         for i, r in enumerate(results):
-            color = f"C{i % 10}"
+            color = style(i)["color"]
             steps = [row for row in r.rows if row.get("batch_loss") is not None
                      and math.isfinite(row["batch_loss"])]
             if steps:
                 ax.plot([row[xkey] for row in steps], _smooth([row["batch_loss"] for row in steps]),
-                        color=color, lw=1.2, label=r.optimizer)
+                        lw=1.2, label=r.optimizer, **style(i))
             ev = [row for row in r.rows if row.get("train_loss") is not None and math.isfinite(row["train_loss"])]
             if ev:
                 ax.plot([row[xkey] for row in ev], [row["train_loss"] for row in ev], "o", color=color, ms=3)
@@ -121,31 +135,19 @@ def write_plots(results: Sequence[RunResult], run_dir: str) -> List[str]:
         ax.set_ylabel("train loss (lines: batch, smoothed; dots: train subset)")
         ax.set_title(f"train loss vs {xlabel}")
         ax.grid(alpha=0.3)
-        if results:
-            ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = os.path.join(run_dir, f"loss_vs_{suffix}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        finish(fig, ax, os.path.join(run_dir, f"loss_vs_{suffix}.png"))
 
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9.5, 5), dpi=100)
         for i, r in enumerate(results):
             ev = [row for row in r.rows if row.get(score_key) is not None]
             if ev:
                 ys = [row[score_key] * (1 if lm else 100) for row in ev]
-                ax.plot([row[xkey] for row in ev], ys, "-o", color=f"C{i % 10}", ms=3, lw=1.2, label=r.optimizer)
+                ax.plot([row[xkey] for row in ev], ys, marker="o", ms=3, lw=1.2, label=r.optimizer, **style(i))
         if lm:
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test perplexity" if lm else "test accuracy (%)")
         ax.set_title(f"test {score_name} vs {xlabel}")
         ax.grid(alpha=0.3)
-        if results:
-            ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = os.path.join(run_dir, f"{score_name}_vs_{suffix}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        finish(fig, ax, os.path.join(run_dir, f"{score_name}_vs_{suffix}.png"))
     return paths
