@@ -189,10 +189,13 @@ def _peak_bytes(prof) -> int:
     return peak
 
 
-def probe_peak_memory_mb(make, data, cfg: Config, device, autocast) -> Optional[float]:
-    """Peak torch CPU memory (MB) of building model + optimizer + maker and ``mem_probe_steps`` steps."""
+def probe_peak_memory_mb(make, data, cfg: Config, device, autocast):
+    """Peak torch CPU memory (MB) of building model + optimizer + maker and ``mem_probe_steps`` steps.
+
+    Returns ``(megabytes or None, exception or None)``: a failing probe is reported by the caller
+    only if the timed run then succeeds (otherwise the run's own error says it all)."""
     if cfg.mem_probe_steps <= 0 or device.type != "cpu":
-        return None
+        return None, None
     from torch.profiler import ProfilerActivity, profile
     try:
         with torch.random.fork_rng(devices=[]), _filtered_stderr():
@@ -202,10 +205,9 @@ def probe_peak_memory_mb(make, data, cfg: Config, device, autocast) -> Optional[
                 for x, t in batches:
                     train_step(model, opt, gm, x.to(device), t.to(device), data.task, autocast)
                 del model, opt, gm
-        return _peak_bytes(prof) / 2 ** 20
-    except Exception as exc:  # the timed run reports real failures
-        warnings.warn(f"memory probe failed ({type(exc).__name__}: {exc}); peak memory not measured")
-        return None
+        return _peak_bytes(prof) / 2 ** 20, None
+    except Exception as exc:
+        return None, exc
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -287,7 +289,7 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
         return model, opt, gm
 
     result = RunResult(name, hp, data.task)
-    result.peak_mem_mb = probe_peak_memory_mb(make, data, cfg, device, autocast)
+    result.peak_mem_mb, probe_error = probe_peak_memory_mb(make, data, cfg, device, autocast)
 
     torch.manual_seed(cfg.seed)
     model, optimizer, grad_maker = make()
@@ -357,6 +359,9 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
         bar.close()
     if device.type == "cuda":
         result.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if probe_error is not None:
+        warnings.warn(f"{name}: memory probe failed ({type(probe_error).__name__}: {probe_error}); "
+                      "peak memory not measured")
     evaluated = [r for r in result.rows if r.get("test_loss") is not None]
     if evaluated:
         last = evaluated[-1]
