@@ -12,20 +12,18 @@ from curvfun.testing import checks, reference as ref, strategies as cst
 ALL_LOSSES = st.one_of(cst.losses(), st.just(cst.logcosh_loss))
 
 # params subsets: "modules" = whole modules; "any" = any subset, where a module may contribute
-# only some of its parameters (e.g. a Linear's bias without its weight).
-PARTIAL_MODULE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="curvfun bug: the captured per-sample path fails (KeyError in grads.per_sample_grads) or "
-    "counts parameters that are not in params (per_sample_grad_norms) when params holds only some of "
-    "a module's parameters; see test_partial_module_params_* below",
-)
-SUBSETS = pytest.mark.parametrize("subset", ["modules", pytest.param(True, marks=PARTIAL_MODULE_BUG, id="any")])
+# only some of its parameters (e.g. a Linear's bias without its weight; this was a KeyError /
+# an over-count, fixed, see test_partial_module_params_*). Models here keep every parameter
+# inside a standard layer; parameters outside layers are tested in
+# test_per_sample_quantities_of_parameters_outside_layers.
+SUBSETS = pytest.mark.parametrize("subset", ["modules", pytest.param(True, id="any")])
+SUBSET_KW = {"modules": dict(subset="modules", root_params=False), True: dict(subset=True, root_params=False)}
 
 
 @SUBSETS
 @given(data=st.data())
 def test_per_sample_grads_equal_loop_and_mean_equals_batch_gradient(subset, data):
-    pb = data.draw(cst.problems(loss=ALL_LOSSES, subset=subset))
+    pb = data.draw(cst.problems(loss=ALL_LOSSES, **SUBSET_KW[subset]))
     got = checks.check_per_sample_grads(*pb.args)
     assert list(got) == list(pb.params), "result keys must follow params order"
     for k, v in got.items():
@@ -35,7 +33,7 @@ def test_per_sample_grads_equal_loop_and_mean_equals_batch_gradient(subset, data
 @SUBSETS
 @given(data=st.data())
 def test_per_sample_grads_out_buffers_are_filled_and_returned(subset, data):
-    pb = data.draw(cst.problems(loss=cst.losses(), kinds=("mlp", "cnn", "sequence"), subset=subset))
+    pb = data.draw(cst.problems(loss=cst.losses(), kinds=("mlp", "cnn", "sequence"), **SUBSET_KW[subset]))
     out = {k: torch.full((pb.N, *v.shape), float("nan")) for k, v in pb.params.items()}
     got = curvfun.per_sample_grads(*pb.args[:4], loss=pb.loss, out=out)
     expected = ref.per_sample_grads(*pb.args)
@@ -48,7 +46,7 @@ def test_per_sample_grads_out_buffers_are_filled_and_returned(subset, data):
 @SUBSETS
 @given(data=st.data())
 def test_per_sample_grad_norms_equal_norms_of_materialised_grads(subset, data):
-    pb = data.draw(cst.problems(loss=ALL_LOSSES, subset=subset))
+    pb = data.draw(cst.problems(loss=ALL_LOSSES, **SUBSET_KW[subset]))
     norms = curvfun.per_sample_grad_norms(*pb.args[:4], loss=pb.loss)
     G = ref.per_sample_grads_dense(*pb.args)
     assert norms.shape == (pb.N,)
@@ -80,8 +78,8 @@ def test_jvp_and_vjp_equal_dense_jacobian_products(pb, data):
 @SUBSETS
 @given(data=st.data())
 def test_gradient_functions_are_pure(subset, data):
-    pb = data.draw(cst.problems(loss=cst.losses(), subset=subset))
     """The model's parameters, buffers and the params values are left untouched."""
+    pb = data.draw(cst.problems(loss=cst.losses(), **SUBSET_KW[subset]))
     before_params = {k: v.detach().clone() for k, v in pb.model.named_parameters()}
     before_buffers = {k: v.clone() for k, v in pb.model.named_buffers()}
     given_params = {k: v.detach().clone() for k, v in pb.params.items()}
@@ -116,16 +114,54 @@ def _partial_module_problem():
     return model, {"bias": model.bias}, x, y
 
 
-@PARTIAL_MODULE_BUG
 def test_partial_module_params_per_sample_grads():
     """Minimal reproducer: params = {"bias": ...} of a Linear (weight held fixed)."""
     model, params, x, y = _partial_module_problem()
     checks.check_per_sample_grads(model, params, x, y, "cross_entropy")
 
 
-@PARTIAL_MODULE_BUG
 def test_partial_module_params_per_sample_grad_norms():
     """Minimal reproducer: the norm must be that of the bias gradient only."""
     model, params, x, y = _partial_module_problem()
     norms = curvfun.per_sample_grad_norms(model, params, x, y)
     checks.assert_close(norms, ref.per_sample_grads_dense(model, params, x, y).norm(dim=1))
+
+
+class _ScaledLinear(torch.nn.Module):
+    """A Linear followed by a scalar parameter of the root module (outside any layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.scale = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+OUTSIDE_LAYERS_VMAP_BUG = pytest.mark.xfail(strict=True, reason=(
+    "curvfun bug: parameters outside supported layers fall back to vmap(grad(loss_one)), and "
+    "loss_one calls Likelihood.per_sample, whose target check (int(t.min()) for cross_entropy, "
+    "tf.min() < 0 for bce_with_logits) is data-dependent control flow that vmap rejects: "
+    "RuntimeError 'vmap: It looks like you're either (1) calling .item() on a Tensor ...'"))
+
+
+@pytest.mark.parametrize("loss", [
+    "mse",
+    pytest.param("cross_entropy", marks=OUTSIDE_LAYERS_VMAP_BUG),
+    pytest.param("bce_with_logits", marks=OUTSIDE_LAYERS_VMAP_BUG),
+])
+@pytest.mark.parametrize("names", [("scale",), ("lin.weight", "scale", "lin.bias")], ids=["scale", "all"])
+def test_per_sample_quantities_of_parameters_outside_layers(loss, names):
+    """Minimal reproducer: {'scale': ...} of _ScaledLinear with loss='cross_entropy'."""
+    torch.manual_seed(0)
+    model = _ScaledLinear().double()
+    named = dict(model.named_parameters())
+    params = {k: named[k] for k in names}
+    x = torch.randn(4, 3)
+    y = torch.tensor([0, 1, 1, 0]) if loss == "cross_entropy" else torch.rand(4, 2)
+    checks.check_per_sample_grads(model, params, x, y, loss)
+    checks.assert_close(curvfun.per_sample_grad_norms(model, params, x, y, loss=loss),
+                        ref.per_sample_grads_dense(model, params, x, y, loss).norm(dim=1), what="norms")
+    checks.assert_close(curvfun.fisher(model, params, x, y, loss=loss, fisher_type="emp"),
+                        ref.emp_fisher(model, params, x, y, loss), what="emp Fisher")

@@ -319,11 +319,13 @@ class _SeqMLP(nn.Module):
 
 @st.composite
 def sequence_models(draw, min_out: int = 1, max_out: int = 4, max_len: int = 4,
-                    acts: Sequence[str] = tuple(ACTIVATIONS)) -> ModelCase:
+                    acts: Sequence[str] = tuple(ACTIVATIONS), root_params: bool = True) -> ModelCase:
     """Sequence models with output ``[N, T, C]`` (positions = T tokens).
 
     Either ``Embedding(V, E) → LayerNorm(E) → [Linear → act] → Linear(·, C)`` on integer
-    tokens ``[N, T]``, or a per-position ``Linear → act → LayerNorm → Linear`` on ``[N, T, d]``.
+    tokens ``[N, T]`` (with ``root_params`` possibly times a scalar ``scale`` parameter of the
+    root module, outside any layer), or a per-position ``Linear → act → LayerNorm → Linear``
+    on ``[N, T, d]``.
     """
     T = draw(st.integers(1, max_len))
     C = draw(st.integers(min_out, max_out))
@@ -333,7 +335,7 @@ def sequence_models(draw, min_out: int = 1, max_out: int = 4, max_len: int = 4,
         E = draw(st.integers(2, 5))
         hidden = draw(st.none() | st.integers(1, 5))
         act = draw(activations(acts)) if hidden is not None else None
-        scale = draw(st.booleans())
+        scale = draw(st.booleans()) if root_params else False
         model = _init_(_EmbedNormHead(V, E, hidden, C, act, scale), seed)
         if scale:
             with torch.no_grad():
@@ -412,13 +414,17 @@ _KINDS = {
 }
 
 
-def models(kinds: Sequence[str] = ("mlp", "cnn", "sequence", "batchnorm"), min_out: int = 1) -> st.SearchStrategy[ModelCase]:
+def models(kinds: Sequence[str] = ("mlp", "cnn", "sequence", "batchnorm"), min_out: int = 1,
+           root_params: bool = True) -> st.SearchStrategy[ModelCase]:
     """One of the model families in ``kinds`` (``"mlp"``, ``"cnn"``, ``"sequence"``,
-    ``"batchnorm"``, ``"linear"``), with at least ``min_out`` outputs (use 2 for cross-entropy)."""
+    ``"batchnorm"``, ``"linear"``), with at least ``min_out`` outputs (use 2 for cross-entropy).
+    ``root_params=False`` keeps every parameter inside a standard layer (Linear, Conv2d,
+    Embedding, LayerNorm, BatchNorm)."""
     unknown = set(kinds) - set(_KINDS)
     if unknown:
         raise ValueError(f"unknown model kinds {sorted(unknown)}; known: {sorted(_KINDS)}")
-    return st.one_of(*[_KINDS[k](min_out=min_out) for k in kinds])
+    return st.one_of(*[_KINDS[k](min_out=min_out, root_params=root_params) if k == "sequence"
+                       else _KINDS[k](min_out=min_out) for k in kinds])
 
 
 # --------------------------------------------------------------------------------------
@@ -520,17 +526,17 @@ def losses(names: Sequence[str] = LOSS_NAMES, configured: bool = True) -> st.Sea
 @st.composite
 def problems(draw, loss: Any = None, kinds: Sequence[str] = ("mlp", "cnn", "sequence", "batchnorm"),
              min_n: int = 1, max_n: int = 4, subset: bool | str = True, ignore: bool = True,
-             linear_only: bool = False) -> Problem:
+             linear_only: bool = False, root_params: bool = True) -> Problem:
     """A full :class:`Problem`. ``loss``: a fixed loss (name, Likelihood or callable), a
     strategy of losses, or ``None`` for :func:`losses`. ``subset``: see :func:`params_of`.
     ``linear_only``: params restricted to the parameters in which the model output is affine
-    (for Hessian = GGN)."""
+    (for Hessian = GGN). ``root_params``: see :func:`models`."""
     if loss is None:
         loss = draw(losses())
     elif isinstance(loss, st.SearchStrategy):
         loss = draw(loss)
     min_out = 2 if _loss_kind(loss) == "cross_entropy" else 1
-    case = draw(models(kinds, min_out=min_out))
+    case = draw(models(kinds, min_out=min_out, root_params=root_params))
     only = case.linear_params if linear_only else None
     params = draw(params_of(case.model, subset=subset, only=only))
     x, y = draw(batches(case, loss, min_n=min_n, max_n=max_n, ignore=ignore))
