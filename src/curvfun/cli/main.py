@@ -289,8 +289,7 @@ def cmd_train(args) -> int:
     what = f"resuming {resume['path']} at step {resume['step']}" if resume else "from scratch"
     print(f"curvfun train: {cfg.optimizer} on {cfg.data}/{cfg.model}, {cfg.steps} steps of batch {cfg.batch_size}, "
           f"seed {cfg.seed}, device {device}, {what}", flush=True)
-    results, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume,
-                               on_error="raise")
+    results, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume)
     return _finish(results, errors, cfg, run_dir)
 
 

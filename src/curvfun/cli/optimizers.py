@@ -329,8 +329,9 @@ for _spec in [
                   _maker("CurveBallGradientMaker", sgd_keys=("lr", "weight_decay")),
                   dict(lr=1.0, weight_decay=0.0, damping=0.1, momentum=0.9, momentum_decay=1, auto_tune=True),
                   requires=(_P, "CurveBallGradientMaker")),
-    OptimizerSpec("newton", "damped dense Newton + SGD", _maker("NewtonGradientMaker"),
-                  dict(lr=0.1, momentum=0.0, weight_decay=0.0, damping=1e-1, abs_eigenvalues=False, max_params=5000),
+    # a dense Hessian: the default MLP's 9610 parameters exceed max_params; e.g. --model-arg hidden=[32]
+    OptimizerSpec("newton", "damped dense (|eigenvalue|) Newton + SGD, small models only", _maker("NewtonGradientMaker"),
+                  dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=1.0, abs_eigenvalues=True, max_params=5000),
                   requires=(_P, "NewtonGradientMaker"), default_compare=False),
     # optimizers that read curvature themselves
     OptimizerSpec("adahessian", "AdaHessian (Hutchinson Hessian diagonal)", _adahessian,
