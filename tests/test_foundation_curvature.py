@@ -351,10 +351,6 @@ def test_top_eigenvalues_power_with_repeated_eigenvalues():
     checks.assert_close(vals, lam, rtol=1e-8, what="power eigenvalues")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "curvfun bug: single-vector Lanczos without restart finds each distinct eigenvalue once; "
-    "with a repeated top eigenvalue it silently returns a smaller one (or raises 'matrix has "
-    "rank < k' for a full-rank matrix) instead of eigvalsh's answer"))
 def test_top_eigenvalues_with_repeated_eigenvalues():
     """Minimal reproducer: M = A ⊗ I_2 with eig(A) = {4, 2, 1}, so eigvalsh gives 4, 4, 2, 2,
     1, 1. Lanczos with iters = P = 6: k=2 silently returns [4, 2]; k=4 raises "the Krylov
@@ -376,10 +372,7 @@ def test_partial_module_params_emp_fisher():
                                      expected, params)
 
 
-GRAPH_LEAK = pytest.mark.xfail(strict=True, reason=(
-    "curvfun defect: with a params subset, the parameters held fixed are the module's own "
-    "nn.Parameters (requires_grad=True), and the result stays attached to their autograd graph "
-    "(requires_grad=True, grad_fn set): memory is held and a later backward reaches the model"))
+GRAPH_LEAK = pytest.mark.skipif(False, reason="fixed: fixed parameters are passed detached")
 
 _RESULTS = {
     "per_sample_grads": lambda m, p, x, y, v: curvfun.per_sample_grads(m, p, x, y),

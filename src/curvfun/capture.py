@@ -209,6 +209,22 @@ def _check_versions(records: Mapping[str, LayerRecord]) -> None:
                 )
 
 
+def unbatched_records(records: Mapping[str, LayerRecord], batch_size: int) -> dict[str, str]:
+    """Records whose inputs or outputs lack the leading batch dimension (e.g. a position
+    embedding called on ``arange(T)`` and broadcast over the batch): their per-sample output
+    gradients cannot be read from the capture (the batch is already summed), so they must be
+    left out. Returns ``{name: reason}``."""
+    bad = {}
+    for name, rec in records.items():
+        shapes = [tuple(x.shape) for x in rec.inputs] + [tuple(e.shape) for e in rec.eps]
+        if any(len(sh) == 0 or sh[0] != batch_size for sh in shapes):
+            bad[name] = (
+                f"called on a tensor without the batch dimension (shapes {shapes[:2]}, batch size {batch_size}); "
+                f"its per-sample curvature cannot be captured"
+            )
+    return bad
+
+
 def _batched_backward(output: Tensor, leaves: list[Tensor], cotangents: Tensor, retain: bool) -> list[Tensor]:
     """``[K, *leaf.shape]`` vector-Jacobian products for a batch of K output cotangents."""
     K = cotangents.shape[0]
@@ -333,6 +349,9 @@ def capture(
             output = call_model(model, detached, inputs)
         if not isinstance(output, Tensor):
             raise TypeError(f"the model returned {type(output).__name__}; curvfun needs a tensor output")
+        for name, why in unbatched_records(records, N).items():
+            records.pop(name)
+            unsupported[name] = (f"{type(infos[name].module).__name__} {why}", sorted(infos[name].keys.values()))
         losses = None
         if fisher_type != "none":
             if targets is not None:

@@ -166,7 +166,7 @@ def _output_hessians(lik, out: Tensor, targets: Tensor) -> Tensor:
     O = out[0].numel()
 
     def loss_one(o, y):
-        return lik.per_sample(o.unsqueeze(0), y.unsqueeze(0))[0]
+        return lik.per_sample_unchecked(o.unsqueeze(0), y.unsqueeze(0))[0]
 
     try:
         H = torch.func.vmap(torch.func.hessian(loss_one))(out.detach(), targets)
@@ -188,6 +188,7 @@ def ggn(
     params, N, lik = _setup(model, params, inputs, targets, loss)
     detached = {k: v.detach() for k, v in params.items()}
     out = call_model(model, detached, inputs)
+    lik.check(out, targets)
     H = _output_hessians(lik, out, targets)  # [N, O, O]
     J = jacobian(model, params, inputs)
     Jf = _flat_rows(J, params, out.ndim).reshape(N, H.shape[-1], -1)  # [N, O, P]
@@ -294,6 +295,8 @@ def fisher_vp(
     if fisher_type != "emp" and not lik.is_likelihood:
         lik.sample(None)
     out, Jv, vjp_fn = _jvp_vjp(model, params, inputs, vector)
+    if targets is not None:
+        lik.check(out, targets)
     canon = lik.canonical_output(out)
     u = Jv.reshape(canon.shape)
     if fisher_type == "exact":
@@ -355,7 +358,10 @@ def top_eigenvalues(
     """The ``k`` algebraically largest eigenpairs of a symmetric matrix given by ``matvec``.
 
     ``method="lanczos"``: Lanczos with full re-orthogonalisation, ``iters`` steps (default
-    min(P, max(3k, 30))); cost iters matvecs + O(P·iters²). ``method="power"``: block power
+    min(P, max(3k, 30))), restarted with a fresh orthogonal direction whenever the Krylov space
+    becomes invariant (so repeated eigenvalues are found), Ritz values from Qᵀ M Q; cost iters
+    matvecs + O(P·iters²). Without a breakdown one Krylov space holds each eigenvalue once:
+    for clustered or repeated top eigenvalues prefer ``method="power"`` (a block method). ``method="power"``: block power
     iteration with QR and Rayleigh–Ritz (finds the largest in magnitude; use it for PSD
     matrices). Returns ``(eigenvalues [k] descending, [eigenvector dicts])``.
     """
@@ -373,29 +379,32 @@ def top_eigenvalues(
     if method == "lanczos":
         m = min(P, iters or max(3 * k, 30))
         Q = torch.zeros(P, m, dtype=ref.dtype, device=ref.device)
-        alpha = torch.zeros(m, dtype=ref.dtype)
-        beta = torch.zeros(m, dtype=ref.dtype)
+        MQ = torch.zeros(P, m, dtype=ref.dtype, device=ref.device)
         q = x0 / x0.norm()
-        steps = m
+        scale = torch.zeros((), dtype=ref.dtype)
         for j in range(m):
             Q[:, j] = q
             w = mv(q)
-            alpha[j] = w @ q
+            MQ[:, j] = w
+            scale = torch.maximum(scale, w.norm())
+            if j + 1 == m:
+                break
             w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
             w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
             b = w.norm()
-            if j + 1 < m:
-                beta[j] = b
-                if b <= tol * alpha[: j + 1].abs().max().clamp_min(1e-30):
-                    steps = j + 1
-                    break
-                q = w / b
-        T = torch.diag(alpha[:steps]) + torch.diag(beta[: steps - 1], 1) + torch.diag(beta[: steps - 1], -1)
-        ev, U = torch.linalg.eigh(T.to(ref.dtype))
-        if steps < k:
-            raise ValueError(f"the Krylov space has dimension {steps} < k={k}; the matrix has rank < k")
+            if b <= tol * scale.clamp_min(1e-30):
+                # invariant subspace found: restart with a fresh direction orthogonal to it, so
+                # that repeated eigenvalues (which one Krylov space holds only once) are found
+                w = torch.randn(P, generator=generator, dtype=ref.dtype, device=ref.device)
+                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+                b = w.norm()
+            q = w / b
+        steps = j + 1
+        H = Q[:, :steps].T @ MQ[:, :steps]  # Rayleigh-Ritz on the whole basis
+        ev, U = torch.linalg.eigh((H + H.T) / 2)
         order = torch.argsort(ev, descending=True)[:k]
-        vecs = Q[:, :steps] @ U[:, order].to(ref.device)
+        vecs = Q[:, :steps] @ U[:, order]
         vals = ev[order]
     elif method == "power":
         n_it = iters or 100

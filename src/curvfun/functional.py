@@ -63,7 +63,10 @@ def _buffers(model: nn.Module) -> dict[str, Tensor]:
 def call_model(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, buffers: dict | None = None) -> Any:
     """``model(*inputs)`` evaluated at ``params`` (a pure call: buffers are copies)."""
     bufs = _buffers(model) if buffers is None else buffers
-    return functional_call(model, (dict(params), bufs), as_tuple(inputs), tie_weights=True, strict=False)
+    # parameters left out of ``params`` are held fixed: pass them detached, so that results
+    # never hang on the model's own autograd graph
+    fixed = {k: p.detach() for k, p in model.named_parameters() if k not in params}
+    return functional_call(model, ({**fixed, **params}, bufs), as_tuple(inputs), tie_weights=True, strict=False)
 
 
 def model_fn(model: nn.Module, inputs: Any = None) -> Callable:

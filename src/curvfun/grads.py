@@ -45,8 +45,9 @@ def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
     def loss_one(sub, x, y):
         xs = tuple(t.unsqueeze(0) for t in x)
         out = functional_call(model, ({**fixed, **sub}, buffers), xs, tie_weights=True, strict=False)
-        return lik.per_sample(out, y.unsqueeze(0))[0]
+        return lik.per_sample_unchecked(out, y.unsqueeze(0))[0]
 
+    lik.check(call_model(model, {k: v.detach() for k, v in params.items()}, inputs), targets)
     sub = {k: params[k].detach() for k in keys}
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(sub, args, targets)
 
@@ -74,6 +75,7 @@ def per_sample_grads(
     result: dict[str, Tensor] = {}
     if infos:
         cap = capture(model, params, inputs, targets, lik, fisher_type="emp")
+        unsupported = {**unsupported, **cap.unsupported}  # incl. layers called without the batch dim
         seen: dict[str, int] = {}
         for name, rec in cap.layers.items():
             keys = rec.info.keys
@@ -132,6 +134,7 @@ def per_sample_grad_norms(
     done: set[str] = set()
     if infos:
         cap = capture(model, params, inputs, targets, lik, fisher_type="emp")
+        unsupported = {**unsupported, **cap.unsupported}  # incl. layers called without the batch dim
         shared: dict[str, Tensor] = {}
         for name, rec in cap.layers.items():
             ld = layer_data(rec)

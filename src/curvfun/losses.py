@@ -80,6 +80,11 @@ class Likelihood:
         self.check(output, target)
         return self._loss(self.canonical_output(output), target, smooth=True)
 
+    def per_sample_unchecked(self, output: Tensor, target: Tensor) -> Tensor:
+        """:meth:`per_sample` without the target checks (no data-dependent control flow, so it
+        runs under ``torch.func.vmap``); validate the targets once with :meth:`check` first."""
+        return self._loss(self.canonical_output(output), target, smooth=True)
+
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-sample negative log-likelihood ``[N]`` (no label smoothing): what the Fisher uses."""
         return self._loss(self.canonical_output(output), target, smooth=False)

@@ -25,6 +25,7 @@ unsupported, ignored, or share a parameter with another layer keep the plain gra
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,7 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as cfd
-from ..capture import ModuleInfo, _batched_backward, _check_versions, layer_kind, output_grad_columns, record_layers
+from ..capture import (
+    ModuleInfo,
+    _batched_backward,
+    _check_versions,
+    layer_kind,
+    output_grad_columns,
+    record_layers,
+    unbatched_records,
+)
 from ..kron import (
     BIAS_MODES,
     KFAC_TYPES,
@@ -163,6 +172,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         self.n_mc_samples = n_mc_samples
         self.likelihood = get_likelihood(loss_type)
         self.curvature: dict[str, Any] = {}
+        self._unbatched_warned: set[str] = set()
         self.inverses: dict[str, Any] = {}
         super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self._infos = {
@@ -181,6 +191,16 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         """forward (recording) + output-gradient columns + the user's backward; returns layer data."""
         with record_layers(self._infos) as records:
             self.forward()
+        out = self.logits if isinstance(self.logits, Tensor) else self.model_output
+        first = out if isinstance(out, Tensor) else next(
+            (t for t in optree.tree_leaves(out) if isinstance(t, Tensor)), None)
+        if first is not None and first.ndim > 0:
+            for name, why in unbatched_records(records, first.shape[0]).items():
+                records.pop(name)
+                if name not in self._unbatched_warned:
+                    self._unbatched_warned.add(name)
+                    warnings.warn(f"{type(self).__name__}: layer {name!r} was {why}; it keeps the plain gradient",
+                                  UserWarning, stacklevel=4)
         names = [n for n, r in records.items() for _ in r.eps]
         leaves = [e for r in records.values() for e in r.eps]
         for r in records.values():
@@ -579,18 +599,26 @@ class FullNaturalGradientMaker(_BlockMaker):
     included): (F + λI)^{-1} g."""
 
     _FULL = "__full__"
+    _state_attributes = ("curvature", "inverses", "full_names")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: the layers (in order) whose parameters the full block covers
+        self.full_names: list[str] = []
+        super().__init__(*args, **kwargs)
 
     def update_curvature(self) -> None:
         data = self._capture_pass()
         names = [n for n in self.preconditioned_modules if n in data]
+        if self.full_names and names != self.full_names and self._decay != NO_EMA:
+            self.curvature.pop(self._FULL, None)  # the EMA'd block covered other layers
         U = torch.cat([layer_column_rows(data[n]) for n in names], 1)
-        self._full_names = names
+        self.full_names = names
         self._install_block(self._FULL, self._blocks({self._FULL: U})[self._FULL])
 
     def precondition(self) -> None:
         inv = self.inverses.get(self._FULL)
         if inv is not None:
-            self._apply(list(self.preconditioned_modules), inv)
+            self._apply(list(self.full_names), inv)
 
 
 class EmpNaturalGradientMaker(FullNaturalGradientMaker):
