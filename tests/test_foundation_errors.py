@@ -44,13 +44,6 @@ TARGET_FNS = {
 }
 ALL = list(TARGET_FNS)
 
-FISHER_VP_NO_TARGET_CHECK = pytest.mark.skipif(False, reason="fixed")
-GGN_PER_SAMPLE_MESSAGE = pytest.mark.skipif(False, reason="fixed")
-
-
-def _marked(names, marks):
-    """``names`` as pytest params, with the xfail mark of ``marks[name]`` where given."""
-    return [pytest.param(n, marks=marks[n], id=n) if n in marks else n for n in names]
 
 # functions that take (model, params, inputs[, extra]) only
 PARAM_FNS = {
@@ -139,8 +132,7 @@ def test_unknown_shape(call):
         assert name in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("fn", _marked(ALL, {"fisher_vp": FISHER_VP_NO_TARGET_CHECK,
-                                              "fisher_vp_mc": FISHER_VP_NO_TARGET_CHECK}))
+@pytest.mark.parametrize("fn", ALL)
 @pytest.mark.parametrize("bad", [3, -5, 100], ids=["C", "negative", "large"])
 def test_cross_entropy_targets_out_of_range(fn, bad):
     model, params, x, y = _setup()
@@ -150,24 +142,21 @@ def test_cross_entropy_targets_out_of_range(fn, bad):
         TARGET_FNS[fn](model, params, x, y)
 
 
-@pytest.mark.parametrize("fn", _marked(ALL, {"fisher_vp": FISHER_VP_NO_TARGET_CHECK,
-                                              "fisher_vp_mc": FISHER_VP_NO_TARGET_CHECK}))
+@pytest.mark.parametrize("fn", ALL)
 def test_cross_entropy_float_targets(fn):
     model, params, x, y = _setup()
     with pytest.raises((ValueError, TypeError), match=r"(?i)integer.*float64|float64.*integer"):
         TARGET_FNS[fn](model, params, x, y.to(torch.float64))
 
 
-@pytest.mark.parametrize("fn", _marked(["per_sample_grads", "fisher_exact", "fisher_emp", "ggn", "hessian_vp"],
-                                      {"ggn": GGN_PER_SAMPLE_MESSAGE}))
+@pytest.mark.parametrize("fn", ["per_sample_grads", "fisher_exact", "fisher_emp", "ggn", "hessian_vp"])
 def test_cross_entropy_targets_of_wrong_shape(fn):
     model, params, x, y = _setup()
     with pytest.raises(ValueError, match=r"targets of shape \(4, 1\)"):
         TARGET_FNS[fn](model, params, x, y.unsqueeze(1))
 
 
-@pytest.mark.parametrize("fn", _marked(["per_sample_grads", "fisher_exact", "ggn", "hessian", "fisher_vp"],
-                                      {"ggn": GGN_PER_SAMPLE_MESSAGE, "fisher_vp": FISHER_VP_NO_TARGET_CHECK}))
+@pytest.mark.parametrize("fn", ["per_sample_grads", "fisher_exact", "ggn", "hessian", "fisher_vp"])
 def test_mse_and_bce_targets_that_do_not_fit(fn):
     model, params, x, y = _setup()
     with pytest.raises(ValueError, match=r"mse: targets of shape \(4, 2\)"):
