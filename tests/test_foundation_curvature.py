@@ -19,6 +19,16 @@ from curvfun.testing import checks, reference as ref, strategies as cst
 
 from test_foundation_grads import SUBSET_KW, SUBSETS, _partial_module_problem
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and on a loaded 2-core machine
+    two threads made this module ~10x slower (spin-waiting). Restored after each test."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 LIKELIHOODS = cst.losses()  # names and configured CrossEntropy / MSE / BCEWithLogits
 ANY_LOSS = st.one_of(cst.losses(), st.just(cst.logcosh_loss))  # + a plain callable
 

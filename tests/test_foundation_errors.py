@@ -13,6 +13,16 @@ import curvfun
 from curvfun.testing import strategies as cst
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and on a loaded 2-core machine
+    two threads made this module ~10x slower (spin-waiting). Restored after each test."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _setup():
     torch.manual_seed(0)
     model = cst._init_(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), seed=0)

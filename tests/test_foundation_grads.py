@@ -9,6 +9,16 @@ from hypothesis import given, strategies as st
 import curvfun
 from curvfun.testing import checks, reference as ref, strategies as cst
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and on a loaded 2-core machine
+    two threads made this module ~10x slower (spin-waiting). Restored after each test."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 ALL_LOSSES = st.one_of(cst.losses(), st.just(cst.logcosh_loss))
 
 # params subsets: "modules" = whole modules; "any" = any subset, where a module may contribute

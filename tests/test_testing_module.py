@@ -14,6 +14,16 @@ from curvfun import losses as L
 from curvfun.testing import checks, reference as ref, strategies as cst
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and on a loaded 2-core machine
+    two threads made this module ~10x slower (spin-waiting). Restored after each test."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # --------------------------------------------------------------------------------------
 # strategies
 # --------------------------------------------------------------------------------------
