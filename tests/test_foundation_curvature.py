@@ -417,17 +417,13 @@ def test_results_carry_no_autograd_graph_with_a_params_subset(fn):
 
 
 
-SCALAR_PARAM_BUG = pytest.mark.xfail(strict=True, reason=(
-    "curvfun bug: curvature._unflat reshapes with reshape(*vec.shape[:-1], *p.shape), which is "
-    "reshape() with no arguments for a 0-dim parameter and a 1-D vector: TypeError in hessian, "
-    "every shape='diag', and top_eigenvalues"))
 
 
 @pytest.mark.parametrize("fn", [
     "fisher_full", "fisher_vp", "hessian_vp",
-    pytest.param("fisher_diag", marks=SCALAR_PARAM_BUG), pytest.param("fisher_emp_diag", marks=SCALAR_PARAM_BUG),
-    pytest.param("ggn_diag", marks=SCALAR_PARAM_BUG), pytest.param("hessian", marks=SCALAR_PARAM_BUG),
-    pytest.param("top_eigenvalues", marks=SCALAR_PARAM_BUG),
+    "fisher_diag", "fisher_emp_diag",
+    "ggn_diag", "hessian",
+    "top_eigenvalues",
 ])
 def test_scalar_parameters(fn):
     """Minimal reproducer: a 0-dim parameter (``scale`` of the root module); sequence models

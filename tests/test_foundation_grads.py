@@ -168,10 +168,6 @@ def test_per_sample_quantities_of_parameters_outside_layers(loss, names):
                         ref.emp_fisher(model, params, x, y, loss), what="emp Fisher")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "curvfun defect: grads._vmap_grads calls functional_call with only params' entries "
-    "(detached); the module's other parameters (requires_grad=True) are used as they are, so the "
-    "per-sample gradients of a parameter outside layers hang on their autograd graph"))
 @pytest.mark.parametrize("fn", ["per_sample_grads", "per_sample_grad_norms"])
 def test_per_sample_grads_outside_layers_carry_no_autograd_graph(fn):
     """Minimal reproducer: params = {'scale': ...} of _ScaledLinear (lin.* held fixed)."""

@@ -69,7 +69,7 @@ def _unflat(vec: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out, i = {}, 0
     for k, p in params.items():
         n = p.numel()
-        out[k] = vec[..., i : i + n].reshape(*vec.shape[:-1], *p.shape)
+        out[k] = vec[..., i : i + n].reshape(vec.shape[:-1] + p.shape)
         i += n
     return out
 

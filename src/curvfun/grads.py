@@ -38,7 +38,8 @@ def _no_train_batchnorm(model: nn.Module, what: str) -> None:
 
 def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
     """vmap(grad) per-sample gradients for ``keys`` only (the others held fixed)."""
-    fixed = {k: v.detach() for k, v in params.items() if k not in keys}
+    own = dict(model.named_parameters())
+    fixed = {k: v.detach() for k, v in {**own, **params}.items() if k not in keys}
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     args = as_tuple(inputs)
 
