@@ -19,6 +19,7 @@ SECTIONS = {
     "lowrank": "bench_lowrank",
     "makers": "bench_makers",
     "others": "bench_others",
+    "adafisher": "bench_adafisher",
     "distributed": "bench_distributed",
 }
 
