@@ -599,6 +599,14 @@ def kfac(
     captured forward and one backward per column (see :mod:`curvfun.capture`), plus the
     factor products.
     """
+    data = _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples,
+                          generator, on_unsupported)
+    return {name: kron_factors_from_layer(ld, kfac_type, bias) for name, ld in data.items()}
+
+
+def _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples, generator,
+                   on_unsupported) -> dict[str, LayerData]:
+    """Validate the K-FAC options, capture once, name the unsupported modules, arrange the data."""
     if kfac_type not in KFAC_TYPES:
         raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
     if bias not in BIAS_MODES:
@@ -607,10 +615,7 @@ def kfac(
         raise ValueError("fisher_type='emp' needs the data targets")
     cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
     _warn_unsupported(cap, on_unsupported)
-    return {
-        name: kron_factors_from_layer(layer_data(rec, cap.weights), kfac_type, bias)
-        for name, rec in cap.layers.items()
-    }
+    return {name: layer_data(rec, cap.weights) for name, rec in cap.layers.items()}
 
 
 def ekfac(
@@ -628,11 +633,9 @@ def ekfac(
 ) -> dict[str, Any]:
     """EKFAC factors of Linear / Conv2d layers (the K-FAC eigenbasis with per-sample second
     moments from the same capture); other supported layers get their K-FAC factor."""
-    cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
-    _warn_unsupported(cap, on_unsupported)
     out = {}
-    for name, rec in cap.layers.items():
-        data = layer_data(rec, cap.weights)
+    for name, data in _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias,
+                                     n_mc_samples, generator, on_unsupported).items():
         f = kron_factors_from_layer(data, kfac_type, bias)
         out[name] = f.ekfac(data) if isinstance(f, KronFactor) else f
     return out
