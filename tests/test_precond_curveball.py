@@ -9,7 +9,6 @@ G = (1/N) Σ_n J_nᵀ H_n J_n; g by ``torch.autograd.grad``. One update:
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_helper import train_digits  # noqa: E402
+from maker_checks import check_resume_bit_exact, run_readme_loop  # noqa: E402
 
 from curvfun.precondition import CurveBallGradientMaker, PreconditioningConfig  # noqa: E402
 from curvfun.precondition.curveball import solve_rho_beta  # noqa: E402
@@ -141,19 +141,10 @@ def test_asdl_readme_loop():
     """ASDL's README loop verbatim with CurveBall (only the import differs): the loss drops."""
     model = tiny()
     x, t = batch(0, N=16)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = PreconditioningConfig(data_size=16, damping=0.01)
-    gm = CurveBallGradientMaker(model, config)
-    losses = []
-    for x, t in [(x, t)] * 15:
-        optimizer.zero_grad()
-        dummy_y = gm.setup_model_call(model, x)
-        gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-        y, loss = gm.forward_and_backward()
-        optimizer.step()
-        losses.append(loss.item())
+    ns = run_readme_loop("CurveBallGradientMaker", lambda: model, [(x, t)] * 15)
+    losses = ns["losses"]
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.7 * losses[0], losses
-    torch.testing.assert_close(loss, F.cross_entropy(y, t))  # (y, loss) of the step, as in ASDL
+    torch.testing.assert_close(ns["loss"], F.cross_entropy(ns["y"], ns["t"]))  # (y, loss) of the step, as in ASDL
 
 
 def test_trains_digits(one_thread):
@@ -164,31 +155,10 @@ def test_trains_digits(one_thread):
 
 @pytest.mark.parametrize("auto_tune", [True, False])
 def test_resume_is_bit_exact(auto_tune):
-    def run(steps, start=None):
-        model = tiny()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        gm = CurveBallGradientMaker(model, PreconditioningConfig(damping=0.1), auto_tune=auto_tune)
-        if start is not None:
-            state = torch.load(io.BytesIO(start), weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            gm.load_state_dict(state["gm"])
-        for s in range(*steps):
-            x, t = batch(s)
-            opt.zero_grad()
-            dy = gm.setup_model_call(model, x)
-            gm.setup_loss_call(F.cross_entropy, dy, t)
-            gm.forward_and_backward()
-            opt.step()
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gm": gm.state_dict()}, buf)
-        return model, buf.getvalue()
-
-    full, _ = run((0, 6))
-    _, saved = run((0, 3))
-    resumed, _ = run((3, 6), saved)
-    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(p, q), n
+    check_resume_bit_exact(
+        tiny, lambda m: torch.optim.SGD(m.parameters(), lr=0.5),
+        lambda m: CurveBallGradientMaker(m, PreconditioningConfig(damping=0.1), auto_tune=auto_tune),
+        [batch(s) for s in range(6)], 3, keep_training=False, serialize=True)
 
 
 def test_bad_input_raises_with_message():

@@ -4,7 +4,6 @@ bad input."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -17,6 +16,7 @@ from curvfun.kbfgs_math import bfgs_inverse_update, powell_lm_damping
 from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.kbfgs import KronBfgsGradientMaker
 from digits_helper import train_digits
+from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
 @pytest.fixture(autouse=True)
@@ -180,63 +180,22 @@ def test_trains_digits():
     assert acc >= 0.90, acc
 
 
-README_LOOP = """
-from curvfun.precondition import PreconditioningConfig, KronBfgsGradientMaker
-
-model = Net()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-config = PreconditioningConfig(data_size=batch_size, damping=0.01)
-gm = KronBfgsGradientMaker(model, config)
-
-for x, t in data_loader:
-  optimizer.zero_grad()
-  dummy_y = gm.setup_model_call(model, x)
-  gm.setup_loss_call(loss_fn, dummy_y, t)
-  y, loss = gm.forward_and_backward()
-  optimizer.step()
-  losses.append(loss.item())
-"""
-
-
 def test_readme_loop():
     torch.manual_seed(0)
     x, t = data(1, N=16)[0]
-    ns = {"torch": torch, "Net": Net, "batch_size": 16, "loss_fn": F.cross_entropy,
-          "data_loader": [(x, t)] * 8, "losses": []}
-    exec(README_LOOP, ns)
+    ns = run_readme_loop("KronBfgsGradientMaker", Net, [(x, t)] * 8)
     assert ns["gm"].step == 8 and set(ns["gm"].H_g) == {"conv", "fc"}
-    assert ns["losses"][-1] < ns["losses"][0]
 
 
 def test_resume_is_bit_exact():
-    batches = data(6)
     config = PreconditioningConfig(damping=0.05, ema_decay=0.2, preconditioner_upd_interval=2, curvature_upd_interval=1)
 
-    def fresh():
-        torch.manual_seed(0)
-        model = Net()
-        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), KronBfgsGradientMaker(model, config)
+    def saved_with_fresh_pair(gm):  # saved with a fresh, unapplied pair and a snapshot
+        assert gm.pending_fresh and gm.snapshot
 
-    def run(model, opt, gm, bs):
-        for x, t in bs:
-            opt.zero_grad()
-            step(gm, model, x, t)
-            opt.step()
-
-    model, opt, gm = fresh()
-    run(model, opt, gm, batches)
-    ref = [p.detach().clone() for p in model.parameters()]
-    model, opt, gm = fresh()
-    run(model, opt, gm, batches[:2])  # saved with a fresh, unapplied pair and a snapshot
-    assert gm.pending_fresh and gm.snapshot
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict())) + (gm.state_dict(),)
-    run(model, opt, gm, batches[2:3])
-    model2, opt2, gm2 = fresh()
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(saved[1])
-    gm2.load_state_dict(saved[2])
-    run(model2, opt2, gm2, batches[2:])
-    assert all(torch.equal(a, b) for a, b in zip(ref, model2.parameters()))
+    check_resume_bit_exact(Net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                           lambda m: KronBfgsGradientMaker(m, config), data(6), 2,
+                           before_save=saved_with_fresh_pair)
 
 
 def test_bad_input():

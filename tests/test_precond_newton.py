@@ -9,7 +9,6 @@ preconditioned gradient must be ``(H + λI)⁻¹ g`` (``torch.linalg.solve``) or
 from __future__ import annotations
 
 import copy
-import io
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_helper import train_digits  # noqa: E402
+from maker_checks import check_resume_bit_exact, run_readme_loop  # noqa: E402
 
 from curvfun.precondition import NewtonGradientMaker, PreconditioningConfig  # noqa: E402
 
@@ -121,29 +121,13 @@ def test_schedule_ema_and_ignored_layer():
                 q.copy_(p)
 
 
-def asdl_readme_loop(maker_cls, model, loader, batch_size):
-    """ASDL's README loop verbatim; only the import line (here: the class passed in) differs."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = PreconditioningConfig(data_size=batch_size, damping=0.01)
-    gm = maker_cls(model, config)
-    losses = []
-    for x, t in loader:
-        optimizer.zero_grad()
-        dummy_y = gm.setup_model_call(model, x)
-        gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-        y, loss = gm.forward_and_backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return gm, losses
-
-
 def test_asdl_readme_loop():
     """Logistic regression (a convex loss, so the damped Newton step descends): the loss drops and
     the last step's gradient is the damped Newton direction at the parameters it was taken at."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     x, t = batch(0, N=16)
-    gm, losses = asdl_readme_loop(NewtonGradientMaker, model, [(x, t)] * 6, batch_size=16)
+    losses = run_readme_loop("NewtonGradientMaker", lambda: model, [(x, t)] * 6)["losses"]
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
     ref = copy.deepcopy(model)
     with torch.no_grad():  # undo the last SGD step
@@ -169,32 +153,10 @@ def test_trains_digits(one_thread):
 @pytest.mark.parametrize("absolute", [False, True])
 def test_resume_is_bit_exact(absolute):
     config = dict(damping=0.1, preconditioner_upd_interval=3, ema_decay=0.5)
-
-    def run(steps, start=None):
-        model = tiny()
-        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-        gm = NewtonGradientMaker(model, PreconditioningConfig(**config), abs_eigenvalues=absolute)
-        if start is not None:
-            state = torch.load(io.BytesIO(start), weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            gm.load_state_dict(state["gm"])
-        for s in range(*steps):
-            x, t = batch(s)
-            opt.zero_grad()
-            dy = gm.setup_model_call(model, x)
-            gm.setup_loss_call(F.cross_entropy, dy, t)
-            gm.forward_and_backward()
-            opt.step()
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gm": gm.state_dict()}, buf)
-        return model, buf.getvalue()
-
-    full, _ = run((0, 7))
-    _, saved = run((0, 4))
-    resumed, _ = run((4, 7), saved)
-    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(p, q), n
+    check_resume_bit_exact(
+        tiny, lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9),
+        lambda m: NewtonGradientMaker(m, PreconditioningConfig(**config), abs_eigenvalues=absolute),
+        [batch(s) for s in range(7)], 4, keep_training=False, serialize=True)
 
 
 def test_bad_input_raises_with_message():

@@ -15,6 +15,7 @@ from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.psgd import KronPsgdGradientMaker
 from curvfun.psgd_math import psgd_precondition, psgd_update
 from digits_helper import train_digits
+from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
 @pytest.fixture(autouse=True)
@@ -142,64 +143,19 @@ def test_trains_digits():
     assert acc >= 0.90, acc
 
 
-README_LOOP = """
-from curvfun.precondition import PreconditioningConfig, KronPsgdGradientMaker
-
-model = Net()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-config = PreconditioningConfig(data_size=batch_size, damping=0.01)
-gm = KronPsgdGradientMaker(model, config)
-
-for x, t in data_loader:
-  optimizer.zero_grad()
-  dummy_y = gm.setup_model_call(model, x)
-  gm.setup_loss_call(loss_fn, dummy_y, t)
-  y, loss = gm.forward_and_backward()
-  optimizer.step()
-  losses.append(loss.item())
-"""
-
-
 def test_readme_loop():
     torch.manual_seed(0)
     x, t = batches(1, N=16)[0]
-    ns = {"torch": torch, "Net": Net, "batch_size": 16, "loss_fn": F.cross_entropy,
-          "data_loader": [(x, t)] * 8, "losses": []}
-    exec(README_LOOP, ns)
+    ns = run_readme_loop("KronPsgdGradientMaker", Net, [(x, t)] * 8)
     gm = ns["gm"]
     assert gm.step == 8 and not torch.equal(gm.factors["fc1"][0], torch.eye(4))
-    assert ns["losses"][-1] < ns["losses"][0]
 
 
 def test_resume_is_bit_exact():
-    data = batches(6)
     config = PreconditioningConfig(seed=5, preconditioner_upd_interval=2, curvature_upd_interval=1)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = Net()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        return model, opt, KronPsgdGradientMaker(model, config, precond_lr=0.1)
-
-    def run(model, opt, gm, bs):
-        for x, t in bs:
-            opt.zero_grad()
-            step(gm, model, x, t)
-            opt.step()
-
-    model, opt, gm = fresh()
-    run(model, opt, gm, data)
-    ref = [p.detach().clone() for p in model.parameters()]
-    model, opt, gm = fresh()
-    run(model, opt, gm, data[:3])  # saved between two factor refreshes
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict())) + (gm.state_dict(),)
-    run(model, opt, gm, data[3:4])
-    model2, opt2, gm2 = fresh()
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(saved[1])
-    gm2.load_state_dict(saved[2])
-    run(model2, opt2, gm2, data[3:])
-    assert all(torch.equal(a, b) for a, b in zip(ref, model2.parameters()))
+    # saved between two factor refreshes
+    check_resume_bit_exact(Net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                           lambda m: KronPsgdGradientMaker(m, config, precond_lr=0.1), batches(6), 3)
 
 
 def test_bad_input():

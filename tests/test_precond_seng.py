@@ -3,7 +3,6 @@ gradients by an autograd loop, the same sketch indices), training, README loop, 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.seng import SengGradientMaker
 from curvfun.seng_math import seng_direction, sketched_gram, sketched_products, truncate_positions
 from digits_helper import train_digits
+from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
 @pytest.fixture(autouse=True)
@@ -185,63 +185,18 @@ def test_trains_digits():
     assert acc >= 0.90, acc
 
 
-README_LOOP = """
-from curvfun.precondition import PreconditioningConfig, SengGradientMaker
-
-model = Net()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-config = PreconditioningConfig(data_size=batch_size, damping=0.01)
-gm = SengGradientMaker(model, config)
-
-for x, t in data_loader:
-  optimizer.zero_grad()
-  dummy_y = gm.setup_model_call(model, x)
-  gm.setup_loss_call(loss_fn, dummy_y, t)
-  y, loss = gm.forward_and_backward()
-  optimizer.step()
-  losses.append(loss.item())
-"""
-
-
 def test_readme_loop():
     torch.manual_seed(0)
     x, t = data(16, True)
-    ns = {"torch": torch, "Net": ConvNet, "batch_size": 16, "loss_fn": F.cross_entropy,
-          "data_loader": [(x, t)] * 6, "losses": []}
-    exec(README_LOOP, ns)
+    ns = run_readme_loop("SengGradientMaker", ConvNet, [(x, t)] * 6)
     assert ns["gm"].step == 6 and set(ns["gm"].factor) == {"conv", "fc"}
-    assert ns["losses"][-1] < ns["losses"][0]
 
 
 def test_resume_is_bit_exact():
-    batches = [data(8, True, seed=s) for s in range(6)]
     config = PreconditioningConfig(damping=0.1, preconditioner_upd_interval=2, seed=2)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = ConvNet()
-        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), SengGradientMaker(
-            model, config, sketching_size=3, truncated_rank=2)
-
-    def run(model, opt, gm, bs):
-        for x, t in bs:
-            opt.zero_grad()
-            step(gm, model, x, t)
-            opt.step()
-
-    model, opt, gm = fresh()
-    run(model, opt, gm, batches)
-    ref = [p.detach().clone() for p in model.parameters()]
-    model, opt, gm = fresh()
-    run(model, opt, gm, batches[:3])
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict())) + (gm.state_dict(),)
-    run(model, opt, gm, batches[3:4])
-    model2, opt2, gm2 = fresh()
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(saved[1])
-    gm2.load_state_dict(saved[2])
-    run(model2, opt2, gm2, batches[3:])
-    assert all(torch.equal(a, b) for a, b in zip(ref, model2.parameters()))
+    check_resume_bit_exact(ConvNet, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                           lambda m: SengGradientMaker(m, config, sketching_size=3, truncated_rank=2),
+                           [data(8, True, seed=s) for s in range(6)], 3)
 
 
 def test_bad_input():

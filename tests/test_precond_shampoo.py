@@ -18,6 +18,7 @@ from curvfun.precondition.shampoo import ShampooGradientMaker
 from curvfun.roots import eigen_power, inverse_root, sym_eigh
 from curvfun.shampoo_math import block_slices, merge_blocks, split_blocks
 from digits_helper import train_digits
+from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
 @pytest.fixture(autouse=True)
@@ -196,67 +197,18 @@ def test_trains_digits():
     assert acc >= 0.90, acc
 
 
-README_LOOP = """
-from curvfun.precondition import PreconditioningConfig, ShampooGradientMaker
-
-model = Net()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-config = PreconditioningConfig(data_size=batch_size, damping=0.01)
-gm = ShampooGradientMaker(model, config)
-
-for x, t in data_loader:
-  optimizer.zero_grad()
-  dummy_y = gm.setup_model_call(model, x)
-  gm.setup_loss_call(loss_fn, dummy_y, t)
-  y, loss = gm.forward_and_backward()
-  optimizer.step()
-  losses.append(loss.item())
-"""
-
-
 def test_readme_loop():
     torch.manual_seed(0)
     x, t = batches(1, N=16)[0]
-    ns = {"torch": torch, "Net": Net, "batch_size": 16, "loss_fn": F.cross_entropy,
-          "data_loader": [(x, t)] * 8, "losses": []}
-    exec(README_LOOP, ns)
+    ns = run_readme_loop("ShampooGradientMaker", Net, [(x, t)] * 8)
     assert ns["gm"].step == 8 and set(ns["gm"].roots) == {"conv.weight", "fc1.weight", "fc2.weight"}
-    assert ns["losses"][-1] < ns["losses"][0]
-
-
-def _run(model, gm, opt, data):
-    for x, t in data:
-        opt.zero_grad()
-        y = gm.setup_model_call(model, x)
-        gm.setup_loss_call(F.cross_entropy, y, t)
-        gm.forward_and_backward()
-        opt.step()
 
 
 def test_resume_is_bit_exact():
-    data = batches(6)
     config = PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=2, curvature_upd_interval=1)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = Net()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        return model, opt, ShampooGradientMaker(model, config, block_size=3)
-
-    model, opt, gm = fresh()
-    _run(model, gm, opt, data)
-    ref = [p.detach().clone() for p in model.parameters()]
-
-    model, opt, gm = fresh()
-    _run(model, gm, opt, data[:3])
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict())) + (gm.state_dict(),)
-    _run(model, gm, opt, data[3:4])  # the live maker keeps training: the saved copy must not move
-    model2, opt2, gm2 = fresh()
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(saved[1])
-    gm2.load_state_dict(saved[2])
-    _run(model2, gm2, opt2, data[3:])
-    assert all(torch.equal(a, b) for a, b in zip(ref, model2.parameters()))
+    # the live maker keeps training after the save: the saved copy must not move
+    check_resume_bit_exact(Net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                           lambda m: ShampooGradientMaker(m, config, block_size=3), batches(6), 3)
 
 
 def test_bad_input():

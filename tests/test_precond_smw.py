@@ -3,7 +3,6 @@ training, README loop, resume, bad input."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.smw import SmwEmpNaturalGradientMaker
 from curvfun.smw import layer_gram, smw_coefficients
 from digits_helper import train_digits
+from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
 @pytest.fixture(autouse=True)
@@ -151,61 +151,19 @@ def test_trains_digits():
     assert acc >= 0.90, acc
 
 
-README_LOOP = """
-from curvfun.precondition import PreconditioningConfig, SmwEmpNaturalGradientMaker
-
-model = Net()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-config = PreconditioningConfig(data_size=batch_size, damping=0.01)
-gm = SmwEmpNaturalGradientMaker(model, config)
-
-for x, t in data_loader:
-  optimizer.zero_grad()
-  dummy_y = gm.setup_model_call(model, x)
-  gm.setup_loss_call(loss_fn, dummy_y, t)
-  y, loss = gm.forward_and_backward()
-  optimizer.step()
-  losses.append(loss.item())
-"""
-
-
 def test_readme_loop():
     torch.manual_seed(0)
     x, t = data(16, True)
-    ns = {"torch": torch, "Net": ConvNet, "batch_size": 16, "loss_fn": F.cross_entropy,
-          "data_loader": [(x, t)] * 6, "losses": []}
-    exec(README_LOOP, ns)
-    assert ns["gm"].step == 6 and ns["losses"][-1] < ns["losses"][0]
+    ns = run_readme_loop("SmwEmpNaturalGradientMaker", ConvNet, [(x, t)] * 6)
+    assert ns["gm"].step == 6
 
 
 def test_resume_is_bit_exact():
-    batches = [data(8, True, seed=s) for s in range(5)]
-
-    def fresh():
-        torch.manual_seed(0)
-        model = ConvNet()
-        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), SmwEmpNaturalGradientMaker(
-            model, PreconditioningConfig(damping=0.1))
-
-    def run(model, opt, gm, bs):
-        for x, t in bs:
-            opt.zero_grad()
-            step(gm, model, x, t)
-            opt.step()
-
-    model, opt, gm = fresh()
-    run(model, opt, gm, batches)
-    ref = [p.detach().clone() for p in model.parameters()]
-    model, opt, gm = fresh()
-    run(model, opt, gm, batches[:2])
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict())) + (gm.state_dict(),)
-    model2, opt2, gm2 = fresh()
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(saved[1])
-    gm2.load_state_dict(saved[2])
-    run(model2, opt2, gm2, batches[2:])
+    gm2 = check_resume_bit_exact(
+        ConvNet, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        lambda m: SmwEmpNaturalGradientMaker(m, PreconditioningConfig(damping=0.1)),
+        [data(8, True, seed=s) for s in range(5)], 2, keep_training=False)
     assert gm2.step == 5
-    assert all(torch.equal(a, b) for a, b in zip(ref, model2.parameters()))
 
 
 def test_bad_input():
