@@ -21,7 +21,13 @@ from torch.func import functional_call, grad, vmap
 
 from .capture import capture, check_batch, supported_modules
 from .functional import as_tuple, call_model, check_params, has_train_mode_batchnorm
-from .layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norms
+from .layers import (
+    conv2d_per_sample_grads,
+    conv2d_prefers_materialising,
+    layer_data,
+    per_sample_layer_grads,
+    per_sample_layer_sq_norms,
+)
 from .losses import get_likelihood
 
 __all__ = ["per_sample_grads", "per_sample_grad_norms", "jacobian", "jvp", "vjp"]
@@ -83,7 +89,10 @@ def per_sample_grads(
             bufs = {}
             if out is not None and all(keys[p] not in seen for p in keys):
                 bufs = {p: out[keys[p]] for p in keys if keys[p] in out}
-            grads = per_sample_layer_grads(layer_data(rec), bufs)
+            if rec.kind == "conv2d":  # grouped weight backward, no im2col copy
+                grads = conv2d_per_sample_grads(rec)
+            else:
+                grads = per_sample_layer_grads(layer_data(rec), bufs)
             for p, gp in grads.items():
                 key = keys[p]
                 if key in result:  # tied parameter used by several modules
@@ -138,13 +147,16 @@ def per_sample_grad_norms(
         unsupported = {**unsupported, **cap.unsupported}  # incl. layers called without the batch dim
         shared: dict[str, Tensor] = {}
         for name, rec in cap.layers.items():
-            ld = layer_data(rec)
             keys = rec.info.keys
             if any(owners[k] > 1 for k in keys.values()):
-                for p, gp in per_sample_layer_grads(ld).items():
+                grads = conv2d_per_sample_grads(rec) if rec.kind == "conv2d" else per_sample_layer_grads(layer_data(rec))
+                for p, gp in grads.items():
                     shared[keys[p]] = shared[keys[p]] + gp if keys[p] in shared else gp
+            elif rec.kind == "conv2d" and conv2d_prefers_materialising(rec):
+                for gp in conv2d_per_sample_grads(rec).values():
+                    sq = sq + gp.reshape(N, -1).pow(2).sum(1).to(sq.dtype)
             else:
-                sq = sq + per_sample_layer_sq_norms(ld).to(sq.dtype)
+                sq = sq + per_sample_layer_sq_norms(layer_data(rec)).to(sq.dtype)
             done.update(keys.values())
         for gp in shared.values():
             sq = sq + gp.reshape(N, -1).pow(2).sum(1)

@@ -298,3 +298,44 @@ def layer_column_rows(ld: LayerData) -> Tensor:
         r = torch.cat([grads[p].reshape(N, -1) for p in ("weight", "bias") if p in grads], 1)
         rows.append(r * (ld.weights[k].to(r.dtype) / N).sqrt())
     return torch.cat(rows, 0)
+
+
+def conv2d_per_sample_grads(rec: LayerRecord) -> dict[str, Tensor]:
+    """Per-sample gradients of a Conv2d straight from its captured input and output gradients
+    (first column), without im2col: the weight gradient of every sample is one grouped
+    convolution-weight backward with the batch folded into the groups (N·G groups), summed over
+    the module's calls. Same result as ``per_sample_layer_grads(layer_data(rec))``, O(N·P) memory."""
+    m: nn.Conv2d = rec.module
+    if rec.grads is None or any(y.shape[0] != 1 for y in rec.grads):
+        raise ValueError("per-sample gradients need a single output-gradient column (fisher_type='emp')")
+    keys = rec.info.keys
+    w_total = b_total = None
+    for x, y in zip(rec.inputs, rec.grads):
+        g = y[0]
+        N, Cin, H, W = x.shape
+        Cout = g.shape[1]
+        if "weight" in keys:
+            w = torch.nn.grad.conv2d_weight(
+                x.reshape(1, N * Cin, H, W), (N * Cout, Cin // m.groups, *m.kernel_size),
+                g.reshape(1, N * Cout, *g.shape[2:]), m.stride, _conv_padding(m), m.dilation, N * m.groups,
+            ).reshape(N, *m.weight.shape)
+            w_total = w if w_total is None else w_total + w
+        if "bias" in keys:
+            b = g.sum((2, 3))
+            b_total = b if b_total is None else b_total + b
+    out = {}
+    if w_total is not None:
+        out["weight"] = w_total
+    if b_total is not None:
+        out["bias"] = b_total
+    return out
+
+
+def conv2d_prefers_materialising(rec: LayerRecord) -> bool:
+    """Whether ‖per-sample grad‖² is cheaper from the materialised gradients (O(T·d·o)) than
+    from the T x T Gram products (O(T²·(d+o))), for a Conv2d record."""
+    m: nn.Conv2d = rec.module
+    T = sum(y.shape[-1] * y.shape[-2] for y in rec.grads) if rec.grads else 1
+    d = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+    o = m.out_channels // m.groups
+    return T > 1 and T * (d + o) > d * o
