@@ -78,6 +78,16 @@ def _module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
+def _module_indices(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Module name -> indices of its parameters in the flat (params-order) vector."""
+    offsets: dict[str, list[Tensor]] = {}
+    i = 0
+    for k, p in params.items():
+        offsets.setdefault(_module_of(k), []).append(torch.arange(i, i + p.numel()))
+        i += p.numel()
+    return {m: torch.cat(idx) for m, idx in offsets.items()}
+
+
 def _shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], N: int, shape: str):
     """From rows ``[K, R, P]`` with column weights ``[K]``: (1/N) Σ_k w_k rowsᵀ rows, shaped."""
     rows = rows * weights.sqrt().reshape(-1, 1, 1).to(rows.dtype)
@@ -88,12 +98,8 @@ def _shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], N: int,
     if shape == "diag":
         return _unflat(rows.pow(2).sum(0) / N, params)
     blocks: dict[str, Tensor] = {}
-    offsets, i = {}, 0
-    for k, p in params.items():
-        offsets.setdefault(_module_of(k), []).append(torch.arange(i, i + p.numel()))
-        i += p.numel()
-    for m, idx in offsets.items():
-        sub = rows[:, torch.cat(idx)]
+    for m, idx in _module_indices(params).items():
+        sub = rows[:, idx]
         M = sub.T @ sub / N
         blocks[m] = (M + M.T) / 2
     return blocks
@@ -201,14 +207,7 @@ def _reshape_dense(M: Tensor, params: Mapping[str, Tensor], shape: str):
         return M
     if shape == "diag":
         return _unflat(torch.diagonal(M).clone(), params)
-    blocks, offsets, i = {}, {}, 0
-    for k, p in params.items():
-        offsets.setdefault(_module_of(k), []).append(torch.arange(i, i + p.numel()))
-        i += p.numel()
-    for m, idx in offsets.items():
-        ix = torch.cat(idx)
-        blocks[m] = M[ix][:, ix]
-    return blocks
+    return {m: M[ix][:, ix] for m, ix in _module_indices(params).items()}
 
 
 def _mean_loss_fn(model, params, inputs, targets, lik) -> Callable[[Tensor], Tensor]:

@@ -83,24 +83,31 @@ def _register(cls):
 # --- pure helpers ---------------------------------------------------------------------
 
 
-def pi_damping(A: Tensor, B: Tensor, damping: float, heuristic: str = "pi", a_diag: bool = False):
-    """(δ_A, δ_B) per the GUIDE's π-damped factored Tikhonov; batched over a leading group dim."""
+def damping_from_traces(trace_a: Tensor, dim_a: int, trace_b: Tensor, dim_b: int, damping: float,
+                        heuristic: str = "pi") -> tuple[Tensor, Tensor]:
+    """(δ_A, δ_B) of the GUIDE's π-damped factored Tikhonov from the factors' traces (tensors,
+    any batch shape): π = sqrt((tr A/dim A)/(tr B/dim B)), δ_A = sqrt(λ)·π, δ_B = sqrt(λ)/π,
+    δ_A = δ_B = sqrt(λ) when π is 0 or not finite or ``heuristic="none"``; each at least 1e-7.
+    The one implementation of the formula (K-FAC and low-rank K-FAC both call it). O(1)."""
     if heuristic not in ("pi", "none"):
         raise ValueError(f"unknown damping heuristic {heuristic!r}; expected 'pi' or 'none'")
     if not (damping >= 0 and math.isfinite(damping)):
         raise ValueError(f"damping must be a finite number >= 0, got {damping}")
     root = math.sqrt(damping)
-    lead = B.shape[:-2]
     if heuristic == "none":
-        d = torch.full(lead, max(root, MIN_DAMPING), dtype=B.dtype, device=B.device)
-        return d, d.clone()
-    trA = A.sum(-1) if a_diag else torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
-    dimA = A.shape[-1]
-    trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1)
-    pi = torch.sqrt((trA / dimA) / (trB / B.shape[-1]))
-    ok = torch.isfinite(pi) & (pi > 0)
-    pi = torch.where(ok, pi, torch.ones_like(pi))
+        pi = torch.ones_like(trace_b)
+    else:
+        pi = torch.sqrt((trace_a / dim_a) / (trace_b / dim_b))
+        pi = torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
     return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
+
+
+def pi_damping(A: Tensor, B: Tensor, damping: float, heuristic: str = "pi", a_diag: bool = False):
+    """(δ_A, δ_B) for factors A, B (batched over a leading group dim; ``a_diag``: A given as its
+    diagonal): :func:`damping_from_traces` of their traces."""
+    trA = A.sum(-1) if a_diag else torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
+    trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1)
+    return damping_from_traces(trA, A.shape[-1], trB, B.shape[-1], damping, heuristic)
 
 
 def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "factor") -> Tensor:

@@ -614,21 +614,13 @@ def pi_damping(trace_a: float, dim_a: int, trace_b: float, dim_b: int, damping: 
     """
     where = "pi_damping"
     lam = _check_nonneg(damping, "damping", where)
-    s = math.sqrt(lam)
-    if heuristic == "none":
-        da = db = s
-    elif heuristic == "pi":
-        try:
-            pi = math.sqrt((float(trace_a) / dim_a) / (float(trace_b) / dim_b))
-        except (ZeroDivisionError, ValueError, OverflowError):
-            pi = float("nan")
-        if math.isfinite(pi) and pi > 0:
-            da, db = s * pi, s / pi
-        else:
-            da = db = s
-    else:
+    if heuristic not in ("pi", "none"):
         raise ValueError(f"{where}: heuristic must be 'pi' or 'none', got {heuristic!r}.")
-    return max(da, _MIN_DAMPING), max(db, _MIN_DAMPING)
+    from .kron import damping_from_traces  # the one implementation of the formula
+
+    as_t = lambda v: torch.tensor(float(v), dtype=torch.float64)  # noqa: E731
+    da, db = damping_from_traces(as_t(trace_a), dim_a, as_t(trace_b), dim_b, lam, heuristic)
+    return float(da), float(db)
 
 
 # --------------------------------------------------------------------------------------------
