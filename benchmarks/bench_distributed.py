@@ -31,14 +31,15 @@ from common import batch, mlp, setup, table  # noqa: E402
 WARMUP, REPEAT, N = 3, 10, 128
 
 
-def _run(interval: int, mode: str, n: int) -> dict:
+def _run(interval: int, mode: str, n: int, device: str = "cpu") -> dict:
     from curvfun import distributed as cfd
     from curvfun.precondition import KfacGradientMaker, PreconditioningConfig
 
     setup(threads=1, seed=0)
-    model = mlp()
+    model = mlp().to(device)
     torch.manual_seed(1 + cfd.rank())
-    data = [batch("mlp", n) for _ in range(4)]
+    data = [tuple(t.to(device) for t in batch("mlp", n)) for _ in range(4)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     cfg = PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=interval)
     gm = KfacGradientMaker(model, cfg, fisher_type="fisher_mc", inverse_mode=mode)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -52,6 +53,7 @@ def _run(interval: int, mode: str, n: int) -> dict:
         gm.setup_loss_call(F.cross_entropy, dy, y)
         gm.forward_and_backward()
         opt.step()
+        sync()
         if cfd.is_distributed():
             dist.barrier()  # the step ends when every rank has finished it
         if t >= WARMUP:
@@ -61,21 +63,25 @@ def _run(interval: int, mode: str, n: int) -> dict:
     return {"sec": statistics.median(times), "bytes": nbytes}
 
 
-def _worker(rank: int, world: int, init: str, out: str, configs: list) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+def _worker(rank: int, world: int, init: str, out: str, configs: list, backend: str = "gloo") -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    res = {c: _run(*c) for c in configs}
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    res = {c: _run(*c, device=device) for c in configs}
     if rank == 0:
         torch.save(res, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _two_ranks(configs: list) -> dict:
+def _ranks(configs: list, world: int = 2, backend: str = "gloo") -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
         ctx = mp.get_context("spawn")
-        ps = [ctx.Process(target=_worker, args=(r, 2, os.path.join(d, "init"), out, configs)) for r in range(2)]
+        ps = [ctx.Process(target=_worker, args=(r, world, os.path.join(d, "init"), out, configs, backend))
+              for r in range(world)]
         for p in ps:
             p.start()
         for p in ps:
@@ -91,7 +97,7 @@ def _fmt_bytes(b: dict) -> str:
 
 def main() -> None:
     configs = [(i, m, N) for i in (1, 10) for m in ("assigned", "replicated")]
-    two = _two_ranks(configs)
+    two = _ranks(configs)
     for interval in (1, 10):
         one = _run(interval, "replicated", N)
         one_big = _run(interval, "replicated", 2 * N)
@@ -108,5 +114,26 @@ def main() -> None:
             print(f"  bytes per step, 2 ranks, {mode:<10}: {_fmt_bytes(two[(interval, mode, N)]['bytes'])} (rank 0's payloads)")
 
 
+def main_nccl() -> None:
+    """NCCL on every visible GPU (one rank each) versus one process on one GPU with no process
+    group. With a single GPU this is a world of 1: it measures what the process group and its
+    collectives add to a step, not scaling."""
+    world = torch.cuda.device_count()
+    configs = [(i, m, N) for i in (1, 10) for m in ("assigned", "replicated")]
+    ranks = _ranks(configs, world=world, backend="nccl")
+    for interval in (1, 10):
+        one = _run(interval, "replicated", N, device="cuda")
+        rows = [(f"1 process on cuda, batch {N}, no process group", one["sec"], 1.0)]
+        for mode in ("assigned", "replicated"):
+            r = ranks[(interval, mode, N)]
+            rows.append((f"{world} NCCL rank(s) x {N}, inverses {mode}", r["sec"], r["sec"] / one["sec"]))
+        table(f"K-FAC on the MLP, interval {interval}, {torch.cuda.get_device_name()}: time per step", rows)
+        for mode in ("assigned", "replicated"):
+            print(f"  bytes per step, {world} rank(s), {mode:<10}: {_fmt_bytes(ranks[(interval, mode, N)]['bytes'])}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--nccl" in sys.argv:
+        main_nccl()
+    else:
+        main()

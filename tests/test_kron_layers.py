@@ -524,3 +524,21 @@ def test_bare_parameter_used_in_forward_is_named():
     check_factors(f["fc"], A, B, "fc")
     with pytest.raises(ValueError, match=r"<root> \(BareParam.*temperature"):
         curvfun.kfac(model, params, x, y, fisher_type="emp", on_unsupported="raise")
+
+
+def test_factors_under_autocast_are_formed_in_the_parameter_dtype():
+    """Under bf16 autocast the recorded inputs / output gradients are bf16; the factors must still
+    be float32 (the parameters' dtype), finite, and match the float32 factors to bf16 accuracy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).float()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(32, 12, dtype=torch.float32), torch.randint(0, 5, (32,))
+    ref = curvfun.kfac(model, params, x, y, fisher_type="emp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = curvfun.kfac(model, params, x, y, fisher_type="emp")
+    for name in ref:
+        for side in ("A", "B"):
+            a, b = getattr(got[name], side), getattr(ref[name], side)
+            assert a.dtype == torch.float32, (name, side, a.dtype)
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+import optree
 
 from curvfun.kron import KronFactor, KronInverse, NotPositiveDefiniteError
 from curvfun.precondition import (
@@ -866,3 +867,28 @@ def test_ignored_and_unsupported_modules_keep_the_plain_gradient(kind, how, capl
         assert "ignored by config" in report.split(f"{n} (")[1].split(")")[0]
     unsupported = [str(w.message) for w in rec if issubclass(w.category, UnsupportedModuleWarning)]
     assert len([m for m in unsupported if "'scale'" in m]) == 1, unsupported
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank", "diag"])
+def test_under_autocast_only_the_model_runs_in_reduced_precision(kind):
+    """A step inside ``torch.autocast(bfloat16)`` (the CLI's ``--amp``) installs float32 curvature
+    and inverses (no non-finite warning), and its preconditioned gradient matches the float32 step
+    to bf16 accuracy of the model's forward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)).float()
+    x, t = torch.randn(32, 10, dtype=torch.float32), torch.randint(0, 4, (32,))
+    kw = {"rank": 4} if kind == "lowrank" else {}
+    grads = []
+    for amp in (False, True):
+        gm = MAKERS[kind](model, PreconditioningConfig(damping=1e-2), fisher_type="fisher_emp", **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NonFiniteCurvatureWarning)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                grads.append(maker_step(gm, model, x, t))
+        assert not torch.is_autocast_enabled("cpu")
+        for name, inv in gm.inverses.items():
+            leaves = [v for v in optree.tree_leaves(inv, namespace="curvfun") if isinstance(v, torch.Tensor)]
+            assert leaves and all(v.dtype == torch.float32 for v in leaves if v.is_floating_point()), name
+    ref, got = grads
+    assert got.dtype == torch.float32
+    assert (got - ref).norm() <= 0.05 * ref.norm()

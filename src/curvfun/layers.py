@@ -158,6 +158,13 @@ def layer_data(rec: LayerRecord, weights: Tensor | None = None) -> LayerData:
         a, g = _norm(rec)
     else:  # pragma: no cover - guarded by capture.layer_kind
         raise ValueError(f"unsupported layer kind {kind!r}")
+    # curvature is formed in the parameters' dtype: under autocast the records are bf16/fp16, whose
+    # Gram matrices lose the precision the damped inverses need
+    dt = next((p.dtype for p in rec.module.parameters() if p.is_floating_point()), None)
+    if dt is not None:
+        a = a.to(dt) if a.is_floating_point() else a
+        g = None if g is None else g.to(dt)
+        weights = None if weights is None else weights.to(device=g.device if g is not None else a.device, dtype=dt)
     return LayerData(kind, rec.module, a, g, weights, "bias" in rec.info.keys, "weight" in rec.info.keys)
 
 

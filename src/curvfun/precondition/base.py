@@ -62,6 +62,7 @@ from .config import (
     is_update_step,
     resolve_schedule,
 )
+from ..precision import autocast_as, autocast_state, full_precision
 from .dummy import DummyObject, contains_dummy, default_logits_dummy, replace_dummies, replay
 
 __all__ = [
@@ -129,6 +130,9 @@ class GradientMaker:
     """
 
     _loss_reduction: str | None = None
+
+    #: the caller's autocast settings while a preconditioned step runs (see forward_and_backward)
+    _autocast: tuple = ()
 
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
         if not isinstance(model, nn.Module):
@@ -238,13 +242,15 @@ class GradientMaker:
                 "no model call is set up: call gm.setup_model_call(model, x) (and gm.setup_loss_call(...)) "
                 "before forward_and_backward()"
             )
-        self._model_output = self._model_fn(*self._model_args, **self._model_kwargs)
-        self._logits = replay(self._dummy_logits, self._model_output)
+        with autocast_as(self._autocast):
+            self._model_output = self._model_fn(*self._model_args, **self._model_kwargs)
+            self._logits = replay(self._dummy_logits, self._model_output)
         return self._model_output
 
     def call_loss(self) -> Tensor:
         """Evaluate the registered loss on :attr:`model_output`; sets :attr:`loss`."""
-        self._loss = self.loss_from_output(self._model_output, reduction=self._loss_reduction)
+        with autocast_as(self._autocast):
+            self._loss = self.loss_from_output(self._model_output, reduction=self._loss_reduction)
         self._backward_pending = True
         return self._loss
 
@@ -772,7 +778,18 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
 
     # --- the step -----------------------------------------------------------------------------
     def forward_and_backward(self) -> tuple[Any, Tensor]:
-        """One training step's (preconditioned) gradient; see the class docstring for the order."""
+        """One training step's (preconditioned) gradient; see the class docstring for the order.
+
+        Under ``torch.autocast`` only the model and loss calls run in reduced precision; curvature,
+        inverses and preconditioning run with autocast off (:mod:`curvfun.precision`)."""
+        self._autocast = autocast_state()
+        try:
+            with full_precision():
+                return self._forward_and_backward()
+        finally:
+            self._autocast = ()
+
+    def _forward_and_backward(self) -> tuple[Any, Tensor]:
         self._require_ready()
         step = self.step
         if not self._reported:
