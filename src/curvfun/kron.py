@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .capture import Capture, capture
 from .layers import LayerData, layer_data
+from .precision import full_precision
 
 __all__ = [
     "KronFactor",
@@ -524,6 +525,28 @@ def _gram(X: Tensor) -> Tensor:
     return X.T @ X if X.ndim == 2 else X.transpose(1, 2) @ X
 
 
+def factor_rows(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):
+    """The rows behind a Linear / Conv2d layer's factors: ``((X_A, c_A), (X_B, c_B))`` with
+    A = X_Aᵀ X_A / c_A and B = X_Bᵀ X_B / c_B; X ``[R, d]`` (one group) or ``[G, R, d]``.
+    Expand: X_A = the N·T inputs (folded: [a, 1]), c_A = N·T; X_B = the K·N·T weighted output
+    gradients, c_B = N. Reduce: position-means of the inputs and position-sums of the output
+    gradients, c_A = c_B = N. No copies beyond the reshapes (and the fold's concatenation)."""
+    N = data.batch_size
+    g = _weighted(data.g, data.weights)
+    a = data.a  # [N, G, T, d]
+    if bias == "folded" and data.has_bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+    Gr, T = a.shape[1], a.shape[2]
+    if kfac_type == "expand":
+        am = a.reshape(N * T, -1) if Gr == 1 else a.transpose(0, 1).reshape(Gr, N * T, -1)
+        gm = g.reshape(-1, g.shape[-1]) if Gr == 1 else g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
+        return (am, N * T), (gm, N)
+    am = a.mean(2)[:, 0] if Gr == 1 else a.mean(2).transpose(0, 1)  # [N, d] / [G, N, d]
+    gs = g.sum(3)
+    gm = gs.reshape(-1, g.shape[-1]) if Gr == 1 else gs.permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
+    return (am, N), (gm, N)
+
+
 def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):
     """The factor object of one layer from its :class:`~curvfun.layers.LayerData`.
 
@@ -538,22 +561,9 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
     m, N = data.module, data.batch_size
     g = _weighted(data.g, data.weights)
     if data.kind in ("linear", "conv2d"):
-        a = data.a  # [N, G, T, d]
+        (am, a_count), (gm, g_count) = factor_rows(data, kfac_type, bias)
         folded = bias == "folded" and data.has_bias
-        if folded:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
-        Gr, T = a.shape[1], a.shape[2]
-        if kfac_type == "expand":
-            am = a.reshape(N * T, -1) if Gr == 1 else a.transpose(0, 1).reshape(Gr, N * T, -1)
-            A = _gram(am) / (N * T)
-            gm = g.reshape(-1, g.shape[-1]) if Gr == 1 else g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
-        else:
-            am = a.mean(2)[:, 0] if Gr == 1 else a.mean(2).transpose(0, 1)  # [N, d] / [G, N, d]
-            A = _gram(am) / N
-            gs = g.sum(3)
-            gm = gs.reshape(-1, g.shape[-1]) if Gr == 1 else gs.permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
-        B = _gram(gm) / N
-        return KronFactor(A, B, tuple(m.weight.shape), data.has_bias, folded)
+        return KronFactor(_gram(am) / a_count, _gram(gm) / g_count, tuple(m.weight.shape), data.has_bias, folded)
     if data.kind == "embedding":
         ids = data.a  # [N, T]
         valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -608,7 +618,8 @@ def kfac(
     """
     data = _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples,
                           generator, on_unsupported)
-    return {name: kron_factors_from_layer(ld, kfac_type, bias) for name, ld in data.items()}
+    with full_precision():  # the model ran under the caller's autocast; the factors never do
+        return {name: kron_factors_from_layer(ld, kfac_type, bias) for name, ld in data.items()}
 
 
 def _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples, generator,
@@ -643,6 +654,7 @@ def ekfac(
     out = {}
     for name, data in _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias,
                                      n_mc_samples, generator, on_unsupported).items():
-        f = kron_factors_from_layer(data, kfac_type, bias)
-        out[name] = f.ekfac(data) if isinstance(f, KronFactor) else f
+        with full_precision():
+            f = kron_factors_from_layer(data, kfac_type, bias)
+            out[name] = f.ekfac(data) if isinstance(f, KronFactor) else f
     return out

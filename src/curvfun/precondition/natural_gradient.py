@@ -54,6 +54,7 @@ from ..kron import (
     damped_cholesky_inverse,
     kron_factors_from_layer,
 )
+from ..kron_rows import kron_rows_from_layer
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
@@ -210,7 +211,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
                 total = self.loss_from_output(self.model_output, reduction="sum")
                 gs = [g.unsqueeze(0) for g in torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)]
                 gs = [torch.zeros_like(l).unsqueeze(0) if g is None else g for g, l in zip(gs, leaves)]
-                weights = torch.ones(1)
+                weights = torch.ones(1, device=total.device)
             else:
                 logits = self.logits
                 if not isinstance(logits, Tensor):
@@ -316,7 +317,16 @@ class KfacGradientMaker(_CurvatureMaker):
     Cost per curvature step: one forward, one backward to the layer outputs per MC sample (none
     extra for ``fisher_emp`` beyond the sum-loss backward), the user's backward, and the factor
     GEMMs; per preconditioner step one Cholesky per factor; per step two GEMMs per layer.
+
+    ``data_space="auto"`` (default): without EMA (``ema_decay=-1``, ASDL's default) and outside
+    ``torch.distributed``, a Linear layer's factor side with R rows and width d, 2R ≤ d (e.g. a
+    784-wide input at batch 128), is kept as its rows and inverted by Woodbury
+    (:mod:`curvfun.kron_rows`): the same preconditioned gradient, with an R x R instead of a d x d
+    Cholesky and O(o·d·R) instead of O(o·d²) per apply. ``"never"``: always dense factors.
     """
+
+    #: whether this maker may keep factor sides as rows (EKFAC needs dense factors for its eigh)
+    _data_space_capable = True
 
     def __init__(
         self,
@@ -331,7 +341,12 @@ class KfacGradientMaker(_CurvatureMaker):
         *,
         seed: int | None = None,
         inverse_mode: str = "assigned",
+        data_space: str = "auto",
     ) -> None:
+        if data_space not in ("auto", "never"):
+            raise ValueError(f"unknown data_space {data_space!r}; expected 'auto' (rows + Woodbury where "
+                             f"cheaper, without EMA) or 'never' (dense factors)")
+        self.data_space = data_space
         if kfac_type not in KFAC_TYPES:
             raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
         if bias not in BIAS_MODES:
@@ -342,7 +357,14 @@ class KfacGradientMaker(_CurvatureMaker):
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, seed=seed, inverse_mode=inverse_mode)
 
     def _layer_curvature(self, ld: LayerData) -> Any:
+        if self._rows_allowed() and ld.kind in ("linear", "conv2d"):
+            return kron_rows_from_layer(ld, self.kfac_type, self.bias)
         return kron_factors_from_layer(ld, self.kfac_type, self.bias)
+
+    def _rows_allowed(self) -> bool:
+        """Rows are exact only for this step's factors (no EMA) and per process (no all-reduce)."""
+        return (self._data_space_capable and self.data_space == "auto" and self._decay == NO_EMA
+                and not cfd.is_distributed())
 
     def update_preconditioner(self) -> None:
         fns = {}
@@ -361,6 +383,7 @@ class EkfacGradientMaker(KfacGradientMaker):
     (ASDL 0.1's ``EkfacGradientMaker`` calls methods it does not define and cannot run.)"""
 
     _state_attributes = ("curvature", "inverses", "ekfac")
+    _data_space_capable = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.ekfac: dict[str, EKFACFactor] = {}

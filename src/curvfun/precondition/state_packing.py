@@ -23,6 +23,8 @@ PACKABLE = {
     "curvfun.kron.EmbeddingFactor",
     "curvfun.kron.UnitWiseFactor",
     "curvfun.kron.DiagFactor",
+    "curvfun.kron_rows.KronRowsFactor",
+    "curvfun.kron_rows.KronRowsInverse",
     "curvfun.lowrank.LowRankKron",
     "curvfun.lowrank.WoodburyFactor",
     "curvfun.precondition.natural_gradient.DenseBlock",

@@ -1,0 +1,216 @@
+"""K-FAC in data space: a Kronecker side kept as its rows and inverted by Woodbury.
+
+A K-FAC factor of a Linear layer is a Gram matrix of R rows, M = XᵀX/c (A: the N·T inputs, B:
+the K·N·T output gradients; see :func:`curvfun.kron.factor_rows`). When R < d — a 784- or
+4096-wide layer at batch 128 — M has rank R and its damped inverse needs no d x d work:
+
+    (M + δI)⁻¹ = (I − Yᵀ (δI + Y Yᵀ)⁻¹ Y)/δ,      Y = X/√c  [R, d]   (Woodbury)
+
+so a side costs one R x R Gram and Cholesky (O(R²d + R³)) to refresh instead of O(d³), and
+applying it to a gradient G [o, d] costs O(o·d·R) instead of O(o·d²). The result is the same
+matrix as the dense route (exact, not an approximation; equal to float rounding, see the tests).
+
+:class:`KronRowsFactor` holds each side either dense ([d, d]) or as rows ([R, d]) — the rows form
+when 2R ≤ d (:func:`prefer_rows`), where both refresh and apply are cheaper — with the same
+``matvec`` / ``to_dense`` / ``damped_inverse`` as :class:`~curvfun.kron.KronFactor` and the same
+π-damping (traces from the rows: tr M = ‖Y‖²_F). One group only (Linear; Conv2d with
+``groups=1`` has R = N·pixels rows, far more than its d, so it stays dense).
+
+Not for running averages: an EMA of Gram matrices is not a Gram matrix of averaged rows, so the
+natural-gradient makers use this form only without EMA (``ema_decay=-1``, ASDL's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .kron import (
+    KronFactor,
+    NotPositiveDefiniteError,
+    _apply,
+    _layer_dense,
+    _register,
+    damped_cholesky_inverse,
+    damping_from_traces,
+    factor_rows,
+)
+from .layers import LayerData
+
+__all__ = ["KronRowsFactor", "KronRowsInverse", "prefer_rows", "kron_rows_from_layer", "woodbury_core"]
+
+
+def prefer_rows(rows: int, dim: int) -> bool:
+    """Whether a side of ``rows`` rows and width ``dim`` is cheaper as rows: 2R ≤ d (then the
+    Woodbury apply, 2·o·d·R, is at most the dense apply o·d², and the refresh O(R²d) ≪ O(d³))."""
+    return 2 * rows <= dim
+
+
+def woodbury_core(Y: Tensor, delta: Tensor) -> Tensor:
+    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for Y ``[R, d]``: one R x R Gram, its Cholesky factor (retried
+    in float64) and a triangular solve pair. O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ."""
+    C = Y @ Y.T
+    C.diagonal().add_(delta)
+    for dtype in (Y.dtype, torch.float64):
+        L, info = torch.linalg.cholesky_ex(C.to(dtype))
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return torch.cholesky_solve(Y.to(dtype), L).to(Y.dtype)
+    raise NotPositiveDefiniteError(
+        "the R x R Woodbury core of a K-FAC factor is not positive definite (or not finite) even in "
+        "float64; increase the damping or check the captured data for NaN/Inf"
+    )
+
+
+def _side_dense(M: Tensor, rows: bool) -> Tensor:
+    return M.T @ M if rows else M
+
+
+def _side_trace(M: Tensor, rows: bool) -> Tensor:
+    return M.square().sum() if rows else M.diagonal().sum()
+
+
+@dataclass(frozen=True)
+class KronRowsFactor:
+    """K-FAC factors with each side dense ``[d, d]`` or as rows ``Y`` ``[R, d]`` (M = YᵀY, the
+    1/c scaling already applied). Immutable, an optree node (namespace "curvfun")."""
+
+    A: Tensor
+    B: Tensor
+    a_rows: bool = False
+    b_rows: bool = False
+    weight_shape: tuple = ()
+    has_bias: bool = False
+    folded: bool = False
+
+    _tensor_fields = ("A", "B")
+    _static_fields = ("a_rows", "b_rows", "weight_shape", "has_bias", "folded")
+
+    def dense(self) -> KronFactor:
+        """The same factors as a :class:`~curvfun.kron.KronFactor` (forms YᵀY: O(R·d²))."""
+        return KronFactor(_side_dense(self.A, self.a_rows), _side_dense(self.B, self.b_rows),
+                          self.weight_shape, self.has_bias, self.folded)
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{"weight": B G_W A, "bias": B g_b}`` with rows sides applied as Yᵀ(Y·)."""
+        return self.dense().matvec(grad)
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        return self.dense().to_dense(include_bias)
+
+    def damping(self, damping: float, heuristic: str = "pi") -> tuple[Tensor, Tensor]:
+        """π-damping (:func:`curvfun.kron.damping_from_traces`) from the traces of the two sides."""
+        return damping_from_traces(_side_trace(self.A, self.a_rows), self.A.shape[-1],
+                                   _side_trace(self.B, self.b_rows), self.B.shape[-1], damping, heuristic)
+
+    def damped_inverse(self, damping: float, heuristic: str = "pi") -> "KronRowsInverse":
+        """(B+δ_B I)⁻¹ · (A+δ_A I)⁻¹: Woodbury cores for rows sides, Cholesky inverses for dense
+        sides. O(R²d + R³) per rows side, O(d³) per dense side."""
+        dA, dB = self.damping(damping, heuristic)
+        A, kA = self._side_inverse(self.A, self.a_rows, dA, "input factor A")
+        B, kB = self._side_inverse(self.B, self.b_rows, dB, "output factor B")
+        return KronRowsInverse(A, B, kA, kB, dA, dB, self.a_rows, self.b_rows,
+                               self.weight_shape, self.has_bias, self.folded)
+
+    @staticmethod
+    def _side_inverse(M: Tensor, rows: bool, delta: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
+        if rows:
+            return M, woodbury_core(M, delta)
+        return damped_cholesky_inverse(M, delta, what), None
+
+
+_register(KronRowsFactor)
+
+
+@dataclass(frozen=True)
+class KronRowsInverse:
+    """Damped inverse of a :class:`KronRowsFactor`: ``matvec`` is (B+δ_B)⁻¹ G (A+δ_A)⁻¹.
+
+    Dense side: ``A`` is (A+δ_A I)⁻¹ and ``A_core`` None. Rows side: ``A`` is Y, ``A_core`` the
+    Woodbury core K (:func:`woodbury_core`), and (A+δ_A I)⁻¹ G = (G − Yᵀ(K G))/δ_A."""
+
+    A: Tensor
+    B: Tensor
+    A_core: Tensor | None
+    B_core: Tensor | None
+    delta_A: Tensor
+    delta_B: Tensor
+    a_rows: bool = False
+    b_rows: bool = False
+    weight_shape: tuple = ()
+    has_bias: bool = False
+    folded: bool = False
+
+    _tensor_fields = ("A", "B", "A_core", "B_core", "delta_A", "delta_B")
+    _static_fields = ("a_rows", "b_rows", "weight_shape", "has_bias", "folded")
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Cost per rows side 2·o·d·R (two GEMMs through the R rows), per dense side o·d²."""
+        if not (self.a_rows or self.b_rows):
+            return _apply(grad, self.B.unsqueeze(0), self.A.unsqueeze(0), self.folded)
+        W = grad["weight"]
+        Wm = W.reshape(W.shape[0], -1)
+        has_b = "bias" in grad and grad["bias"] is not None
+        if self.folded:
+            Wm = torch.cat([Wm, grad["bias"].reshape(-1, 1)], 1)
+        X = self._left(self._right(Wm))
+        out: dict[str, Tensor] = {}
+        if self.folded:
+            out["weight"] = X[:, :-1].reshape(W.shape)
+            out["bias"] = X[:, -1].reshape(grad["bias"].shape)
+            return out
+        out["weight"] = X.reshape(W.shape)
+        if has_b:
+            b = grad["bias"]
+            out["bias"] = self._left(b.reshape(-1, 1)).reshape(b.shape)
+        return out
+
+    def _right(self, G: Tensor) -> Tensor:
+        """G (A+δ_A I)⁻¹."""
+        if not self.a_rows:
+            return G @ self.A
+        return (G - (G @ self.A.T) @ self.A_core) / self.delta_A
+
+    def _left(self, G: Tensor) -> Tensor:
+        """(B+δ_B I)⁻¹ G."""
+        if not self.b_rows:
+            return self.B @ G
+        return (G - self.B.T @ (self.B_core @ G)) / self.delta_B
+
+    def _dense_side(self, M: Tensor, core: Tensor | None, delta: Tensor, rows: bool) -> Tensor:
+        if not rows:
+            return M
+        eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        return (eye - M.T @ core) / delta
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        A = self._dense_side(self.A, self.A_core, self.delta_A, self.a_rows)
+        B = self._dense_side(self.B, self.B_core, self.delta_B, self.b_rows)
+        return _layer_dense(B.unsqueeze(0), A.unsqueeze(0), self.folded, self.has_bias, include_bias)
+
+
+_register(KronRowsInverse)
+
+
+def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str = "separate",
+                         prefer=prefer_rows) -> KronRowsFactor | KronFactor:
+    """A Linear / Conv2d layer's K-FAC factors with each side as rows where ``prefer(R, d)`` says
+    so (default :func:`prefer_rows`), else dense; a plain :class:`~curvfun.kron.KronFactor` when no
+    side is (or the layer has groups). Same matrices as :func:`curvfun.kron.kron_factors_from_layer`.
+    Cost: O(R·d) per rows side (a scaled copy), O(R·d²) per dense side."""
+    from .kron import _gram, kron_factors_from_layer
+
+    if data.kind not in ("linear", "conv2d"):
+        raise ValueError(f"K-FAC rows exist for Linear / Conv2d layers only, got a {data.kind} layer")
+    (am, ca), (gm, cb) = factor_rows(data, kfac_type, bias)
+    if am.ndim != 2:  # grouped convolution: block-diagonal over groups, always dense
+        return kron_factors_from_layer(data, kfac_type, bias)
+    a_rows, b_rows = prefer(am.shape[0], am.shape[1]), prefer(gm.shape[0], gm.shape[1])
+    if not (a_rows or b_rows):
+        return kron_factors_from_layer(data, kfac_type, bias)
+    A = am * (1.0 / ca) ** 0.5 if a_rows else _gram(am) / ca
+    B = gm * (1.0 / cb) ** 0.5 if b_rows else _gram(gm) / cb
+    folded = bias == "folded" and data.has_bias
+    return KronRowsFactor(A, B, a_rows, b_rows, tuple(data.module.weight.shape), data.has_bias, folded)
