@@ -47,6 +47,8 @@ def run(kind: str, build) -> None:
         cfg = PreconditioningConfig(damping=1e-2, curvature_upd_interval=interval, preconditioner_upd_interval=interval)
         t = mean_step(build(), lambda m: KfacGradientMaker(m, cfg), x, y)
         rows.append((f"K-FAC (MC 1) interval {interval}", t, t / base))
+        t = mean_step(build(), lambda m: KfacGradientMaker(m, cfg, data_space="never"), x, y)
+        rows.append((f"  dense factors only (data_space='never')", t, t / base))
         t = mean_step(build(), lambda m: LowRankKfacGradientMaker(m, cfg, rank=16), x, y)
         rows.append((f"low-rank K-FAC (rank 16) interval {interval}", t, t / base))
     table(f"{kind.upper()} (batch {x.shape[0]}, mean of 20 steps)", rows)

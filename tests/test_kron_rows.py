@@ -125,6 +125,7 @@ def test_maker_data_space_equals_dense_route(seed, n, fisher_type, bias, damping
         if ds == "auto":
             assert kinds["0"] is KronRowsFactor and kinds["2"] is KronRowsFactor, kinds
             assert isinstance(gm.inverses["0"], KronRowsInverse)
+            assert {"0", "2"} <= gm._rows_grad_checked and not gm._rows_grad_off  # gradients from rows
         else:
             assert kinds["0"] is KronFactor, kinds
     torch.testing.assert_close(out["auto"], out["never"], rtol=1e-8, atol=1e-10)
@@ -175,3 +176,62 @@ def test_maker_with_rows_resumes_bit_exactly():
     run(fresh, gm2, opt2, batches[3:])
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
+
+
+def _run_steps(model, gm, batches, accumulate_at=()):
+    outs = []
+    for i, (x, t) in enumerate(batches):
+        if i not in accumulate_at:
+            model.zero_grad()
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        outs.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("ema_decay", [-1, 0.5])
+def test_gradients_from_rows_between_refreshes_and_with_accumulated_grads(ema_decay):
+    """Interval 2 (rows gradients with reused inverses), EMA (dense inverses applied to rows), and a
+    step that accumulates onto the previous step's .grad: equal to the plain-backward route."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 30, generator=g), torch.randint(0, 4, (5,), generator=g)) for _ in range(5)]
+    cfg = PreconditioningConfig(damping=1e-3, ema_decay=ema_decay, preconditioner_upd_interval=2,
+                                curvature_upd_interval=2)
+    out = {}
+    for ds in ("auto", "never"):
+        model = wide_net(1)
+        gm = KfacGradientMaker(model, cfg, data_space=ds, seed=4)
+        out[ds] = _run_steps(model, gm, batches, accumulate_at=(2,))
+        assert bool(gm._rows_grad_checked) == (ds == "auto")
+    torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)
+
+
+class TiedHead(nn.Module):
+    """A Linear whose weight is also used outside its own call: the rows see only part of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(30, 20)
+        self.out = nn.Linear(20, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(h) + (x[:, :20] @ self.inp.weight[:, :20].T)[:, :4]
+
+
+def test_parameter_used_outside_its_layer_goes_back_to_plain_backward():
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 30), torch.randint(0, 4, (4,))
+    out = {}
+    for ds in ("auto", "never"):
+        torch.manual_seed(0)
+        model = TiedHead()
+        gm = KfacGradientMaker(model, PreconditioningConfig(damping=1e-2), fisher_type="fisher_emp", data_space=ds)
+        if ds == "auto":
+            with pytest.warns(UserWarning, match="layer 'inp' is not what its own inputs"):
+                out[ds] = _run_steps(model, gm, [(x, t)] * 2)
+            assert gm._rows_grad_off == {"inp"}
+        else:
+            out[ds] = _run_steps(model, gm, [(x, t)] * 2)
+    torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .kron import (
+    KronInverse,
     KronFactor,
     NotPositiveDefiniteError,
     _apply,
@@ -40,7 +41,8 @@ from .kron import (
 )
 from .layers import LayerData
 
-__all__ = ["KronRowsFactor", "KronRowsInverse", "prefer_rows", "kron_rows_from_layer", "woodbury_core"]
+__all__ = ["KronRowsFactor", "KronRowsInverse", "prefer_rows", "kron_rows_from_layer", "woodbury_core",
+           "gradient_from_rows", "preconditioned_gradient_from_rows", "rows_gradient_pays"]
 
 
 def prefer_rows(rows: int, dim: int) -> bool:
@@ -214,3 +216,53 @@ def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str =
     B = gm * (1.0 / cb) ** 0.5 if b_rows else _gram(gm) / cb
     folded = bias == "folded" and data.has_bias
     return KronRowsFactor(A, B, a_rows, b_rows, tuple(data.module.weight.shape), data.has_bias, folded)
+
+
+# --- the preconditioned gradient straight from the layer's rows ---------------------------------
+
+
+def gradient_from_rows(a: Tensor, g: Tensor, has_bias: bool, folded: bool, weight_shape) -> dict[str, Tensor]:
+    """A Linear layer's gradient from its rows: G_W = gᵀ a, g_b = Σ g (a ``[R, d]`` inputs, g
+    ``[R, o]`` output gradients of the loss; folded: a carries the trailing ones column). O(o·d·R)."""
+    G = g.T @ a
+    if folded:
+        return {"weight": G[:, :-1].reshape(weight_shape), "bias": G[:, -1].contiguous()}
+    out = {"weight": G.reshape(weight_shape)}
+    if has_bias:
+        out["bias"] = g.sum(0)
+    return out
+
+
+def preconditioned_gradient_from_rows(inv, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
+    """(B+δ_B)⁻¹ (gᵀa) (A+δ_A)⁻¹ as ((B+δ_B)⁻¹ gᵀ)(a (A+δ_A)⁻¹), never forming gᵀa first.
+
+    ``inv``: a :class:`KronRowsInverse` or a one-group :class:`~curvfun.kron.KronInverse`; a, g as in
+    :func:`gradient_from_rows` (R rows). Cost: the A side on R vectors + the B side on R vectors +
+    o·d·R for the product, against o·d·R for gᵀa plus the sides on o resp. d vectors when the
+    gradient is formed first — cheaper when R < min(o, d) (see :func:`rows_gradient_pays`).
+    None for other inverse types."""
+    if isinstance(inv, KronRowsInverse):
+        left, right, folded, has_bias, shape = inv._left, inv._right, inv.folded, inv.has_bias, inv.weight_shape
+    elif isinstance(inv, KronInverse) and inv.A_inv.ndim == 2:
+        left, right = (lambda G: inv.B_inv @ G), (lambda G: G @ inv.A_inv)
+        folded, has_bias, shape = inv.folded, inv.has_bias, inv.weight_shape
+    else:
+        return None
+    gl = left(g.T)  # [o, R]
+    W = gl @ right(a)
+    if folded:
+        return {"weight": W[:, :-1].reshape(shape), "bias": W[:, -1].contiguous()}
+    out = {"weight": W.reshape(shape)}
+    if has_bias:
+        out["bias"] = gl.sum(1)
+    return out
+
+
+def rows_gradient_pays(rows: int, d_in: int, d_out: int, rows_a: int | None, rows_b: int | None) -> bool:
+    """Whether :func:`preconditioned_gradient_from_rows` is cheaper than preconditioning the formed
+    gradient, for a gradient of ``rows`` rows and sides given as rows (``rows_a``/``rows_b``: their
+    row counts) or dense (None). Per vector a side costs 2·d·R as rows, d² dense; the test is
+    rows·(c_A + c_B) < d_out·c_A + d_in·c_B."""
+    c_a = 2 * d_in * rows_a if rows_a is not None else d_in * d_in
+    c_b = 2 * d_out * rows_b if rows_b is not None else d_out * d_out
+    return rows * (c_a + c_b) < d_out * c_a + d_in * c_b

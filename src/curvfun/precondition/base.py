@@ -262,6 +262,17 @@ class GradientMaker:
 
     def backward(self) -> None:
         """``loss.backward()`` on the loss of the latest :meth:`forward`."""
+        self._loss_to_differentiate().backward()
+        self._backward_done()
+
+    def _backward_done(self) -> None:
+        """Count the latest forward's backward as done (for subclasses that differentiate the loss
+        themselves, e.g. with ``torch.autograd.grad``)."""
+        self._backward_pending = False
+        self._pass_count += 1
+
+    def _loss_to_differentiate(self) -> Tensor:
+        """The latest forward's loss, checked: a pending scalar that requires grad."""
         if self._loss is None:
             raise RuntimeError("backward() was called before forward(): there is no loss to differentiate")
         if not self._backward_pending:
@@ -281,9 +292,7 @@ class GradientMaker:
                 "the loss does not require grad: is the model call inside torch.no_grad(), or are all "
                 "parameters frozen?"
             )
-        loss.backward()
-        self._backward_pending = False
-        self._pass_count += 1
+        return loss
 
     def forward_and_backward(self) -> tuple[Any, Tensor]:
         """Model call, loss call, ``loss.backward()``; returns ``(model_output, loss)``."""
@@ -534,12 +543,25 @@ def assign_modules(
 # ==============================================================================================
 
 
+def _tensor_finite(t: Tensor) -> bool:
+    """One reduction instead of isfinite's four passes: a sum accumulated in float64 is NaN/Inf iff
+    an entry is (a float32/bf16 tensor's finite entries cannot overflow it); a non-finite float64
+    sum may be an overflow of huge finite entries, so that case is settled entrywise."""
+    if t.numel() == 0:
+        return True
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return t.dtype == torch.float64 and bool(torch.isfinite(t).all())
+
+
 def all_finite(tree: Any) -> bool:
     """Whether every tensor / number in the pytree ``tree`` is finite (None counts as finite)."""
     for leaf in optree.tree_leaves(tree, none_is_leaf=False, namespace="curvfun"):
         if isinstance(leaf, Tensor):
             if leaf.is_floating_point() or leaf.is_complex():
-                if not bool(torch.isfinite(leaf).all()):
+                if not _tensor_finite(leaf):
                     return False
         elif isinstance(leaf, (int, float, bool)):
             if isinstance(leaf, float) and not math.isfinite(leaf):
@@ -799,8 +821,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self._startup()
         synced = False
         if self.do_forward_and_backward(step):
-            self.forward()
-            self.backward()
+            self.plain_pass()
             # under torch.distributed: mean gradient over ranks before update_curvature (Shampoo
             # builds its statistics from it); no-op in one process or with DDP
             self._average_gradients(step)
@@ -824,6 +845,12 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self._teardown()
         self.state["step"] = step + 1
         return self._model_output, self._loss
+
+    def plain_pass(self) -> None:
+        """The pass of a step that does not refresh the curvature: :meth:`forward` then
+        :meth:`backward` (subclasses may record more, e.g. layer inputs)."""
+        self.forward()
+        self.backward()
 
     def _startup(self) -> None:
         """Hook run at the start of every step."""

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import distributed as cfd
 from ..capture import (
+    LayerRecord,
     ModuleInfo,
     _batched_backward,
     _check_versions,
@@ -54,7 +55,13 @@ from ..kron import (
     damped_cholesky_inverse,
     kron_factors_from_layer,
 )
-from ..kron_rows import kron_rows_from_layer
+from ..kron_rows import (
+    KronRowsInverse,
+    gradient_from_rows,
+    kron_rows_from_layer,
+    preconditioned_gradient_from_rows,
+    rows_gradient_pays,
+)
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
@@ -226,10 +233,14 @@ class _CurvatureMaker(PreconditionedGradientMaker):
                 gs = _batched_backward(logits, leaves, cot.to(logits.dtype), retain=True)
             for n, g in zip(names, gs):
                 records[n].grads.append(g)
-        self.backward()
+        self._data_backward(records)
         _check_versions(records)
         return {n: layer_data(r, weights.to(r.inputs[0].dtype if r.inputs[0].is_floating_point() else torch.float32))
                 for n, r in records.items() if r.inputs}
+
+    def _data_backward(self, records: dict[str, LayerRecord]) -> None:
+        """The backward of the data loss in a recorded pass (default: ``loss.backward()``)."""
+        self.backward()
 
     @property
     def _decay(self) -> float:
@@ -318,11 +329,19 @@ class KfacGradientMaker(_CurvatureMaker):
     extra for ``fisher_emp`` beyond the sum-loss backward), the user's backward, and the factor
     GEMMs; per preconditioner step one Cholesky per factor; per step two GEMMs per layer.
 
-    ``data_space="auto"`` (default): without EMA (``ema_decay=-1``, ASDL's default) and outside
-    ``torch.distributed``, a Linear layer's factor side with R rows and width d, 2R ≤ d (e.g. a
-    784-wide input at batch 128), is kept as its rows and inverted by Woodbury
-    (:mod:`curvfun.kron_rows`): the same preconditioned gradient, with an R x R instead of a d x d
-    Cholesky and O(o·d·R) instead of O(o·d²) per apply. ``"never"``: always dense factors.
+    ``data_space="auto"`` (default) uses two exact shortcuts of :mod:`curvfun.kron_rows` outside
+    ``torch.distributed``; ``"never"`` turns both off (dense factors, plain ``loss.backward()``):
+
+    * without EMA (``ema_decay=-1``, ASDL's default), a Linear layer's factor side with R rows and
+      width d, 2R ≤ d (a 784-wide input at batch 128), is kept as its rows and inverted by
+      Woodbury: an R x R instead of a d x d Cholesky, O(o·d·R) instead of O(o·d²) per apply;
+    * a Linear layer whose batch has fewer rows than its widths (:func:`rows_gradient_pays`) gets
+      its preconditioned gradient as (B⁻¹gᵀ)(aA⁻¹) from the recorded inputs a and output gradients
+      g of the loss, and autograd skips its weight gradient. The layer's parameters then receive
+      their ``.grad`` from the maker, not from ``loss.backward()`` (tensor hooks on them do not
+      fire). On a layer's first such step gᵀa is checked against autograd's weight gradient (a
+      parameter used outside the layer's own call would show here): on a mismatch the layer goes
+      back to the plain backward, with a warning. (Tied layers are not preconditioned at all.)
     """
 
     #: whether this maker may keep factor sides as rows (EKFAC needs dense factors for its eigh)
@@ -355,11 +374,112 @@ class KfacGradientMaker(_CurvatureMaker):
             raise ValueError(f"unknown damping_heuristic {damping_heuristic!r}; expected 'pi' or 'none'")
         self.kfac_type, self.bias, self.damping_heuristic = kfac_type, bias, damping_heuristic
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, seed=seed, inverse_mode=inverse_mode)
+        #: this step's (a, g) rows of the layers whose gradient comes from their rows
+        self._rows_grads: dict[str, tuple[Tensor, Tensor]] = {}
+        #: layers checked once against autograd / left on the plain backward
+        self._rows_grad_checked: set[str] = set()
+        self._rows_grad_off: set[str] = set()
 
     def _layer_curvature(self, ld: LayerData) -> Any:
         if self._rows_allowed() and ld.kind in ("linear", "conv2d"):
             return kron_rows_from_layer(ld, self.kfac_type, self.bias)
         return kron_factors_from_layer(ld, self.kfac_type, self.bias)
+
+    # --- gradients straight from the rows ---------------------------------------------------------
+    def plain_pass(self) -> None:
+        """A non-refresh step's pass: recorded (inputs + zero perturbations) when some layer gets its
+        gradient from its rows, else the plain forward + backward."""
+        infos = self._rows_grad_candidates()
+        if not infos:
+            return super().plain_pass()
+        with record_layers(infos) as records:
+            self.forward()
+        self._data_backward(records)
+        _check_versions(records)
+
+    def _rows_grad_candidates(self) -> dict[str, ModuleInfo]:
+        if not (self._data_space_capable and self.data_space == "auto") or cfd.is_distributed():
+            return {}
+        return {n: i for n, i in self._infos.items() if i.kind == "linear" and n not in self._rows_grad_off}
+
+    def _rows_grad_pays(self, name: str, rec: LayerRecord) -> bool:
+        m = rec.module
+        rows = sum(x.numel() // max(x.shape[-1], 1) for x in rec.inputs)
+        d_in = m.in_features + (1 if self.bias == "folded" and m.bias is not None else 0)
+        inv = self.inverses.get(name)
+        if isinstance(inv, KronRowsInverse):
+            ra = inv.A.shape[0] if inv.a_rows else None
+            rb = inv.B.shape[0] if inv.b_rows else None
+        else:  # dense inverse (or none yet): compare with dense sides
+            ra = rb = None
+        return rows_gradient_pays(rows, d_in, m.out_features, ra, rb)
+
+    def _data_backward(self, records: dict[str, LayerRecord]) -> None:
+        """The data loss's backward; for layers whose gradient comes from their rows, autograd
+        returns the output gradients g (through the zero perturbations) instead of weight
+        gradients, and :meth:`precondition` forms B⁻¹(gᵀa)A⁻¹ from the rows."""
+        cands = self._rows_grad_candidates()
+        fast = [n for n, r in records.items() if n in cands and r.inputs and r.eps and self._rows_grad_pays(n, r)]
+        if not fast:
+            return self.backward()
+        loss = self._loss_to_differentiate()
+        own = {id(p) for n in fast for p in self.module_params(n).values()}
+        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in own]
+        check = [n for n in fast if n not in self._rows_grad_checked]
+        check_params = [p for n in check for p in self.module_params(n).values()]
+        leaves = [e for n in fast for e in records[n].eps]
+        grads = torch.autograd.grad(loss, leaves + others + check_params, allow_unused=True)
+        g_eps, g_others, g_check = grads[:len(leaves)], grads[len(leaves):len(leaves) + len(others)], \
+            grads[len(leaves) + len(others):]
+        for p, g in zip(others, g_others):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        ones = torch.ones(1, dtype=loss.dtype, device=loss.device)
+        i = 0
+        for n in fast:
+            rec = records[n]
+            k = len(rec.eps)
+            ld = layer_data(replace(rec, grads=[g.unsqueeze(0) for g in g_eps[i:i + k]]), ones)
+            i += k
+            a = ld.a.reshape(-1, ld.a.shape[-1])
+            if self.bias == "folded" and ld.has_bias:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            self._rows_grads[n] = (a, ld.g.reshape(-1, ld.g.shape[-1]))
+        j = 0
+        for n in check:
+            params = self.module_params(n)
+            got = gradient_from_rows(*self._rows_grads[n], "bias" in params, self.bias == "folded" and "bias" in params,
+                                     params["weight"].shape)
+            want = dict(zip(params, g_check[j:j + len(params)]))
+            j += len(params)
+            self._rows_grad_checked.add(n)
+            if not all(w is not None and torch.allclose(got[key], w, rtol=1e-3, atol=1e-5 * float(w.abs().max()) + 1e-30)
+                       for key, w in want.items()):
+                self._rows_grad_off.add(n)
+                del self._rows_grads[n]
+                for key, p in params.items():
+                    if want[key] is not None:
+                        p.grad = want[key] if p.grad is None else p.grad + want[key]
+                warnings.warn(
+                    f"{type(self).__name__}: the gradient of layer {n!r} is not what its own inputs and output "
+                    f"gradients give (a parameter used outside the layer's call?); the layer keeps the plain "
+                    f"backward", UserWarning, stacklevel=4)
+        self._backward_done()
+
+    def precondition(self) -> None:
+        super().precondition()  # layers with a formed gradient (and leftovers accumulated in .grad)
+        rows, self._rows_grads = self._rows_grads, {}
+        for name, (a, g) in rows.items():
+            params = self.module_params(name)
+            inv = self.inverses.get(name)
+            out = None if inv is None else preconditioned_gradient_from_rows(inv, a, g)
+            if out is None:
+                raw = gradient_from_rows(a, g, "bias" in params, self.bias == "folded" and "bias" in params,
+                                         params["weight"].shape)
+                out = raw if inv is None else inv.matvec(raw)
+            for k, p in params.items():
+                v = out[k].to(p.dtype)
+                p.grad = v if p.grad is None else p.grad.add_(v)
 
     def _rows_allowed(self) -> bool:
         """Rows are exact only for this step's factors (no EMA) and per process (no all-reduce)."""
