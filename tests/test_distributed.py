@@ -3,8 +3,10 @@
 One spawned job per world size (2 and 3) runs every scenario and writes its results to a file;
 the parent trains the same scenarios in one process on the concatenated batch and compares
 (float64, 1e-6). Scenarios: K-FAC (fisher_emp, so no MC randomness differs), EKFAC, layer-wise
-(rows gathered), Shampoo, each with inverse_mode "assigned" and "replicated", plain and
-DDP-wrapped; AdaFisher(dist=True) and the plain GradientMaker, plain and DDP-wrapped. Also: collectives counted per step
+(rows gathered), Shampoo, low-rank K-FAC (power iteration on rows split over ranks), each with
+inverse_mode "assigned" and "replicated", plain and DDP-wrapped; AdaFisher(dist=True) and the plain
+GradientMaker, plain and DDP-wrapped. Unequal per-rank batches (world size 2, 3 + 5 samples):
+the makers' weighted means equal the concatenated batch. Also: collectives counted per step
 (none of category "curvature"/"inverse" between refreshes), a rank killed mid-run (the others
 raise CurvfunDistributedError naming rank and step within the process-group timeout), a model
 structure mismatch detected at construction on every rank.
@@ -46,33 +48,44 @@ KILL_STEP = 2
 # (method, inverse_mode, ddp)
 SCENARIOS = [
     (m, mode, ddp)
-    for m in ("kfac", "shampoo", "ekfac", "layerwise")
+    for m in ("kfac", "shampoo", "ekfac", "layerwise", "lowrank")
     for mode in ("assigned", "replicated")
     for ddp in (False, True)
     if not (m in ("ekfac", "layerwise") and ddp)
 ] + [("adafisher", None, False), ("adafisher", None, True), ("plain", None, False), ("plain", None, True)]
+#: per-rank batch sizes of the unequal-batch job (world size 2) and the makers it runs
+UNEQUAL = (3, 5)
+UNEQUAL_SCENARIOS = [("kfac", "assigned", False), ("kfac", "replicated", True), ("ekfac", "assigned", False),
+                     ("layerwise", "assigned", False), ("lowrank", "assigned", False), ("lowrank", "replicated", True),
+                     ("plain", None, True)]
+LOWRANK_ITERS = 3
 
 
-def _model(hidden: int = 5) -> nn.Module:
+def _model(hidden: int = 5, norm: bool = False) -> nn.Module:
+    """The MLP 6-5-3; with ``norm`` a LayerNorm after the first layer (low-rank K-FAC gives it a
+    K-FAC factor, averaged and inverted by ``inverse_mode``)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    mid = [nn.LayerNorm(hidden)] if norm else []
+    return nn.Sequential(nn.Linear(6, hidden), *mid, nn.Tanh(), nn.Linear(hidden, 3))
 
 
-def _data(step: int, world: int):
-    """This rank's part of step ``step``'s batch of ``world · N_PER_RANK`` samples (the whole
-    batch in one process)."""
+def _data(step: int, world: int, sizes: tuple[int, ...] | None = None):
+    """This rank's part of step ``step``'s batch of ``sum(sizes)`` samples (default ``world ·
+    N_PER_RANK``; the whole batch in one process): rank r gets the r-th contiguous slice."""
+    sizes = sizes or (N_PER_RANK,) * world
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(world * N_PER_RANK, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (world * N_PER_RANK,), generator=g)
+    x = torch.randn(sum(sizes), 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (sum(sizes),), generator=g)
     if cfd.is_distributed():
         r = cfd.rank()
-        return x[r * N_PER_RANK:(r + 1) * N_PER_RANK], y[r * N_PER_RANK:(r + 1) * N_PER_RANK]
+        lo = sum(sizes[:r])
+        return x[lo:lo + sizes[r]], y[lo:lo + sizes[r]]
     return x, y
 
 
 def _maker(method: str, model: nn.Module, mode: str, interval: int):
     cfg = PreconditioningConfig(damping=1e-2, preconditioner_upd_interval=interval,
-                                ema_decay=-1 if method == "layerwise" else 0.5)
+                                ema_decay=-1 if method in ("layerwise", "lowrank") else 0.5)
     if method == "plain":
         return GradientMaker(model)
     if method == "kfac":
@@ -81,6 +94,9 @@ def _maker(method: str, model: nn.Module, mode: str, interval: int):
         return EkfacGradientMaker(model, cfg, fisher_type="fisher_emp", inverse_mode=mode)
     if method == "layerwise":
         return LayerWiseNaturalGradientMaker(model, cfg, fisher_type="fisher_emp", inverse_mode=mode)
+    if method == "lowrank":  # rank 2 < every factor dimension: a truncation, not dense K-FAC
+        return LowRankKfacGradientMaker(model, cfg, rank=2, power_iters=LOWRANK_ITERS, fisher_type="fisher_emp",
+                                        inverse_mode=mode)
     if method == "shampoo":
         return ShampooGradientMaker(model, PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=interval),
                                     inverse_mode=mode)
@@ -88,16 +104,16 @@ def _maker(method: str, model: nn.Module, mode: str, interval: int):
 
 
 def _train(method: str, mode: str | None, ddp: bool, world: int, steps: int = STEPS, interval: int = 2,
-           kill_at: int | None = None):
+           kill_at: int | None = None, sizes: tuple[int, ...] | None = None):
     """Train ``steps`` steps; returns the final parameters and the collective counts per step."""
-    model = _model()
+    model = _model(norm=method == "lowrank")
     wrapped = nn.parallel.DistributedDataParallel(model) if ddp else model
     counts = []
     if method == "adafisher":
         opt = AdaFisher(wrapped, lr=0.05, TCov=interval, dist=cfd.is_distributed())
         for t in range(steps):
             cfd.reset_counts()
-            x, y = _data(t, world)
+            x, y = _data(t, world, sizes)
             opt.zero_grad()
             F.cross_entropy(wrapped(x), y).backward()
             opt.step()
@@ -109,7 +125,7 @@ def _train(method: str, mode: str | None, ddp: bool, world: int, steps: int = ST
             if kill_at is not None and t == kill_at and cfd.rank() == 1:
                 os._exit(1)
             cfd.reset_counts()
-            x, y = _data(t, world)
+            x, y = _data(t, world, sizes)
             opt.zero_grad()
             dy = gm.setup_model_call(wrapped, x)
             gm.setup_loss_call(F.cross_entropy, dy, y)
@@ -124,19 +140,16 @@ def _job_main(world: int) -> dict:
     for sc in SCENARIOS:
         out["runs"][sc] = _train(*sc, world=world)[0]
     for sc in (("kfac", "assigned", False), ("kfac", "replicated", True), ("shampoo", "assigned", False),
-               ("adafisher", None, False)):
+               ("adafisher", None, False), ("lowrank", "assigned", False), ("lowrank", "replicated", True)):
         out["counts"][sc] = _train(*sc, world=world, steps=6, interval=3)[1]
+    if world == 2:
+        out["unequal"] = {sc: _train(*sc, world=world, sizes=UNEQUAL)[0] for sc in UNEQUAL_SCENARIOS}
     # structure mismatch: rank 1 builds another hidden width
     try:
         KfacGradientMaker(_model(4 if cfd.rank() == 1 else 5), fisher_type="fisher_emp")
         out["mismatch"] = None
     except cfd.CurvfunDistributedError as e:
         out["mismatch"] = str(e)
-    try:
-        LowRankKfacGradientMaker(_model(), PreconditioningConfig(ema_decay=-1))
-        out["lowrank"] = None
-    except NotImplementedError as e:
-        out["lowrank"] = str(e)
     return out
 
 
@@ -204,7 +217,8 @@ def test_distributed_training_equals_single_process_on_concatenated_batch(main_r
         for r in range(world):
             got = res[r]["runs"][sc]
             err = max(float((a - b).abs().max()) for a, b in zip(got, ref))
-            moved = max(float((a - b.detach()).abs().max()) for a, b in zip(ref, _model().parameters()))
+            init = _model(norm=sc[0] == "lowrank").parameters()
+            moved = max(float((a - b.detach()).abs().max()) for a, b in zip(ref, init))
             assert moved > 1e-3  # training did something
             if not err <= 1e-6:
                 bad.append((sc, r, err))
@@ -232,6 +246,17 @@ def test_collectives_only_on_refresh_steps(main_results, world):
             assert (c.get("inverse", 0) > 0) == (step % 3 == 0), (step, c)
         for step, c in enumerate(counts[("adafisher", None, False)]):
             assert c == ({"grad": 1, "curvature": 1} if step % 3 == 0 else {"grad": 1}), (step, c)
+        for step, c in enumerate(counts[("lowrank", "assigned", False)]):
+            # no rows gathered: the statistics, one all-reduce per power-iteration step, and the
+            # LayerNorm's K-FAC factor; its inverse broadcast from its owner
+            refresh = {"grad": 1, "curvature": LOWRANK_ITERS + 2, "inverse": 1}
+            assert c == (refresh if step % 3 == 0 else {"grad": 1}), (step, c)
+        for step, c in enumerate(counts[("lowrank", "replicated", True)]):
+            # DDP: the gradient in backward, plus the one-number sample-count all-reduce per step
+            refresh = {"batch": 1, "curvature": LOWRANK_ITERS + 2}
+            assert c == (refresh if step % 3 == 0 else {"batch": 1}), (step, c)
+        for c in counts[("kfac", "replicated", True)]:
+            assert c.get("batch", 0) == 1, c
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -242,9 +267,34 @@ def test_structure_mismatch_detected_at_construction_on_every_rank(main_results,
         assert f"rank {r}:" in msg and "differs between ranks" in msg and "ranks [1]" in msg
 
 
-def test_lowrank_kfac_refuses_distributed(main_results):
-    for res in main_results[2].values():
-        assert res["lowrank"] is not None and "torch.distributed" in res["lowrank"]
+def test_unequal_batches_equal_single_process_on_concatenated_batch(main_results):
+    """World size 2 with 3 and 5 samples: gradients and curvature are sample-weighted means over
+    ranks (an unweighted mean of the per-rank means would weight rank 0's samples 5/3 as much)."""
+    res = main_results[2]
+    bad = []
+    for sc in UNEQUAL_SCENARIOS:
+        ref = _train(sc[0], sc[1], False, 1, sizes=UNEQUAL)[0]
+        for r in range(2):
+            assert "crash" not in res[r], res[r].get("crash")
+            got = res[r]["unequal"][sc]
+            err = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+            if not err <= 1e-6:
+                bad.append((sc, r, err))
+    assert not bad, f"unequal per-rank batches != single process on the concatenated batch: {bad}"
+
+
+def test_unweighted_mean_would_differ_on_unequal_batches():
+    """The unequal-batch test can fail: the mean of the per-rank mean gradients (3 + 5 samples)
+    is not the concatenated batch's mean gradient."""
+    model = _model()
+    x, y = _data(0, 1, UNEQUAL)
+    grad = lambda xs, ys: torch.autograd.grad(F.cross_entropy(model(xs), ys), list(model.parameters()))  # noqa: E731
+    full = grad(x, y)
+    parts = [grad(x[:3], y[:3]), grad(x[3:], y[3:])]
+    unweighted = [(a + b) / 2 for a, b in zip(*parts)]
+    weighted = [(3 * a + 5 * b) / 8 for a, b in zip(*parts)]
+    assert max(float((u - f).abs().max()) for u, f in zip(unweighted, full)) > 1e-3
+    assert max(float((w - f).abs().max()) for w, f in zip(weighted, full)) < 1e-12
 
 
 def test_killed_rank_ends_the_others_with_rank_and_step(tmp_path):

@@ -50,6 +50,8 @@ __all__ = [
     "pi_damping",
     "LowRankInit",
     "LowRankKron",
+    "LowRankRows",
+    "lowrank_kron_many",
 ]
 
 PYTREE_NAMESPACE = "curvfun"
@@ -231,6 +233,24 @@ def power_iteration(
     Cost: ``iterations`` matvecs plus O(dim · k² + k³) per iteration (re-orthonormalisation,
     Ritz rotation, residual); memory O(dim · k).
     """
+    return _drive(_power_iteration_steps(dim, rank, iters, init, generator, tol, dtype, device), matvec)
+
+
+def _drive(steps, matvec: Callable[[Tensor], Tensor]):
+    """Run a stepping generator (yields X, receives ``matvec(X)``) to its return value."""
+    X = next(steps)
+    while True:
+        try:
+            X = steps.send(matvec(X))
+        except StopIteration as stop:
+            return stop.value
+
+
+def _power_iteration_steps(dim, rank, iters=20, init=None, generator=None, tol=None, dtype=None, device=None):
+    """:func:`power_iteration` as a generator: yields the basis Q ``[dim, k]``, receives M Q, and
+    returns the :class:`PowerIterationResult`. Lets a caller advance several power iterations in
+    lockstep (one coalesced reduction of all their products per step, see
+    :func:`lowrank_kron_many`)."""
     where = "power_iteration"
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"{where}: dim must be a positive integer, got {dim!r}.")
@@ -262,7 +282,7 @@ def power_iteration(
     w = V = None
     it = 0
     for it in range(1, iters + 1):
-        Z = matvec(Q)
+        Z = yield Q
         if not isinstance(Z, Tensor) or Z.shape != Q.shape:
             raise ValueError(
                 f"{where}: matvec must map a [{dim}, {rank}] tensor to the same shape, got "
@@ -412,8 +432,13 @@ def lowrank_plus_diag(
         return (U.mT @ (U @ X)) * scale - diag[:, None] * X
 
     r = power_iteration(mv, d, rank, iters, init, generator, tol, dtype=U.dtype, device=U.device)
+    return _plus_diag_result(diag, r, damping)
+
+
+def _plus_diag_result(diag: Tensor, r: PowerIterationResult, damping: float) -> LowRankPlusDiag:
+    """The PSD repair of :func:`lowrank_plus_diag` applied to the off-diagonal Ritz pairs ``r``."""
     dmax = float(diag.max())
-    floor = max(0.5 * damping, torch.finfo(U.dtype).eps * dmax, torch.finfo(U.dtype).tiny)
+    floor = max(0.5 * damping, torch.finfo(diag.dtype).eps * dmax, torch.finfo(diag.dtype).tiny)
     lam, t = _shrink_negative(diag + floor, r.eigenvectors, r.eigenvalues)
     return LowRankPlusDiag(diag, lam, r.eigenvectors, r.iterations, t)
 
@@ -724,23 +749,13 @@ class LowRankKron:
         lam = _check_nonneg(damping, "damping", where)
         if isinstance(init, LowRankKron):
             init = init.warm_start()
-        if init is None:
-            init_a = init_b = None
-        else:
-            init_a, init_b = init
-
-        tr_a = a_scale * float(torch.linalg.vector_norm(a_rows) ** 2)
-        tr_b = b_scale * float(torch.linalg.vector_norm(g_rows) ** 2)
-        da, db = pi_damping(tr_a, d_in, tr_b, d_out, lam, heuristic)
-
-        A = lowrank(a_rows, rank_a, a_scale, power_iters, init_a, generator, power_tol)
-        B = lowrank_plus_diag(g_rows, rank_b, b_scale, power_iters, init_b, generator, power_tol, damping=db)
-        a_inv = woodbury_factor(0.0, A.eigenvectors, A.eigenvalues, damping=da)
-        b_inv = woodbury_factor(B.diag, B.eigenvectors, B.eigenvalues, damping=db)
-        return cls(
-            A.eigenvalues, A.eigenvectors, B.diag, B.eigenvalues, B.eigenvectors, a_inv, b_inv,
-            da, db, (A.iterations, B.iterations), B.shrink,
-        )
+        item = LowRankRows(a_rows, g_rows, (rank_a, rank_b), lam, a_scale, b_scale, heuristic=heuristic,
+                           power_iters=power_iters, init=None if init is None else LowRankInit(*init),
+                           power_tol=power_tol)
+        out = lowrank_kron_many([item], generator=generator)[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def matvec(self, grad: Mapping[str, Tensor]) -> dict:
         """Precondition ``{"weight": G, "bias": g_b}`` (bias optional).
@@ -828,3 +843,144 @@ _register(
     ["a_eigenvalues", "a_eigenvectors", "b_diag", "b_eigenvalues", "b_eigenvectors", "a_inv", "b_inv"],
     ["damping_a", "damping_b", "iterations", "shrink"],
 )
+
+
+# --------------------------------------------------------------------------------------------
+# several layers at once, rows possibly spread over processes
+# --------------------------------------------------------------------------------------------
+class LowRankRows(NamedTuple):
+    """One layer's input to :func:`lowrank_kron_many`: this process's rows and their scaling.
+
+    A = (a_scale / Σ a_count) · Σ a_rowsᵀa_rows and B = (b_scale / Σ b_count) · Σ g_rowsᵀg_rows,
+    the sums over processes (one process: the local rows); a count of None divides by nothing.
+    E.g. Linear/Conv2d on N samples with T positions: a_count = N·T, b_count = N, scales 1.
+    """
+
+    a_rows: Tensor
+    g_rows: Tensor
+    rank: tuple
+    damping: float
+    a_scale: float = 1.0
+    b_scale: float = 1.0
+    a_count: Optional[float] = None
+    b_count: Optional[float] = None
+    heuristic: str = "pi"
+    power_iters: int = 20
+    init: Optional[LowRankInit] = None
+    power_tol: Optional[float] = None
+
+
+def lowrank_kron_many(
+    items: Sequence[LowRankRows],
+    reduce: Optional[Callable[[list], list]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> list:
+    """:meth:`LowRankKron.from_rows` for several layers, whose rows may be split over processes.
+
+    ``reduce(tensors) -> tensors`` sums a list of tensors over the processes (None: one process).
+    Everything the factors need is such a sum, so the result equals :meth:`LowRankKron.from_rows`
+    on the rows of all processes stacked (up to summation order), on every process alike:
+
+    1. one ``reduce`` of the statistics: ‖a_rows‖², ‖g_rows‖², diag(GᵀG) ``[d_out]`` and the
+       counts, per layer (traces, π-damping, diag(B));
+    2. one ``reduce`` per power-iteration step for all layers and both sides together (the
+       iterations run in lockstep): the products a_rowsᵀ(a_rows Q) ``[d_in, k_A]`` and
+       g_rowsᵀ(g_rows Q) ``[d_out, k_B]``; the k x k Ritz steps and the re-orthonormalisation
+       then run identically everywhere.
+
+    So ``power_iters + 1`` reductions of O(Σ_layers (d_in + d_out)·k) numbers, independent of the
+    number of rows; the O(n·d·k) products are split over the processes. Random draws (the start
+    without ``init``, the rank-deficient fallback) come from ``generator``, which must be in the
+    same state on every process. Decisions (failure, early stop) depend on reduced values only,
+    so all processes make the same reductions.
+
+    Returns one entry per item: the :class:`LowRankKron`, or the ``ValueError`` / ``RuntimeError``
+    that building it raised (non-finite rows, a singular core ...), so that one bad layer does not
+    stop the others. Inputs are not validated here (:meth:`LowRankKron.from_rows` does).
+    """
+    red = (lambda ts: list(ts)) if reduce is None else reduce
+    out: list = [None] * len(items)
+    stats: list = []
+    for it in items:
+        a, g = it.a_rows, it.g_rows
+        stats += [torch.linalg.vector_norm(a) ** 2, torch.linalg.vector_norm(g) ** 2, (g * g).sum(0)]
+        stats += [torch.tensor(float(c), dtype=a.dtype, device=a.device) for c in (it.a_count, it.b_count) if c is not None]
+    stats = red(stats) if stats else []
+
+    prep: dict = {}  # item -> (a_scale, b_scale, δ_A, δ_B, diag(B))
+    i = 0
+    for j, it in enumerate(items):
+        sa, sg, gdiag = stats[i : i + 3]
+        i += 3
+        scales = [it.a_scale, it.b_scale]
+        for s, c in enumerate((it.a_count, it.b_count)):
+            if c is not None:
+                total = float(stats[i])
+                i += 1
+                scales[s] = scales[s] / total if total > 0 else float("nan")
+        try:
+            tr_a, tr_b = scales[0] * float(sa), scales[1] * float(sg)
+            if not (math.isfinite(tr_a) and math.isfinite(tr_b)):
+                raise ValueError(
+                    f"lowrank_kron_many: the traces of the factors are not finite (tr A = {tr_a}, tr B = {tr_b}): "
+                    f"the rows hold NaN/Inf entries or there are no rows. {_ROWS_HINT}"
+                )
+            da, db = pi_damping(tr_a, it.a_rows.shape[1], tr_b, it.g_rows.shape[1], it.damping, it.heuristic)
+            prep[j] = (scales[0], scales[1], da, db, gdiag * scales[1])
+        except (ValueError, RuntimeError) as e:
+            out[j] = e
+
+    def fail(j: int, e: Exception) -> None:
+        out[j] = e
+        for side in "ab":
+            active.pop((j, side), None)
+
+    active: dict = {}  # (item, side) -> [stepping generator, current basis]
+    for j in prep:
+        it = items[j]
+        init = it.init if it.init is not None else (None, None)
+        try:
+            for side, U, rank, x0 in (("a", it.a_rows, it.rank[0], init[0]), ("b", it.g_rows, it.rank[1], init[1])):
+                st = _power_iteration_steps(U.shape[1], rank, it.power_iters, x0, generator, it.power_tol,
+                                            dtype=U.dtype, device=U.device)
+                active[(j, side)] = [st, next(st)]
+        except (ValueError, RuntimeError) as e:
+            fail(j, e)
+
+    ritz: dict = {}
+    while active:
+        keys = list(active)
+        local = []
+        for j, side in keys:
+            U = items[j].a_rows if side == "a" else items[j].g_rows
+            local.append((U.mT @ (U @ active[(j, side)][1])) * prep[j][0 if side == "a" else 1])
+        for (j, side), Z in zip(keys, red(local)):
+            if (j, side) not in active:  # its layer failed on the other side in this round
+                continue
+            st, X = active[(j, side)]
+            if side == "b":
+                Z = Z - prep[j][4][:, None] * X
+            try:
+                active[(j, side)][1] = st.send(Z)
+            except StopIteration as stop:
+                ritz[(j, side)] = stop.value
+                del active[(j, side)]
+            except (ValueError, RuntimeError) as e:
+                fail(j, e)
+
+    for j, (_, _, da, db, diag) in prep.items():
+        if out[j] is not None:
+            continue
+        try:
+            ra, rb = ritz[(j, "a")], ritz[(j, "b")]
+            A = LowRank(ra.eigenvalues.clamp_min(0), ra.eigenvectors, ra.iterations)
+            B = _plus_diag_result(diag, rb, db)
+            a_inv = woodbury_factor(0.0, A.eigenvectors, A.eigenvalues, damping=da)
+            b_inv = woodbury_factor(B.diag, B.eigenvectors, B.eigenvalues, damping=db)
+            out[j] = LowRankKron(
+                A.eigenvalues, A.eigenvectors, B.diag, B.eigenvalues, B.eigenvectors, a_inv, b_inv,
+                da, db, (A.iterations, B.iterations), B.shrink,
+            )
+        except (ValueError, RuntimeError) as e:
+            out[j] = e
+    return out

@@ -53,6 +53,13 @@ class Config:
     mem_probe_steps: int = field(default=3, metadata={"help": "steps of the CPU peak-memory probe (0 = off)"})
     progress: bool = field(default=True, metadata={"help": "show tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
+    # data-parallel (torchrun)
+    distributed: Optional[bool] = field(
+        default=None, metadata={"help": "data-parallel over torch.distributed ranks (null = auto: on when torchrun's "
+                                        "RANK/WORLD_SIZE/LOCAL_RANK are set)"})
+    dist_backend: Optional[str] = field(default=None, metadata={"help": "process-group backend (null = gloo on CPU, nccl on CUDA)"})
+    dist_timeout: int = field(default=300, metadata={"help": "seconds a collective may wait for the other ranks"})
+    ddp: bool = field(default=False, metadata={"help": "wrap the model in DistributedDataParallel (distributed runs)"})
     # outputs and checkpoints
     out: Optional[str] = field(default=None, metadata={"help": "run folder (default runs/<timestamp>)"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every this many steps (0 = off; train)"})
@@ -64,7 +71,8 @@ class Config:
 
 #: keys a resumed run may change; every other key must match the checkpoint's.
 RESUME_MUTABLE = frozenset({"steps", "out", "checkpoint_every", "eval_every", "progress", "plots", "device",
-                            "threads", "mem_probe_steps", "resume", "eval_batch_size", "amp", "optimizers"})
+                            "threads", "mem_probe_steps", "resume", "eval_batch_size", "amp", "optimizers",
+                            "distributed", "dist_backend", "dist_timeout", "ddp"})
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 VALID_KEYS = tuple(_FIELDS)
@@ -143,10 +151,12 @@ def validate(cfg: Config) -> Config:
         v = getattr(cfg, name)
         if v < 0 or (v == 0 and not allow_zero):
             raise CliError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
-    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batch_size"):
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batch_size", "dist_timeout"):
         positive(name)
     for name in ("train_eval_size", "test_eval_size", "threads", "mem_probe_steps", "checkpoint_every"):
         positive(name, allow_zero=True)
+    if cfg.dist_backend is not None and cfg.dist_backend not in ("gloo", "nccl", "mpi", "ucc"):
+        raise CliError(f"dist_backend must be one of gloo, nccl, mpi, ucc (or null for the default), got {cfg.dist_backend!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise CliError(f"device must be one of cpu, cuda, cuda:N, auto; got {cfg.device!r}")
     for name, hp in cfg.hparams.items():

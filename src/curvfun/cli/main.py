@@ -5,6 +5,7 @@
     curvfun train --optimizer kfac --hp lr=0.05 --checkpoint-every 100
     curvfun train --resume runs/xyz/checkpoints/step_000100.pt
     curvfun train --config my.yaml        # keys of the config schema; flags override them
+    torchrun --nproc_per_node 2 -m curvfun train --optimizer kfac   # data-parallel (see cli.launch)
     curvfun demo                          # per-sample gradient norms and the Fisher diagonal
     curvfun list                          # optimizers, models, data sets
 
@@ -82,6 +83,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help=_help("progress"))
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=S, help=_help("plots"))
     g.add_argument("--out", default=S, help=_help("out"))
+    g = p.add_argument_group("data-parallel (torchrun --nproc_per_node N -m curvfun ...)")
+    g.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=S, help=_help("distributed"))
+    g.add_argument("--dist-backend", dest="dist_backend", default=S, help=_help("dist_backend"))
+    g.add_argument("--dist-timeout", dest="dist_timeout", type=int, default=S, help=_help("dist_timeout"))
+    g.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=S, help=_help("ddp"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,23 +243,51 @@ def _finish(results, errors, cfg, run_dir) -> int:
     return 0
 
 
+def _dist_note(dctx, cfg: C.Config) -> str:
+    if dctx is None:
+        return ""
+    return (f", {dctx.world_size} ranks ({dctx.backend}{', DDP' if cfg.ddp else ''}, "
+            f"{cfg.batch_size // dctx.world_size} samples per rank)")
+
+
+def _check_distributable(names: List[str], explicit: bool) -> List[str]:
+    """Under torch.distributed: drop ('all') or refuse (named) optimizers that cannot run there."""
+    from .optimizers import REGISTRY
+    bad = [n for n in names if not REGISTRY[n].distributed]
+    if bad and explicit:
+        raise CliError(f"optimizer(s) {', '.join(bad)} cannot run data-parallel (their curvature is not averaged "
+                       f"over ranks); leave them out or run without --distributed")
+    if bad:
+        from .launch import is_main_rank
+        if is_main_rank():
+            print(f"curvfun: leaving out {', '.join(bad)} (not data-parallel)", file=sys.stderr)
+    return [n for n in names if n not in bad]
+
+
 def cmd_compare(args) -> int:
+    from .launch import distributed_scope
     from .optimizers import resolve_names
     from .train import run_many
     cfg = resolve_config(args, "compare")
     if cfg.checkpoint_every or cfg.resume:
         raise CliError("checkpoint_every and resume apply to `curvfun train` (one optimizer), not to compare")
     names = resolve_names(cfg.optimizers)
-    hparams = _check_hparams(cfg, names)
-    device, data = _prepare(cfg)
-    run_dir = _make_run_dir(cfg.out)
-    cfg.out, cfg.optimizers = run_dir, names
-    cfg.hparams = {**cfg.hparams, **hparams}
-    C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    print(f"curvfun compare: {len(names)} optimizers ({', '.join(names)}) on {cfg.data}/{cfg.model}, "
-          f"{cfg.steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, device {device}", flush=True)
-    results, errors = run_many(names, cfg, data, device, run_dir=run_dir)
-    return _finish(results, errors, cfg, run_dir)
+    with distributed_scope(cfg) as dctx:
+        if dctx is not None:
+            names = _check_distributable(names, explicit="all" not in cfg.optimizers)
+        main = dctx is None or dctx.is_main
+        hparams = _check_hparams(cfg, names)
+        device, data = _prepare(cfg)
+        run_dir = _make_run_dir(cfg.out) if main else None
+        cfg.out, cfg.optimizers = run_dir, names
+        cfg.hparams = {**cfg.hparams, **hparams}
+        if main:
+            C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+            print(f"curvfun compare: {len(names)} optimizers ({', '.join(names)}) on {cfg.data}/{cfg.model}, "
+                  f"{cfg.steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, device {device}{_dist_note(dctx, cfg)}",
+                  flush=True)
+        results, errors = run_many(names, cfg, data, device, run_dir=run_dir)
+        return _finish(results, errors, cfg, run_dir) if main else (1 if errors else 0)
 
 
 def cmd_train(args) -> int:
@@ -279,18 +313,24 @@ def cmd_train(args) -> int:
                            f"{', '.join(sorted(C.RESUME_MUTABLE))}")
         if int(resume["step"]) > cfg.steps:
             raise CliError(f"checkpoint is at step {resume['step']}, beyond steps={cfg.steps}")
+    from .launch import distributed_scope
     get_spec(cfg.optimizer)
-    hparams = _check_hparams(cfg, [cfg.optimizer])
-    device, data = _prepare(cfg)
-    run_dir = _make_run_dir(cfg.out)
-    cfg.out, cfg.optimizers = run_dir, [cfg.optimizer]
-    cfg.hparams = {**cfg.hparams, **hparams}
-    C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    what = f"resuming {resume['path']} at step {resume['step']}" if resume else "from scratch"
-    print(f"curvfun train: {cfg.optimizer} on {cfg.data}/{cfg.model}, {cfg.steps} steps of batch {cfg.batch_size}, "
-          f"seed {cfg.seed}, device {device}, {what}", flush=True)
-    results, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume)
-    return _finish(results, errors, cfg, run_dir)
+    with distributed_scope(cfg) as dctx:
+        if dctx is not None:
+            _check_distributable([cfg.optimizer], explicit=True)
+        main = dctx is None or dctx.is_main
+        hparams = _check_hparams(cfg, [cfg.optimizer])
+        device, data = _prepare(cfg)
+        run_dir = _make_run_dir(cfg.out) if main else None
+        cfg.out, cfg.optimizers = run_dir, [cfg.optimizer]
+        cfg.hparams = {**cfg.hparams, **hparams}
+        if main:
+            C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+            what = f"resuming {resume['path']} at step {resume['step']}" if resume else "from scratch"
+            print(f"curvfun train: {cfg.optimizer} on {cfg.data}/{cfg.model}, {cfg.steps} steps of batch "
+                  f"{cfg.batch_size}, seed {cfg.seed}, device {device}, {what}{_dist_note(dctx, cfg)}", flush=True)
+        results, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume)
+        return _finish(results, errors, cfg, run_dir) if main else (1 if errors else 0)
 
 
 def cmd_demo(args) -> int:

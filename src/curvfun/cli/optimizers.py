@@ -139,6 +139,7 @@ class OptimizerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     requires: Optional[Tuple[str, str]] = None  # (module, attribute) that must exist
     default_compare: bool = True
+    distributed: bool = True  # runs data-parallel under torch.distributed (cli.launch)
 
     def available(self) -> bool:
         return self.requires is None or resolve(*self.requires) is not None
@@ -259,7 +260,11 @@ def _accepts(cls, name: str) -> bool:
 def _model_optimizer(cls_name: str) -> Factory:
     """AdaFisher-style entry: ``curvfun.optim.Xxx(model, **hp)`` + plain gradients."""
     def factory(model, hp, ctx):
-        return resolve("curvfun.optim", cls_name)(model, **hp), PlainGradientMaker(model)
+        from .. import distributed as cfd
+        cls = resolve("curvfun.optim", cls_name)
+        if cfd.is_distributed() and "dist" not in hp and _accepts(cls, "dist"):
+            hp = {**hp, "dist": True}  # factors and gradients averaged over ranks by the optimizer
+        return cls(model, **hp), PlainGradientMaker(model)
     return factory
 
 
@@ -296,7 +301,7 @@ for _spec in [
     OptimizerSpec("ekfac", "eigenvalue-corrected K-FAC (empirical Fisher) + SGD", _maker("EkfacGradientMaker"),
                   _ng(damping=0.1, fisher_type="fisher_emp"), requires=(_P, "EkfacGradientMaker")),
     OptimizerSpec("lowrank_kfac", "low-rank(+diag) K-FAC by power iteration (rank 16) + SGD",
-                  _maker("LowRankKfacGradientMaker"), _ng(lr=0.01, ema_decay=-1, rank=16, power_iters=2),
+                  _maker("LowRankKfacGradientMaker"), _ng(lr=0.01, ema_decay=-1, rank=16, power_iters=2, fisher_type="fisher_mc"),
                   requires=(_P, "LowRankKfacGradientMaker")),
     OptimizerSpec("diag_ng", "diagonal natural gradient + SGD", _maker("DiagNaturalGradientMaker"),
                   _ng(damping=0.1), requires=(_P, "DiagNaturalGradientMaker")),
@@ -336,7 +341,7 @@ for _spec in [
     # optimizers that read curvature themselves
     OptimizerSpec("adahessian", "AdaHessian (Hutchinson Hessian diagonal)", _adahessian,
                   dict(lr=0.15, betas=[0.9, 0.999], eps=1e-4, weight_decay=0.0, hessian_power=1.0),
-                  requires=(_O, "AdaHessian")),
+                  requires=(_O, "AdaHessian"), distributed=False),
     OptimizerSpec("adafisher", "AdaFisher (diagonal Kronecker Fisher)", _model_optimizer("AdaFisher"),
                   dict(lr=3e-3, TCov=5), requires=(_O, "AdaFisher")),
     OptimizerSpec("adafisherw", "AdaFisherW (decoupled weight decay)", _model_optimizer("AdaFisherW"),

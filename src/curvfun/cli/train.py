@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CliError, Config
+from .launch import global_mean, is_main_rank, shard
 from .models import build_model
 from .optimizers import BuildContext, get_spec
 
@@ -83,6 +84,9 @@ class RunResult:
 # ----------------------------------------------------------------------------- environment
 
 def select_device(cfg: Config) -> torch.device:
+    from .. import distributed as cfd
+    if cfd.is_distributed() and torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda")):
+        return torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's (set by cli.launch)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -115,7 +119,7 @@ def train_step(model, optimizer, grad_maker, x, t, task: str, autocast) -> torch
     with autocast():
         dummy_y = grad_maker.setup_model_call(model, x)
         if task == "lm":  # logits [N, T, V] -> [N*T, V]: the curvature sees N*T categorical outputs
-            logits = dummy_y.view(-1, model.head.out_features)
+            logits = dummy_y.view(-1, getattr(model, "module", model).head.out_features)
             if hasattr(grad_maker, "setup_logits_repr"):
                 grad_maker.setup_logits_repr(logits)
             grad_maker.setup_loss_call(F.cross_entropy, logits, t.reshape(-1))
@@ -199,7 +203,7 @@ def probe_peak_memory_mb(make, data, cfg: Config, device, autocast):
     from torch.profiler import ProfilerActivity, profile
     try:
         with torch.random.fork_rng(devices=[]), _filtered_stderr():
-            batches = [data.train_batch(s, cfg.batch_size, cfg.seed) for s in range(cfg.mem_probe_steps)]
+            batches = [shard(*data.train_batch(s, cfg.batch_size, cfg.seed)) for s in range(cfg.mem_probe_steps)]
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 model, opt, gm = make()
                 for x, t in batches:
@@ -282,9 +286,13 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
     autocast = amp_context(cfg, device)
 
     def make():
+        """(model to train, optimizer, grad maker); the model is wrapped in DDP with ``--ddp``."""
         model = build_model(cfg.model, data.info, cfg.model_args)
         model.load_state_dict(init_state)
         model.to(device).train()
+        if cfg.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt, gm = spec.build(model, hp, ctx)
         return model, opt, gm
 
@@ -292,7 +300,9 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
     result.peak_mem_mb, probe_error = probe_peak_memory_mb(make, data, cfg, device, autocast)
 
     torch.manual_seed(cfg.seed)
-    model, optimizer, grad_maker = make()
+    trained, optimizer, grad_maker = make()
+    model = getattr(trained, "module", trained)  # evaluated and saved unwrapped (no collective inside)
+    main = is_main_rank()  # only rank 0 evaluates, shows progress and writes checkpoints
     eval_sets = data.eval_sets(cfg.train_eval_size, cfg.test_eval_size)
     start = 0
     if resume is not None:
@@ -308,23 +318,23 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
         result.step_times = list(resume["step_times"])
     else:
         result.rows.append(_row(name, 0, 0.0, None, evaluate(model, data, eval_sets, device, cfg.eval_batch_size,
-                                                            autocast)))
+                                                            autocast) if main else None))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     result.model, result.optimizer_obj, result.grad_maker = model, optimizer, grad_maker
     result.steps_done = start
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{name:>12}", disable=not cfg.progress, leave=True,
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{name:>12}", disable=not (cfg.progress and main), leave=True,
                position=position, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     try:
         for step in range(start, cfg.steps):
-            x, t = data.train_batch(step, cfg.batch_size, cfg.seed)
+            x, t = shard(*data.train_batch(step, cfg.batch_size, cfg.seed))  # this rank's slice
             x, t = x.to(device), t.to(device)
             _sync(device)
             t0 = time.perf_counter()
             try:
-                loss = train_step(model, optimizer, grad_maker, x, t, data.task, autocast)
-                loss_value = loss.item()
+                loss = train_step(trained, optimizer, grad_maker, x, t, data.task, autocast)
+                loss_value = global_mean(loss.item(), x.shape[0], device)  # the whole batch's, on every rank
             except Exception as exc:  # e.g. sampling from NaN logits: report as divergence
                 if all(torch.isfinite(p).all() for p in model.parameters()):
                     raise
@@ -337,7 +347,7 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
             result.steps_done = done
             metrics = None
             diverged = not math.isfinite(loss_value)
-            if done % cfg.eval_every == 0 or done == cfg.steps or diverged:
+            if main and (done % cfg.eval_every == 0 or done == cfg.steps or diverged):
                 metrics = evaluate(model, data, eval_sets, device, cfg.eval_batch_size, autocast)
             result.rows.append(_row(name, done, result.train_time, loss_value, metrics))
             if diverged:

@@ -34,7 +34,10 @@ Differences from ASDL 0.1 (``asdl/grad_maker.py``, ``asdl/precondition/prec_grad
 * With no preconditioned module at all, the maker warns (ASDL fails with ``StopIteration``).
 * Under ``torch.distributed`` (:mod:`curvfun.distributed`): the gradients are averaged over ranks
   after the pass (one coalesced all-reduce; not when the model is wrapped in DDP, which already
-  did), the model structure and preconditioned layers are checked across ranks at construction,
+  did), weighted by the per-rank sample counts (:meth:`GradientMaker.sample_count`) so that
+  unequal batches give the concatenated batch's mean (under DDP: one one-number all-reduce per
+  step and the loss scaled by W·n_r/N before backward), the model structure and preconditioned
+  layers are checked across ranks at construction,
   the MC generator is seeded with ``seed + rank``, and ``inverse_mode`` ("assigned" / "replicated")
   says whether inverses are computed by one owner per layer and broadcast, or everywhere.
 """
@@ -292,15 +295,42 @@ class GradientMaker:
                 "the loss does not require grad: is the model call inside torch.no_grad(), or are all "
                 "parameters frozen?"
             )
+        from .. import distributed as cfd
+
+        count = cfd.local_sample_count()  # None outside forward_and_backward
+        if count is not None and cfd.is_distributed() and cfd.is_ddp(self.model):
+            # DDP averages over ranks unweighted: scale by W·n_r/N (1.0 for equal batches)
+            scale = cfd.ddp_loss_scale(count, loss.device, self._pass_count)
+            if scale != 1.0:
+                loss = loss * scale
         return loss
 
     def forward_and_backward(self) -> tuple[Any, Tensor]:
         """Model call, loss call, ``loss.backward()``; returns ``(model_output, loss)``."""
         self._require_ready()
-        self.forward()
-        self.backward()
-        self._average_gradients()
+        with self._sample_weighting():
+            self.forward()
+            self.backward()
+            self._average_gradients()
         return self._model_output, self._loss
+
+    def sample_count(self) -> int | None:
+        """This process's number of samples in the latest pass: the leading dimension of the logits
+        (:meth:`setup_logits_repr`; else the first tensor of the model output); None if there is
+        none. Under ``torch.distributed`` the means over ranks are weighted by it, so the loss must
+        be the mean over that dimension (the GUIDE's convention)."""
+        out = self._logits if isinstance(self._logits, Tensor) else next(
+            (t for t in optree.tree_leaves(self._model_output) if isinstance(t, Tensor)), None)
+        return int(out.shape[0]) if isinstance(out, Tensor) and out.ndim > 0 else None
+
+    def _sample_weighting(self):
+        """Under ``torch.distributed``: means over ranks inside are weighted by :meth:`sample_count`
+        (:func:`curvfun.distributed.sample_weighting`); a null context otherwise."""
+        import contextlib
+
+        from .. import distributed as cfd
+
+        return cfd.sample_weighting(self.sample_count) if cfd.is_distributed() else contextlib.nullcontext()
 
     def _average_gradients(self, step: int | None = None) -> None:
         """Under ``torch.distributed`` with a model that is not wrapped in
@@ -820,18 +850,21 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         before = self._pass_count
         self._startup()
         synced = False
-        if self.do_forward_and_backward(step):
-            self.plain_pass()
-            # under torch.distributed: mean gradient over ranks before update_curvature (Shampoo
-            # builds its statistics from it); no-op in one process or with DDP
-            self._average_gradients(step)
-            synced = True
-        if self.do_update_curvature(step):
-            self.update_curvature()
-        if not synced and self._pass_count > before:  # the pass ran inside update_curvature
-            self._average_gradients(step)
-        if self.do_update_preconditioner(step):
-            self.update_preconditioner()
+        # under torch.distributed, every mean over ranks below is weighted by the per-rank sample
+        # counts (the concatenated batch's mean; no extra collective, see curvfun.distributed)
+        with self._sample_weighting():
+            if self.do_forward_and_backward(step):
+                self.plain_pass()
+                # under torch.distributed: mean gradient over ranks before update_curvature (Shampoo
+                # builds its statistics from it); no-op in one process or with DDP
+                self._average_gradients(step)
+                synced = True
+            if self.do_update_curvature(step):
+                self.update_curvature()
+            if not synced and self._pass_count > before:  # the pass ran inside update_curvature
+                self._average_gradients(step)
+            if self.do_update_preconditioner(step):
+                self.update_preconditioner()
         passes = self._pass_count - before
         if passes != 1:
             what = "no" if passes == 0 else f"{passes}"

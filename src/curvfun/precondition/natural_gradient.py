@@ -603,7 +603,20 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
 
     ``rank`` is clipped to each side's dimension. The factors are those of the current batch:
     an EMA of factors that are never formed is not offered, so ``config.ema_decay`` must be -1.
-    The low-rank factors are refreshed (and inverted) on curvature steps.
+    The low-rank factors are refreshed (and inverted) on curvature steps. The power iteration
+    draws its random start from its own generator (``power_generator``), seeded with ``seed``
+    on every rank (the MC-sampling generator is seeded with ``seed + rank``).
+
+    Under ``torch.distributed`` no rows are gathered: on curvature steps each rank multiplies its
+    own rows and :func:`curvfun.lowrank.lowrank_kron_many` sums over ranks (category
+    ``"curvature"``) once the statistics (‖a‖², ‖g‖², diag(GᵀG), sample counts: one all-reduce of
+    O(Σ d_out) numbers) and then, per power-iteration step, the products Uᵀ(U Q) of every layer
+    and both sides (one all-reduce of O(Σ (d_in + d_out)·k) numbers): ``power_iters + 1``
+    all-reduces per refresh, whatever the batch size, and the result equals one process on the
+    concatenated batch (unequal per-rank batches included). The k x k Woodbury cores are then
+    built on every rank (O(d·k² + k³), nothing to assign); the other layers' K-FAC factors are
+    averaged and inverted like :class:`KfacGradientMaker`'s (``inverse_mode``). Nothing is
+    communicated on other steps.
     """
 
     _state_attributes = ("curvature", "inverses", "lowrank")
@@ -620,6 +633,7 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
         damping_heuristic: str = "pi",
         *,
         seed: int | None = None,
+        inverse_mode: str = "assigned",
     ) -> None:
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -630,43 +644,57 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
                 "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
                 "set config.ema_decay=-1"
             )
-        if cfd.is_distributed():
-            raise NotImplementedError(
-                "LowRankKfacGradientMaker does not run under torch.distributed yet (its power iteration "
-                "works on per-rank rows that are never averaged); use KfacGradientMaker or EkfacGradientMaker"
-            )
         self.rank, self.power_iters = rank, power_iters
         self.lowrank: dict[str, LowRankKron] = {}
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, "expand", "separate",
-                         damping_heuristic, seed=seed)
+                         damping_heuristic, seed=seed, inverse_mode=inverse_mode)
+        #: the power iteration's random draws: the same stream on every rank
+        self.power_generator = torch.Generator(device=self.device)
+        self.power_generator.manual_seed(self.seed % 2**63)
 
     def update_curvature(self) -> None:
+        from ..lowrank import LowRankRows, lowrank_kron_many
+
         data = self._capture_pass()
+        names, items, others = [], [], {}
         for name, ld in data.items():
             if ld.kind in ("linear", "conv2d") and ld.a.shape[1] == 1:
                 N, _, T, d = ld.a.shape
-                a_rows = ld.a.reshape(N * T, d)
                 g = ld.g * ld.weights.sqrt().to(ld.g.dtype).reshape(-1, 1, 1, 1, 1)
                 g_rows = g.reshape(-1, g.shape[-1])
-                rank = (min(self.rank, d), min(self.rank, g_rows.shape[-1]))
-                try:
-                    new = LowRankKron.from_rows(
-                        a_rows, g_rows, rank, self.config.damping, 1.0 / (N * T), 1.0 / N,
-                        heuristic=self.damping_heuristic, power_iters=self.power_iters,
-                        init=self.lowrank.get(name), generator=self.generator,
-                    )
-                except (ValueError, RuntimeError):
-                    new = {"nonfinite": torch.tensor(float("nan"))}
-                got = self._install_if_finite(name, new, self.lowrank.get(name), "low-rank factors")
-                if got is not None:
-                    self.lowrank[name] = got
-                    self.inverses[name] = got
+                old = self.lowrank.get(name)
+                names.append(name)
+                items.append(LowRankRows(
+                    ld.a.reshape(N * T, d), g_rows, (min(self.rank, d), min(self.rank, g_rows.shape[-1])),
+                    self.config.damping, a_count=N * T, b_count=N, heuristic=self.damping_heuristic,
+                    power_iters=self.power_iters, init=None if old is None else old.warm_start(),
+                ))
             else:
-                self._install_curvature(name, self._layer_curvature(ld))
+                others[name] = self._layer_curvature(ld)
+        reduce = None
+        if cfd.is_distributed():
+            reduce = lambda ts: cfd.all_reduce_sum_coalesced(ts, "curvature", self.step)  # noqa: E731
+        for name, new in zip(names, lowrank_kron_many(items, reduce, self.power_generator)):
+            if isinstance(new, Exception):
+                new = {"nonfinite": torch.tensor(float("nan"))}
+            got = self._install_if_finite(name, new, self.lowrank.get(name), "low-rank factors")
+            if got is not None:
+                self.lowrank[name] = got
+                self.inverses[name] = got
+        for name, c in self._reduce_curvature(others).items():
+            self._install_curvature(name, c)
 
     def update_preconditioner(self) -> None:
-        for name, f in self.curvature.items():
-            self._invert(name, lambda f=f: f.damped_inverse(self.config.damping))
+        self._invert_all({name: (lambda f=f: f.damped_inverse(self.config.damping))
+                          for name, f in self.curvature.items()})
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "power_generator": self.power_generator.get_state()}
+
+    def _load_extra_state(self, state) -> None:
+        super()._load_extra_state(state)
+        if "power_generator" in state:
+            self.power_generator.set_state(state["power_generator"].clone())
 
 
 class DiagNaturalGradientMaker(_CurvatureMaker):
