@@ -112,7 +112,7 @@ def test_deterministic_maker_cuda_equals_cpu(name):
     run(m_gpu, g_gpu, data, CUDA)
     for (n, p), q in zip(m_cpu.named_parameters(), m_gpu.parameters()):
         assert q.device.type == "cuda"
-        torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-10, msg=f"{name}: {n}")
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {n}\n{m}")
 
 
 @pytest.mark.parametrize("name", sorted(RANDOM))

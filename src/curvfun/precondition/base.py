@@ -425,8 +425,13 @@ class GradientMaker:
 
         A pure function of ``params`` (names as in ``self.model.named_parameters()``; parameters left
         out keep their values), suitable for ``torch.func`` transforms. Buffers are copies, so
-        BatchNorm running statistics are not updated; pass ``buffers`` to use others.
+        BatchNorm running statistics are not updated; pass ``buffers`` to use others. Runs under the
+        caller's autocast, like :meth:`call_model` (one precision for every model evaluation).
         """
+        with autocast_as(self._autocast):
+            return self._model_output_at(params, buffers)
+
+    def _model_output_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None) -> Any:
         if self._model_fn is None:
             raise RuntimeError("model_output_at() needs a model call: call setup_model_call() first")
         from ..functional import check_params

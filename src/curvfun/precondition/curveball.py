@@ -56,10 +56,12 @@ def output_hessian_vp(likelihood: Likelihood, output: Tensor, u: Tensor) -> Tens
     """``H_n u_n`` for every sample (and position), H_n = S_n S_nᵀ the Hessian of the per-sample
     loss w.r.t. the output; ``u`` shaped like the output. Cost O(N·C·K)."""
     out = likelihood.canonical_output(output.detach())
-    uc = u.reshape(out.shape)
+    dt = torch.promote_types(out.dtype, u.dtype)  # under autocast the output is bf16, u float32
+    out = out.to(dt)
+    uc = u.reshape(out.shape).to(dt)
     S = likelihood.hessian_sqrt(out)  # [N, *pos, C, K]
     w = torch.einsum("...ck,...c->...k", S, uc)
-    return torch.einsum("...ck,...k->...c", S, w).reshape(u.shape)
+    return torch.einsum("...ck,...k->...c", S, w).reshape(u.shape).to(output.dtype)
 
 
 def solve_rho_beta(a11: Tensor, a12: Tensor, a22: Tensor, b1: Tensor, b2: Tensor) -> tuple[float, float]:

@@ -144,7 +144,8 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 objective, scale = ell.sum(), 1.0
             # per-sample output-gradients of the captured layers (no parameter gradients)
             leaves = eps_leaves(records)
-            K = torch.zeros(N, N, dtype=ell.dtype, device=ell.device)
+            # the Gram in the parameters' dtype (under autocast ell is bf16; Cholesky needs more digits)
+            K = torch.zeros(N, N, dtype=next(iter(pre.values())).dtype if pre else ell.dtype, device=ell.device)
             covered: set[int] = set()
             if leaves:
                 gs = torch.autograd.grad(ell.sum(), leaves, retain_graph=True, allow_unused=True)
