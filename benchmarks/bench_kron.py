@@ -21,9 +21,11 @@ def run(kind: str, model) -> None:
     t_plain = median_time(plain)
     t_kfac = median_time(lambda: curvfun.kfac(model, params, x, y, fisher_type="mc", generator=gen))
     t_emp = median_time(lambda: curvfun.kfac(model, params, x, y, fisher_type="emp"))
+    t_auto = median_time(lambda: curvfun.kfac(model, params, x, y, fisher_type="mc", generator=gen, form="auto"))
     table(f"{kind.upper()} (batch {x.shape[0]})", [
         ("plain forward+backward", t_plain, 1.0),
         ("kfac (MC, 1 sample): all factors", t_kfac, t_kfac / t_plain),
+        ("  form='auto' (wide sides as rows)", t_auto, t_auto / t_plain),
         ("kfac (empirical): all factors", t_emp, t_emp / t_plain),
     ])
 

@@ -235,3 +235,20 @@ def test_parameter_used_outside_its_layer_goes_back_to_plain_backward():
         else:
             out[ds] = _run_steps(model, gm, [(x, t)] * 2)
     torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)
+
+
+def test_kfac_form_auto_keeps_wide_sides_as_rows_with_the_same_matrices():
+    import curvfun
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.LayerNorm(5))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 2, 6, 6), torch.randn(6, 5)
+    dense = curvfun.kfac(model, params, x, y, loss="mse", fisher_type="exact")
+    auto = curvfun.kfac(model, params, x, y, loss="mse", fisher_type="exact", form="auto")
+    assert isinstance(auto["2"], KronRowsFactor) and auto["2"].a_rows  # 6 rows, width 48
+    assert isinstance(auto["0"], KronFactor)  # 6·16 rows, width 18: dense
+    for k in dense:
+        torch.testing.assert_close(auto[k].to_dense(), dense[k].to_dense(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown form 'sparse'"):
+        curvfun.kfac(model, params, x, y, loss="mse", form="sparse")

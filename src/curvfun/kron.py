@@ -606,6 +606,7 @@ def kfac(
     n_mc_samples: int = 1,
     generator: torch.Generator | None = None,
     on_unsupported: str = "warn",
+    form: str = "dense",
 ) -> dict[str, Any]:
     """K-FAC factors of every supported module owning entries of ``params``.
 
@@ -615,11 +616,25 @@ def kfac(
     an error, ``"ignore"`` silences it). Embedding always uses K-FAC-expand. Cost: one
     captured forward and one backward per column (see :mod:`curvfun.capture`), plus the
     factor products.
+
+    ``form="auto"``: a Linear / Conv2d factor side with R rows and width d ≥ 2R (a 4096-wide
+    layer at batch 128) is kept as its scaled rows (:class:`curvfun.kron_rows.KronRowsFactor`:
+    same ``to_dense`` / ``matvec`` / ``damped_inverse``, Woodbury inverse), skipping its O(R·d²)
+    Gram matrix; ``"dense"`` (default): every factor a matrix.
     """
+    if form not in ("dense", "auto"):
+        raise ValueError(f"unknown form {form!r}; expected 'dense' (matrices) or 'auto' (rows where 2R <= d)")
     data = _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples,
                           generator, on_unsupported)
+    if form == "auto":
+        from .kron_rows import kron_rows_from_layer
+
+        make = lambda ld: (kron_rows_from_layer(ld, kfac_type, bias) if ld.kind in ("linear", "conv2d")  # noqa: E731
+                           else kron_factors_from_layer(ld, kfac_type, bias))
+    else:
+        make = lambda ld: kron_factors_from_layer(ld, kfac_type, bias)  # noqa: E731
     with full_precision():  # the model ran under the caller's autocast; the factors never do
-        return {name: kron_factors_from_layer(ld, kfac_type, bias) for name, ld in data.items()}
+        return {name: make(ld) for name, ld in data.items()}
 
 
 def _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples, generator,
