@@ -8,7 +8,8 @@ Which pure functions are called when (math in :mod:`curvfun.kbfgs_math`):
   z̄ = W ā + b and the mean output-gradient ḡ = (1/N) Σ_{n,t} ∂ℓ_n/∂z_nt. When an earlier curvature
   step left a snapshot θ₀ of the parameters, the same mini-batch is first evaluated at θ₀ (a
   functional forward and a backward to the recorded layers only; ``param.grad`` is not touched),
-  giving z̄₀ and ḡ₀, and the B-side pair (s, y) = (z̄ − z̄₀, ḡ − ḡ₀). Then θ is snapshotted.
+  giving z̄₀ and ḡ₀, and the B-side pair (s, y) = (z̄ − z̄₀, ḡ − ḡ₀) (skipped when y is at the
+  rounding level of the sums, e.g. before a train-mode BatchNorm). Then θ is snapshotted.
 * **preconditioner steps** apply the latest fresh data once:
   A ← EMA of A_batch (``config.ema_decay``; -1: A = A_batch), H_a ← (A + δ_A I)^{-1} the first time,
   then H_a ← BFGS(H_a, s_a = H_a ā, y_a = (A + δ_A I) s_a); with ``minibatch_hessian_action=True``
@@ -127,7 +128,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         if bias is not None:
             z_mean = z_mean + bias
         g = data.g[0, :, 0]  # [N, T, d_out], gradients of the registered loss
-        out = {"a_mean": a_mean, "z_mean": z_mean, "g_sum": g.sum((0, 1)), "T": T}
+        out = {"a_mean": a_mean, "z_mean": z_mean, "g_sum": g.sum((0, 1)), "g_abs": g.abs().sum((0, 1)), "T": T}
         if second_moment:
             out["A_batch"] = rows.T @ rows / (N * T)
         elif self.minibatch_hessian_action:
@@ -173,8 +174,11 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             if "rows" in st:
                 entry["rows"] = st["rows"]
             if name in before:
-                entry["s"] = (st["z_mean"] - before[name]["z_mean"]).detach()
-                entry["y"] = ((st["g_sum"] - before[name]["g_sum"]) * scale).detach()
+                if _rounding_only(st, before[name]):  # no B-side signal: H_g stays I
+                    entry["z_dim"] = torch.tensor(st["z_mean"].shape[0])
+                else:
+                    entry["s"] = (st["z_mean"] - before[name]["z_mean"]).detach()
+                    entry["y"] = ((st["g_sum"] - before[name]["g_sum"]) * scale).detach()
             pending[name] = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in entry.items()}
         self.pending = pending
         self.pending_fresh = True
@@ -222,6 +226,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 if _curvature_ok(s, y):
                     H_g = bfgs_inverse_update(H_g, s, y)
                 self.H_g[name] = self._install_if_finite(name, H_g, self.H_g.get(name), "H_g")
+            elif "z_dim" in d and name not in self.H_g:
+                self.H_g[name] = torch.eye(int(d["z_dim"]), dtype=H_a.dtype, device=H_a.device)
         self.pending_fresh = False
 
     def precondition(self) -> None:
@@ -237,6 +243,17 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             w.grad.copy_(Gw.reshape(w.shape))
             if gb is not None:
                 b.grad.copy_(gb)
+
+
+def _rounding_only(now: dict, before: dict) -> bool:
+    """Whether the B-side y = ḡ − ḡ₀ is at the rounding level of the sums it differences
+    (‖y‖ ≤ 10³·ε·(Σ|g| + Σ|g₀|)). Then there is no curvature signal — e.g. a layer feeding a
+    train-mode BatchNorm, whose output gradients sum to zero over the batch — and BFGS, which is
+    invariant to the pair's scale, would turn rounding noise into an O(1) change of H_g (one
+    that differs between devices). Such a pair is skipped."""
+    y = now["g_sum"] - before["g_sum"]
+    level = 1e3 * torch.finfo(y.dtype).eps * (now["g_abs"].norm() + before["g_abs"].norm())
+    return bool(y.norm() <= level)
 
 
 def _curvature_ok(s: Tensor, y: Tensor) -> bool:
