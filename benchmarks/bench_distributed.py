@@ -41,7 +41,9 @@ def _run(interval: int, mode: str, n: int, device: str = "cpu") -> dict:
     data = [tuple(t.to(device) for t in batch("mlp", n)) for _ in range(4)]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     cfg = PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=interval)
-    gm = KfacGradientMaker(model, cfg, fisher_type="fisher_mc", inverse_mode=mode)
+    # dense factors in every configuration: under torch.distributed the data-space route is off,
+    # so the single-process baseline uses the same algorithm (data_space="never")
+    gm = KfacGradientMaker(model, cfg, fisher_type="fisher_mc", inverse_mode=mode, data_space="never")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     times, nbytes = [], {}
     for t in range(WARMUP + REPEAT):
