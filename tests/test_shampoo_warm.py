@@ -15,6 +15,7 @@ import curvfun.precondition.shampoo as shampoo_mod
 from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.shampoo import ShampooGradientMaker
 from curvfun.roots import descending_eigh, eigen_power_from, inverse_root, rayleigh_quotients, warm_eigh
+from curvfun.shampoo_math import block_slices
 from digits_helper import train_digits
 from maker_checks import check_resume_bit_exact
 from test_precond_shampoo import Net, batches
@@ -154,13 +155,9 @@ def _run(model, gm, data):
     return grads
 
 
-def test_warm_schedule_and_fallback(monkeypatch):
-    """eigh_every=3, basis_every=2: per factor, full eigh at refreshes 0, 3, 6; between them the
-    subspace step on even counts, eigenvalues only (iters=0) on odd ones; a non-finite warm result
-    falls back to eigh for that factor."""
+def _spy(monkeypatch, poison):
     calls = []
     real_warm, real_eigh = shampoo_mod.warm_eigh, shampoo_mod.descending_eigh
-    poison = {"on": False}
 
     def warm(M, Q, iters):
         calls.append(("warm", iters))
@@ -173,6 +170,21 @@ def test_warm_schedule_and_fallback(monkeypatch):
 
     monkeypatch.setattr(shampoo_mod, "warm_eigh", warm)
     monkeypatch.setattr(shampoo_mod, "descending_eigh", eigh)
+    return calls
+
+
+def _finite_roots(gm, key):
+    return all(bool(torch.isfinite(t).all()) for pair in gm.roots[key] for r in pair
+               for t in ([r] if isinstance(r, torch.Tensor) else r))
+
+
+def test_warm_schedule_and_fallback(monkeypatch):
+    """eigh_every=3, basis_every=2, default schedule: per factor, full eigh at refreshes 0, 3, 6;
+    the subspace step at counts 2, 5; at counts 1, 4 the basis is kept and λ is moved by the
+    rotated gradient (no decomposition, no warm_eigh call); a non-finite warm result falls back to
+    eigh for that factor."""
+    poison = {"on": False}
+    calls = _spy(monkeypatch, poison)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     gm = ShampooGradientMaker(model, PreconditioningConfig(damping=1e-3), root_method="warm", eigh_every=3, basis_every=2)
@@ -181,12 +193,67 @@ def test_warm_schedule_and_fallback(monkeypatch):
         calls.clear()
         poison["on"] = step == 5
         _run(model, gm, [batch])
-        per_factor = {0: [("eigh", None)], 1: [("warm", 0)], 2: [("warm", 1)], 3: [("eigh", None)],
-                      4: [("warm", 0)], 5: [("warm", 1), ("eigh", None)], 6: [("eigh", None)]}[step]
+        per_factor = {0: [("eigh", None)], 1: [], 2: [("warm", 1)], 3: [("eigh", None)],
+                      4: [], 5: [("warm", 1), ("eigh", None)], 6: [("eigh", None)]}[step]
         assert calls == per_factor * 2, (step, calls)  # L, then R
         assert gm.warm_counts["0.weight"] == step % 3 + 1
-        assert all(bool(torch.isfinite(t).all()) for pair in gm.roots["0.weight"] for r in pair
-                   for t in ([r] if isinstance(r, torch.Tensor) else r))
+        assert _finite_roots(gm, "0.weight")
+
+
+def test_warm_stale_eigenvalues_are_recomputed(monkeypatch):
+    """Statistics every step, roots every 2nd: the kept λ are stale at a kept-basis refresh, so
+    they are recomputed as Rayleigh quotients (warm_eigh with iters=0)."""
+    calls = _spy(monkeypatch, {"on": False})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    cfg = PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=2, curvature_upd_interval=1)
+    gm = ShampooGradientMaker(model, cfg, root_method="warm", eigh_every=None, basis_every=2)
+    data = [(x.reshape(6, -1)[:, :4], t) for x, t in batches(5)]
+    seen = []
+    for batch in data:
+        calls.clear()
+        _run(model, gm, [batch])
+        seen.append(list(calls))
+    assert seen == [[("eigh", None)] * 2, [], [("warm", 0)] * 2, [], [("warm", 1)] * 2], seen
+
+
+@pytest.mark.parametrize("ema", [-1, 0.3])
+def test_tracked_eigenvalues_are_the_rayleigh_quotients(ema):
+    """float64, basis kept for 4 refreshes (basis_every=5, no re-sync): the λ moved by the rotated
+    gradient equal diag(Qᵀ S Q) of the current statistics, and the preconditioned gradient equals
+    the dense Q_L diag(w_L) Q_Lᵀ G Q_R diag(w_R) Q_Rᵀ, to 1e-12 relative."""
+    torch.manual_seed(0)
+    model = Net().double()
+    gm = ShampooGradientMaker(model, PreconditioningConfig(damping=1e-3, ema_decay=ema), block_size=3,
+                              root_method="warm", eigh_every=None, basis_every=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, (x, t) in enumerate(batches(5)):
+        x = x.double()
+        G = {k: g.detach().clone() for k, g in zip(
+            [n for n, _ in model.named_parameters()],
+            torch.autograd.grad(F.cross_entropy(model(x), t), list(model.parameters())))}
+        opt.zero_grad()
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        if step == 0:
+            opt.step()
+            continue
+        assert gm._rotated == {}  # the stash lives within one step only
+        for key, tiles in gm.bases.items():
+            g = G[key].reshape(G[key].shape[0], -1)
+            want = torch.zeros_like(g)
+            for (r, c), (L_pair, R_pair), (L, R) in zip(block_slices(g.shape, 3), tiles, gm.statistics[key]):
+                for (Q, lam), S in ((L_pair, L), (R_pair, R)):
+                    torch.testing.assert_close(lam, torch.diagonal(Q.T @ S @ Q), rtol=1e-12, atol=1e-15)
+                wL = (L_pair[1].clamp_min(0) + 1e-3 * L_pair[1].max()) ** -0.25
+                wR = (R_pair[1].clamp_min(0) + 1e-3 * R_pair[1].max()) ** -0.25
+                RL = (L_pair[0] * wL) @ L_pair[0].T
+                RR = (R_pair[0] * wR) @ R_pair[0].T
+                want[r, c] = RL @ g[r, c] @ RR
+            got = dict(model.named_parameters())[key].grad.reshape(g.shape)
+            assert (got - want).norm() <= 1e-12 * want.norm()
+        opt.step()
 
 
 def test_warm_maker_tracks_the_exact_maker():

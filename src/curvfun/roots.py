@@ -125,11 +125,14 @@ def warm_eigh(M: Tensor, Q_prev: Tensor, iters: int = 1) -> tuple[Tensor, Tensor
     Q = Q_prev.to(M.dtype)
     for _ in range(iters):
         Y = M @ Q
-        order = (Q * Y).sum(-2).argsort(dim=-1, descending=True)
-        Y = Y.gather(-1, order.unsqueeze(-2).expand_as(Y))
-        Q, R = torch.linalg.qr(Y)
-        sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
-        Q = Q * sign.unsqueeze(-2)
+        r = (Q * Y).sum(-2)
+        if not bool((r[..., :-1] >= r[..., 1:]).all()):  # usually sorted already: skip the copy
+            order = r.argsort(dim=-1, descending=True)
+            Y = Y.gather(-1, order.unsqueeze(-2).expand_as(Y))
+        # Householder QR; R's diagonal is on the diagonal of geqrf's output (no triu copy of R)
+        H, tau = torch.geqrf(Y)
+        sign = torch.where(H.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(M.dtype)
+        Q = torch.linalg.householder_product(H, tau) * sign.unsqueeze(-2)
     return rayleigh_quotients(M, Q), Q
 
 

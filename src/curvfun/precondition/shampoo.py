@@ -27,7 +27,12 @@ Root methods (``root_method``):
   runs on a factor's first refresh, every ``eigh_every`` refreshes (a re-sync; None: never), and
   whenever the warm step gives non-finite values. With ``basis_every = k > 1`` the subspace step
   runs on every k-th refresh only; the refreshes between keep Q and update λ = diag(Qᵀ M Q) alone
-  (one matrix product per factor: the "eigenvalue-corrected" Shampoo of SOAP / EK-FAC).
+  (the "eigenvalue-corrected" Shampoo of SOAP / EK-FAC). With the basis kept, the statistics'
+  update a·M + b·G Gᵀ moves diag(Q_Lᵀ L Q_L) by b times the squared row norms of the rotated
+  gradient G' = Q_Lᵀ G Q_R (and diag(Q_Rᵀ R Q_R) by its squared column norms), and
+  preconditioning needs G' anyway, Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ: such a refresh costs no matrix
+  product beyond the preconditioning's four (when the eigenvalues were current before the
+  statistics' update, i.e. the curvature and preconditioner schedules coincide).
   Accuracy: exact when M did not change since the last refresh; otherwise the root differs from
   the exact one by the part of M that is off-diagonal in Q, which one subspace step shrinks by the
   eigenvalue ratios λ_j/λ_i, and which stays small when M changes slowly (Shampoo's accumulated
@@ -120,7 +125,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     matrix); only the roots are communicated, on preconditioner steps, in ``"assigned"`` mode.
     """
 
-    _state_attributes = ("statistics", "roots", "bases", "warm_counts")
+    _state_attributes = ("statistics", "roots", "bases", "warm_counts", "eigen_fresh")
 
     def __init__(
         self,
@@ -170,6 +175,11 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         self.bases: dict[str, list[list[list[Tensor]]]] = {}
         #: ``"warm"`` only: parameter key -> refreshes since its last full eigh
         self.warm_counts: dict[str, int] = {}
+        #: ``"warm"`` only: parameter key -> whether the λ in :attr:`bases` are diag(Qᵀ S Q) of the
+        #: current statistics S (so that the next update can move them by the rotated gradient)
+        self.eigen_fresh: dict[str, bool] = {}
+        #: within one step: parameter key -> rotated gradient tiles Q_Lᵀ G Q_R (not state)
+        self._rotated: dict[str, list[Tensor]] = {}
 
     # --- which parameters ----------------------------------------------------------------------
     def _matrix_params(self) -> dict[str, nn.Parameter]:
@@ -201,8 +211,36 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             # the diagonal): a d-vector check instead of a scan of every entry
             if all(bool(torch.isfinite(S.diagonal()).all()) for pair in new for S in pair):
                 self.statistics[key] = new
+                if self.root_method == "warm":
+                    self._track_eigenvalues(key, split_blocks(G, self.block_size), decay)
             else:
                 self.statistics[key] = self._install_if_finite(key, new, stats, "statistics")
+
+    def _keeps_basis(self, key: str) -> bool:
+        """``"warm"``: whether the next refresh of ``key`` keeps its basis (see :meth:`_warm_bases`)."""
+        count, old = self.warm_counts.get(key, 0), self.bases.get(key)
+        full = old is None or (self.eigh_every is not None and count >= self.eigh_every)
+        return not full and count % self.basis_every != 0
+
+    def _track_eigenvalues(self, key: str, tiles: list[Tensor], decay: float) -> None:
+        """``"warm"``, after the statistics of ``key`` took ``tiles``: when this step's refresh keeps
+        the basis and the kept λ were current, move them by the rotated gradient G' = Q_Lᵀ G Q_R
+        (λ_L ← a·λ_L + b·rowsq(G'), λ_R ← a·λ_R + b·colsq(G'), exactly diag(QᵀSQ) of the updated
+        S) and keep G' for :meth:`precondition`; otherwise mark λ stale."""
+        fresh = self.eigen_fresh.get(key, False)
+        self.eigen_fresh[key] = False
+        if not (fresh and self.do_update_preconditioner() and self._keeps_basis(key)):
+            return
+        a, b = (1.0, 1.0) if decay == -1 else (1.0 - decay, float(decay))
+        rotated = []
+        for (L_pair, R_pair), G in zip(self.bases[key], tiles):
+            Gr = L_pair[0].T @ G @ R_pair[0]
+            sq = Gr * Gr
+            L_pair[1] = L_pair[1] * a + sq.sum(1) * b
+            R_pair[1] = R_pair[1] * a + sq.sum(0) * b
+            rotated.append(Gr)
+        self._rotated[key] = rotated
+        self.eigen_fresh[key] = True
 
     def update_preconditioner(self) -> None:
         relative = self.damping_mode == "relative"
@@ -220,8 +258,9 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             else:
                 powers = [shampoo_roots(L, R, damping, relative) for L, R in stats]
             # each root dense or factored, whichever is cheaper to apply until the next refresh
+            tracked = key in self._rotated  # the rotated gradient exists: apply factored
             roots = [
-                [self._root_form(eL, R.shape[0]), self._root_form(eR, L.shape[0])]
+                [self._root_form(eL, R.shape[0], tracked), self._root_form(eR, L.shape[0], tracked)]
                 for (eL, eR), (L, R) in zip(powers, stats)
             ]
             # the roots Q diag(w) Qᵀ are finite iff the powered eigenvalues w are (Q is orthogonal)
@@ -237,11 +276,11 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 else:
                     self.roots[key] = value
 
-    def _root_form(self, power, n: int):
-        """The dense root, or ``[Q, w]`` when :func:`prefer_factored` says applying it factored to
-        the d x n side until the next refresh is cheaper."""
+    def _root_form(self, power, n: int, factored: bool = False):
+        """The dense root, or ``[Q, w]`` when ``factored`` or :func:`prefer_factored` says applying
+        it factored to the d x n side until the next refresh is cheaper."""
         interval = max(1, int(self.config.preconditioner_upd_interval))
-        if prefer_factored(power.Q.shape[-1], n, interval):
+        if factored or prefer_factored(power.Q.shape[-1], n, interval):
             return [power.Q, power.w]
         return power.matrix()
 
@@ -252,6 +291,9 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         old = self.bases.get(key)
         full = old is None or (self.eigh_every is not None and count >= self.eigh_every)
         iters = self.warm_iters if count % self.basis_every == 0 else 0
+        if not full and iters == 0 and key in self._rotated:  # λ already moved by the rotated gradient
+            self.warm_counts[key] = count + 1
+            return old
         new = []
         for i, pair in enumerate(stats):
             tile = []
@@ -267,6 +309,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             new.append(tile)
         self.bases[key] = new
         self.warm_counts[key] = 1 if full else count + 1
+        self.eigen_fresh[key] = True
         return new
 
     def precondition(self) -> None:
@@ -275,9 +318,30 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             if roots is None or p.grad is None:
                 continue
             G = as_matrix(p.grad.detach())
-            tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(G, self.block_size))]
+            rotated = self._rotated.get(key)
+            if rotated is not None and self._rotated_matches(key, roots):
+                # Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ with G' = Q_Lᵀ G Q_R from _track_eigenvalues
+                tiles = [Lr[0] @ ((Gr * Lr[1].unsqueeze(-1) * Rr[1]) @ Rr[0].T) for (Lr, Rr), Gr in zip(roots, rotated)]
+            else:
+                tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(G, self.block_size))]
             new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, G.shape, self.block_size)
             p.grad.copy_(new.reshape(p.grad.shape))
+
+
+    def _rotated_matches(self, key: str, roots: list[list]) -> bool:
+        """Whether the installed roots of ``key`` are factored in the very bases the rotated
+        gradient was computed with (not so after a rejected refresh or a broadcast)."""
+        bases = self.bases.get(key)
+        return bases is not None and all(
+            not isinstance(r, Tensor) and r[0] is pair[0]
+            for (Lr, Rr), (Lb, Rb) in zip(roots, bases) for r, pair in ((Lr, Lb), (Rr, Rb))
+        )
+
+    def _startup(self) -> None:
+        self._rotated = {}
+
+    def _teardown(self) -> None:
+        self._rotated = {}
 
 
 def _eye(d: int, like: Tensor) -> Tensor:
