@@ -14,7 +14,7 @@ from torch import nn
 import curvfun.precondition.shampoo as shampoo_mod
 from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.shampoo import ShampooGradientMaker
-from curvfun.roots import descending_eigh, eigen_power_from, inverse_root, rayleigh_quotients, warm_eigh
+from curvfun.roots import descending_eigh, eigen_power_from, inverse_root, rayleigh_quotients, sym_eigh, warm_eigh
 from curvfun.shampoo_math import block_slices
 from digits_helper import train_digits
 from maker_checks import check_resume_bit_exact
@@ -133,6 +133,16 @@ def test_warm_eigh_bad_input():
         warm_eigh(torch.ones(2, 3), torch.ones(2, 3))
 
 
+def test_sym_eigh_without_symmetrizing_reads_the_lower_triangle():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, generator=g, dtype=D64)
+    S = torch.tril(M) + torch.tril(M, -1).T
+    lam, Q = sym_eigh(M, symmetrize=False)
+    torch.testing.assert_close((Q * lam) @ Q.T, S, rtol=0, atol=1e-12)
+    lam2, Q2 = sym_eigh(M)  # default: the symmetric part
+    torch.testing.assert_close((Q2 * lam2) @ Q2.T, (M + M.T) / 2, rtol=0, atol=1e-12)
+
+
 def test_rayleigh_quotients():
     g = torch.Generator().manual_seed(0)
     M, Q = torch.randn(5, 5, generator=g, dtype=D64), _orthogonal(5, g)
@@ -164,9 +174,9 @@ def _spy(monkeypatch, poison):
         lam, Q = real_warm(M, Q, iters)
         return (lam * float("nan"), Q) if poison["on"] else (lam, Q)
 
-    def eigh(M):
+    def eigh(M, *args, **kwargs):
         calls.append(("eigh", None))
-        return real_eigh(M)
+        return real_eigh(M, *args, **kwargs)
 
     monkeypatch.setattr(shampoo_mod, "warm_eigh", warm)
     monkeypatch.setattr(shampoo_mod, "descending_eigh", eigh)

@@ -65,8 +65,11 @@ def _check_square(M: Tensor, where: str) -> None:
         raise TypeError(f"{where}: expected a floating-point matrix, got {M.dtype}")
 
 
-def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of the symmetric part (M + Mᵀ)/2.
+def sym_eigh(M: Tensor, symmetrize: bool = True) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric part (M + Mᵀ)/2
+    (``symmetrize=False``: of the symmetric matrix whose lower triangle is M's, which is what
+    ``eigh`` reads; for M symmetric by construction, e.g. a sum of Gram matrices, this saves three
+    passes over M).
 
     Tries ``torch.linalg.eigh`` in M's dtype; when that raises or returns non-finite eigenvalues
     and the dtype is narrower than float64, it repeats in float64 and casts back. Raises
@@ -76,7 +79,7 @@ def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     the O(d³) decomposition.
     """
     _check_square(M, "sym_eigh")
-    S = (M + M.transpose(-1, -2)) / 2
+    S = (M + M.transpose(-1, -2)) / 2 if symmetrize else M
     if S.dtype != torch.float64:
         try:
             lam, Q = torch.linalg.eigh(S)
@@ -93,10 +96,10 @@ def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     return lam.to(M.dtype), Q.to(M.dtype)
 
 
-def descending_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+def descending_eigh(M: Tensor, symmetrize: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`sym_eigh` with the eigenvalues in *descending* order (the order :func:`warm_eigh`
     keeps, so that a QR of ``M Q`` nests the dominant subspaces)."""
-    lam, Q = sym_eigh(M)
+    lam, Q = sym_eigh(M, symmetrize)
     return lam.flip(-1), Q.flip(-1)
 
 
@@ -157,14 +160,15 @@ def _damping_for(lam: Tensor, damping: float, relative: bool) -> Tensor:
     return torch.full_like(lam[..., :1], float(damping))
 
 
-def eigen_power(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False) -> EigenPower:
+def eigen_power(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False,
+                symmetrize: bool = True) -> EigenPower:
     """``(M + δI)^exponent`` of a symmetric PSD ``M`` in factored form (see the module docstring
-    for δ). A negative exponent with δ = 0 and a singular M gives ``inf`` entries (the caller
-    decides what to do with a non-finite result)."""
+    for δ; ``symmetrize`` as in :func:`sym_eigh`). A negative exponent with δ = 0 and a singular
+    M gives ``inf`` entries (the caller decides what to do with a non-finite result)."""
     _check_square(M, "eigen_power")
     if not (isinstance(damping, (int, float)) and damping >= 0 and damping == damping and damping != float("inf")):
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    lam, Q = sym_eigh(M)
+    lam, Q = sym_eigh(M, symmetrize)
     return eigen_power_from(lam, Q, exponent, damping, relative)
 
 

@@ -124,11 +124,14 @@ def apply_root(root: Tensor | Sequence[Tensor], X: Tensor, side: str) -> Tensor:
     return ((X @ Q) * w) @ Q.T
 
 
-def shampoo_roots(L: Tensor, R: Tensor, damping: float, relative: bool = True, p: float = 4) -> tuple[EigenPower, EigenPower]:
+def shampoo_roots(L: Tensor, R: Tensor, damping: float, relative: bool = True, p: float = 4,
+                  symmetrize: bool = True) -> tuple[EigenPower, EigenPower]:
     """``(L + δ_L I)^{-1/p}`` and ``(R + δ_R I)^{-1/p}`` in factored form (:class:`~curvfun.roots.EigenPower`;
     ``.matrix()`` is the dense root) with δ = ``damping`` (absolute) or ``damping · λ_max`` of each
-    factor (``relative``, as ASDL / the reference implementation)."""
-    return eigen_power(L, -1.0 / p, damping, relative), eigen_power(R, -1.0 / p, damping, relative)
+    factor (``relative``, as ASDL / the reference implementation). ``symmetrize=False`` reads only
+    the lower triangles (for statistics symmetric by construction; see :func:`~curvfun.roots.sym_eigh`)."""
+    return (eigen_power(L, -1.0 / p, damping, relative, symmetrize),
+            eigen_power(R, -1.0 / p, damping, relative, symmetrize))
 
 
 def precondition_matrix(G: Tensor, L_root: Tensor | Sequence[Tensor], R_root: Tensor | Sequence[Tensor]) -> Tensor:

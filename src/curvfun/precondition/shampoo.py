@@ -256,7 +256,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                     for pair in self._warm_bases(key, stats)
                 ]
             else:
-                powers = [shampoo_roots(L, R, damping, relative) for L, R in stats]
+                # statistics are sums of Gram matrices: eigh reads their lower triangles as they are
+                powers = [shampoo_roots(L, R, damping, relative, symmetrize=False) for L, R in stats]
             # each root dense or factored, whichever is cheaper to apply until the next refresh
             tracked = key in self._rotated  # the rotated gradient exists: apply factored
             roots = [
@@ -304,7 +305,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                     if not bool(torch.isfinite(lam).all()):  # NaN/inf in Q shows in λ = diag(QᵀSQ)
                         lam = None
                 if lam is None:
-                    lam, Q = descending_eigh(S)
+                    lam, Q = descending_eigh(S, symmetrize=False)
                 tile.append([Q, lam])
             new.append(tile)
         self.bases[key] = new
