@@ -235,9 +235,9 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         rotated = []
         for (L_pair, R_pair), G in zip(self.bases[key], tiles):
             Gr = L_pair[0].T @ G @ R_pair[0]
-            sq = Gr * Gr
-            L_pair[1] = L_pair[1] * a + sq.sum(1) * b
-            R_pair[1] = R_pair[1] * a + sq.sum(0) * b
+            # squared row / column norms without a d_out x d_in temporary
+            L_pair[1] = torch.add(L_pair[1] * a, torch.linalg.vector_norm(Gr, dim=1).square_(), alpha=b)
+            R_pair[1] = torch.add(R_pair[1] * a, torch.linalg.vector_norm(Gr, dim=0).square_(), alpha=b)
             rotated.append(Gr)
         self._rotated[key] = rotated
         self.eigen_fresh[key] = True
@@ -322,7 +322,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             rotated = self._rotated.get(key)
             if rotated is not None and self._rotated_matches(key, roots):
                 # Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ with G' = Q_Lᵀ G Q_R from _track_eigenvalues
-                tiles = [Lr[0] @ ((Gr * Lr[1].unsqueeze(-1) * Rr[1]) @ Rr[0].T) for (Lr, Rr), Gr in zip(roots, rotated)]
+                tiles = [Lr[0] @ ((Gr.mul_(Lr[1].unsqueeze(-1)).mul_(Rr[1])) @ Rr[0].T) for (Lr, Rr), Gr in zip(roots, rotated)]
             else:
                 tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(G, self.block_size))]
             new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, G.shape, self.block_size)
