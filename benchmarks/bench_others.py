@@ -3,17 +3,25 @@ step, and eigh inverse roots against a coupled Newton iteration (the kind of roo
 
 A "step" is what the training loop does: ``optimizer.zero_grad()``, the gradient (plain backward, or
 the maker's ``forward_and_backward()``), ``optimizer.step()``. The variants run interleaved (one
-cycle of each in turn, three rounds after a warm-up round), so that load changes on a shared machine
+cycle of each in turn, seven rounds after a warm-up round), so that load changes on a shared machine
 hit all of them alike; a cycle is one step, or a whole 10-step cycle for the interval-10 schedule
 (refresh included); times are medians over rounds per step, ratios against the SGD step of the same
 model in the same run.
 
-Where the time goes (MLP, one thread, profiled): at interval 1 about two thirds of a Shampoo step is
-the five eigendecompositions (784, 4 x 512, 10), which alone cost about 20 SGD steps on this CPU;
-the rest is forming the roots and the statistics / preconditioning products. The 10x target at
-interval 1 is therefore out of reach of exact per-step roots here; at interval 10 the step costs
-about 6 SGD steps. The CNN's Linear head has a 4096 x 4096 right Shampoo factor (one eigh(4096) per
-refresh), so the CNN rows use ``block_size=512``.
+Where the time goes (MLP, 2 threads, profiled). ``root_method="eigh"`` at interval 1: about two
+thirds of a step is the six eigendecompositions (784, 5 x 512, 10), about 70 ms, i.e. ~20 SGD
+steps; the statistics (fused ``addmm``) and the preconditioning products are ~4 SGD steps.
+``root_method="warm"`` refreshing the basis on every step (one subspace step: Y = M Q, QR, Rayleigh
+quotients) saves only ~10%: LAPACK's Householder QR costs about half an ``eigh`` here (512: 6.5 vs
+14 ms), plus two products per factor. What brings interval 1 near 10x (measured ~11x with
+``basis_every=10``, ~10.2x with 20) is keeping the basis between subspace steps and refreshing
+only the eigenvalues on the other steps, which costs nothing beyond the preconditioning's own
+products (the rotated gradient Q_Lᵀ G Q_R gives the new diag(Qᵀ S Q); see
+``curvfun.precondition.shampoo``). What remains per step is then the statistics (two products per
+layer), the rotation into and out of the eigenbases (four), and the amortized subspace step. Roots are applied
+dense or factored, whichever is cheaper for the factor's shape and interval. The CNN's Linear head
+has a 4096 x 4096 right Shampoo factor (one eigh(4096) per refresh), so the CNN rows use
+``block_size=512``.
 """
 
 from __future__ import annotations
@@ -65,20 +73,27 @@ def _stepper(model, x, t, gm):
 def run(kind: str, base) -> dict:
     x, t = batch(kind)
     block = 512 if kind == "cnn" else -1
+    tag = " (block 512)" if block > 0 else ""
+
+    def shampoo(interval, **kw):
+        cfg = PreconditioningConfig(damping=1e-4, preconditioner_upd_interval=interval)
+        return lambda m: ShampooGradientMaker(m, cfg, block_size=block, **kw)
+
     variants = [  # (name, maker, cycle)
         ("SGD step (forward, backward, step)", None, 1),
-        (f"Shampoo interval 1{' (block 512)' if block > 0 else ''}",
-         lambda m: ShampooGradientMaker(m, PreconditioningConfig(damping=1e-4), block_size=block), 1),
-        (f"Shampoo interval 10{' (block 512)' if block > 0 else ''}",
-         lambda m: ShampooGradientMaker(m, PreconditioningConfig(damping=1e-4, preconditioner_upd_interval=10),
-                                        block_size=block), 10),
+        (f"Shampoo eigh interval 1{tag}", shampoo(1), 1),
+        (f"Shampoo eigh interval 10{tag}", shampoo(10), 10),
+        (f"Shampoo warm interval 1{tag}", shampoo(1, root_method="warm"), 1),
+        (f"Shampoo warm interval 10{tag}", shampoo(10, root_method="warm"), 10),
+        (f"Shampoo warm interval 1, basis every 10{tag}", shampoo(1, root_method="warm", basis_every=10), 10),
+        (f"Shampoo warm interval 1, basis every 20{tag}", shampoo(1, root_method="warm", basis_every=20), 20),
         ("SMW empirical NG (damping 1e-3)", lambda m: SmwEmpNaturalGradientMaker(m, PreconditioningConfig(damping=1e-3)), 1),
     ]
     steps = []
     for _, make, _ in variants:
         model = copy.deepcopy(base)
         steps.append(_stepper(model, x, t, None if make is None else make(model)))
-    secs = _interleaved_times(steps, [c for _, _, c in variants], rounds=3)
+    secs = _interleaved_times(steps, [c for _, _, c in variants], rounds=7)
     rows = [(name, sec, sec / secs[0]) for (name, _, _), sec in zip(variants, secs)]
     table(f"{kind.upper()} (batch {x.shape[0]}, {torch.get_num_threads()} threads)", rows)
     return {name: ratio for name, _, ratio in rows}

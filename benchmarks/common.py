@@ -49,6 +49,7 @@ def batch(kind: str, n: int = 128):
 def table(title: str, rows: list[tuple[str, float, float]]) -> None:
     """Print rows of (name, seconds, ratio)."""
     print(f"\n{title}")
-    print(f"  {'what':<44} {'median ms':>10} {'ratio':>8}")
+    width = max([44] + [len(name) for name, _, _ in rows])
+    print(f"  {'what':<{width}} {'median ms':>10} {'ratio':>8}")
     for name, sec, ratio in rows:
-        print(f"  {name:<44} {sec * 1e3:>10.2f} {ratio:>8.2f}x")
+        print(f"  {name:<{width}} {sec * 1e3:>10.2f} {ratio:>8.2f}x")

@@ -19,6 +19,21 @@ ASDL 0.1 computes the same root by a coupled Newton iteration (Guo & Higham 2006
 iterations of several d x d products each, plus a power iteration for λ_max, and adds the ridge to
 its statistics matrix *in place* on every call, so its accumulated statistics drift upwards by
 ``ε·λ_max·I`` per refresh; :func:`inverse_root` never modifies its input.
+
+Warm start (:func:`warm_eigh`). When M changes slowly (Shampoo's statistics between refreshes),
+the eigenbasis Q of the previous M is nearly one of the new M. One step of subspace iteration
+refreshes it,
+
+    Y = M Q,   r = diag(Qᵀ Y) (Rayleigh quotients),   Q ← qr(Y, columns sorted by r, descending),
+
+and the eigenvalues are the Rayleigh quotients λ = diag(Qᵀ M Q) of the new basis, so
+Q diag(λ) Qᵀ is the part of M that is diagonal in Q. If Q already is an eigenbasis of M, the step
+returns it (up to column signs) with the exact eigenvalues. Each step contracts the angle between
+the i-th and j-th eigendirections by λ_j/λ_i, so directions with a spectral gap converge
+geometrically; within a cluster of near-equal eigenvalues the basis may stay mixed, which changes
+the root only by about the cluster's spread. Cost per step: one d x d x d product and one QR
+(Householder, about 8/3·d³ flops with Q formed), plus one product for the final λ; LAPACK's QR
+runs at about half the time of ``eigh`` on the CPU, the products at matrix-multiply speed.
 """
 
 from __future__ import annotations
@@ -28,7 +43,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["sym_eigh", "EigenPower", "eigen_power", "inverse_root", "matrix_power_sym"]
+__all__ = [
+    "sym_eigh",
+    "descending_eigh",
+    "rayleigh_quotients",
+    "warm_eigh",
+    "EigenPower",
+    "eigen_power",
+    "eigen_power_from",
+    "inverse_root",
+    "matrix_power_sym",
+]
 
 
 def _check_square(M: Tensor, where: str) -> None:
@@ -40,8 +65,11 @@ def _check_square(M: Tensor, where: str) -> None:
         raise TypeError(f"{where}: expected a floating-point matrix, got {M.dtype}")
 
 
-def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of the symmetric part (M + Mᵀ)/2.
+def sym_eigh(M: Tensor, symmetrize: bool = True) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric part (M + Mᵀ)/2
+    (``symmetrize=False``: of the symmetric matrix whose lower triangle is M's, which is what
+    ``eigh`` reads; for M symmetric by construction, e.g. a sum of Gram matrices, this saves three
+    passes over M).
 
     Tries ``torch.linalg.eigh`` in M's dtype; when that raises or returns non-finite eigenvalues
     and the dtype is narrower than float64, it repeats in float64 and casts back. Raises
@@ -51,7 +79,7 @@ def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     the O(d³) decomposition.
     """
     _check_square(M, "sym_eigh")
-    S = (M + M.transpose(-1, -2)) / 2
+    S = (M + M.transpose(-1, -2)) / 2 if symmetrize else M
     if S.dtype != torch.float64:
         try:
             lam, Q = torch.linalg.eigh(S)
@@ -66,6 +94,49 @@ def sym_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
             raise ValueError("sym_eigh: the matrix has inf/NaN entries")
         raise torch.linalg.LinAlgError("sym_eigh: eigh returned non-finite values even in float64")
     return lam.to(M.dtype), Q.to(M.dtype)
+
+
+def descending_eigh(M: Tensor, symmetrize: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`sym_eigh` with the eigenvalues in *descending* order (the order :func:`warm_eigh`
+    keeps, so that a QR of ``M Q`` nests the dominant subspaces)."""
+    lam, Q = sym_eigh(M, symmetrize)
+    return lam.flip(-1), Q.flip(-1)
+
+
+def rayleigh_quotients(M: Tensor, Q: Tensor) -> Tensor:
+    """``diag(Qᵀ M Q)``: the Rayleigh quotients of the columns of Q (one d x d x d product)."""
+    return (Q * (M @ Q)).sum(-2)
+
+
+def warm_eigh(M: Tensor, Q_prev: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenbasis of a symmetric PSD ``M`` by ``iters`` steps of
+    subspace iteration from the orthogonal ``Q_prev`` (see the module docstring):
+
+        Y = M Q;  Q ← qr(Y[:, argsort(diag(QᵀY), descending)]);  signs so that diag(R) >= 0;
+        λ = diag(Qᵀ M Q).
+
+    ``iters = 0`` keeps the basis and refreshes the eigenvalues only. Returns ``(λ, Q)``; the
+    caller checks finiteness (a failed step shows as inf/NaN in λ). Batched over leading dims.
+    Cost: ``iters`` QRs and ``iters + 1`` d x d x d products.
+    """
+    _check_square(M, "warm_eigh")
+    if not isinstance(Q_prev, Tensor) or Q_prev.shape != M.shape:
+        got = tuple(Q_prev.shape) if isinstance(Q_prev, Tensor) else type(Q_prev).__name__
+        raise ValueError(f"warm_eigh: Q_prev must be a tensor of M's shape {tuple(M.shape)}, got {got}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"warm_eigh: iters must be an int >= 0, got {iters!r}")
+    Q = Q_prev.to(M.dtype)
+    for _ in range(iters):
+        Y = M @ Q
+        r = (Q * Y).sum(-2)
+        if not bool((r[..., :-1] >= r[..., 1:]).all()):  # usually sorted already: skip the copy
+            order = r.argsort(dim=-1, descending=True)
+            Y = Y.gather(-1, order.unsqueeze(-2).expand_as(Y))
+        # Householder QR; R's diagonal is on the diagonal of geqrf's output (no triu copy of R)
+        H, tau = torch.geqrf(Y)
+        sign = torch.where(H.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(M.dtype)
+        Q = torch.linalg.householder_product(H, tau) * sign.unsqueeze(-2)
+    return rayleigh_quotients(M, Q), Q
 
 
 class EigenPower(NamedTuple):
@@ -89,14 +160,21 @@ def _damping_for(lam: Tensor, damping: float, relative: bool) -> Tensor:
     return torch.full_like(lam[..., :1], float(damping))
 
 
-def eigen_power(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False) -> EigenPower:
+def eigen_power(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False,
+                symmetrize: bool = True) -> EigenPower:
     """``(M + δI)^exponent`` of a symmetric PSD ``M`` in factored form (see the module docstring
-    for δ). A negative exponent with δ = 0 and a singular M gives ``inf`` entries (the caller
-    decides what to do with a non-finite result)."""
+    for δ; ``symmetrize`` as in :func:`sym_eigh`). A negative exponent with δ = 0 and a singular
+    M gives ``inf`` entries (the caller decides what to do with a non-finite result)."""
     _check_square(M, "eigen_power")
     if not (isinstance(damping, (int, float)) and damping >= 0 and damping == damping and damping != float("inf")):
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    lam, Q = sym_eigh(M)
+    lam, Q = sym_eigh(M, symmetrize)
+    return eigen_power_from(lam, Q, exponent, damping, relative)
+
+
+def eigen_power_from(lam: Tensor, Q: Tensor, exponent: float, damping: float = 0.0, relative: bool = False) -> EigenPower:
+    """``Q diag((max(λ, 0) + δ)^exponent) Qᵀ`` in factored form from given eigenvalues λ and basis
+    Q (e.g. :func:`warm_eigh`'s); δ as in the module docstring, with λ_max = max(λ)."""
     lam = lam.clamp_min(0)
     lam = lam + _damping_for(lam, float(damping), relative)
     return EigenPower(Q, lam.pow(exponent))

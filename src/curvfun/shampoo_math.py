@@ -15,6 +15,12 @@ tile has its own L and R (Anil et al. 2020's blocking); ``b <= 0`` means one til
 
 Costs per d_out x d_in tile: statistics O(d_out² d_in + d_out d_in²); roots one eigen-
 decomposition per factor, O(d_out³ + d_in³); preconditioning the same as the statistics.
+
+A root Q diag(w) Qᵀ of a d x d factor is applied to the d x n side of a tile either as a dense
+matrix (formed once per refresh, 2d³ flops, then 2d²n per step) or in factored form
+Q (w ⊙ (Qᵀ X)) (4d²n per step, nothing to form). Over a refresh interval of k steps the factored
+form is cheaper iff k·n < d (:func:`prefer_factored`): e.g. the 4096-wide right factor of a
+10 x 4096 head, or any factor wider than the other side at interval 1.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ __all__ = [
     "merge_blocks",
     "gram_statistics",
     "update_statistic",
+    "update_statistics",
+    "prefer_factored",
+    "apply_root",
     "precondition_matrix",
     "shampoo_roots",
 ]
@@ -87,16 +96,47 @@ def update_statistic(old: Tensor, new: Tensor, ema_decay: float) -> Tensor:
     return old.mul(1.0 - ema_decay).add_(new, alpha=ema_decay)
 
 
-def shampoo_roots(L: Tensor, R: Tensor, damping: float, relative: bool = True, p: float = 4) -> tuple[EigenPower, EigenPower]:
+def update_statistics(L: Tensor, R: Tensor, G: Tensor, ema_decay: float) -> tuple[Tensor, Tensor]:
+    """:func:`update_statistic` of both factors of one tile with ``G Gᵀ`` and ``Gᵀ G`` fused into
+    one ``addmm`` each (no separate Gram matrix and sum): ``(a·L + b·G Gᵀ, a·R + b·Gᵀ G)`` with
+    (a, b) = (1, 1) when ``ema_decay == -1``, else (1 - ema_decay, ema_decay). New tensors; the
+    inputs are not modified."""
+    a, b = (1.0, 1.0) if ema_decay == -1 else (1.0 - ema_decay, float(ema_decay))
+    return torch.addmm(L, G, G.T, beta=a, alpha=b), torch.addmm(R, G.T, G, beta=a, alpha=b)
+
+
+def prefer_factored(d: int, n: int, interval: int) -> bool:
+    """Whether a root of a d x d factor, applied to a d x n side for ``interval`` steps per
+    refresh, is cheaper kept factored (4·interval·d²n flops) than formed (2d³ + 2·interval·d²n):
+    ``interval · n < d``."""
+    return interval * n < d
+
+
+def apply_root(root: Tensor | Sequence[Tensor], X: Tensor, side: str) -> Tensor:
+    """``root @ X`` (``side="left"``) or ``X @ root`` (``"right"``) for a dense root matrix, or for a
+    factored root ``[Q, w]`` (root = Q diag(w) Qᵀ) without forming it: ``Q (w ⊙ (Qᵀ X))`` /
+    ``((X Q) ⊙ w) Qᵀ``."""
+    if isinstance(root, Tensor):
+        return root @ X if side == "left" else X @ root
+    Q, w = root
+    if side == "left":
+        return Q @ (w.unsqueeze(-1) * (Q.T @ X))
+    return ((X @ Q) * w) @ Q.T
+
+
+def shampoo_roots(L: Tensor, R: Tensor, damping: float, relative: bool = True, p: float = 4,
+                  symmetrize: bool = True) -> tuple[EigenPower, EigenPower]:
     """``(L + δ_L I)^{-1/p}`` and ``(R + δ_R I)^{-1/p}`` in factored form (:class:`~curvfun.roots.EigenPower`;
     ``.matrix()`` is the dense root) with δ = ``damping`` (absolute) or ``damping · λ_max`` of each
-    factor (``relative``, as ASDL / the reference implementation)."""
-    return eigen_power(L, -1.0 / p, damping, relative), eigen_power(R, -1.0 / p, damping, relative)
+    factor (``relative``, as ASDL / the reference implementation). ``symmetrize=False`` reads only
+    the lower triangles (for statistics symmetric by construction; see :func:`~curvfun.roots.sym_eigh`)."""
+    return (eigen_power(L, -1.0 / p, damping, relative, symmetrize),
+            eigen_power(R, -1.0 / p, damping, relative, symmetrize))
 
 
-def precondition_matrix(G: Tensor, L_root: Tensor, R_root: Tensor) -> Tensor:
-    """``L_root @ G @ R_root``, multiplying on the cheaper side first."""
+def precondition_matrix(G: Tensor, L_root: Tensor | Sequence[Tensor], R_root: Tensor | Sequence[Tensor]) -> Tensor:
+    """``L_root @ G @ R_root``; each root dense or factored ``[Q, w]`` (:func:`apply_root`)."""
     m, n = G.shape
-    if m <= n:  # (m·m·n + m·n·n) either way; order only matters for memory traffic
-        return (L_root @ G) @ R_root
-    return L_root @ (G @ R_root)
+    if m <= n:  # the same flops either way; order only matters for memory traffic
+        return apply_root(R_root, apply_root(L_root, G, "left"), "right")
+    return apply_root(L_root, apply_root(R_root, G, "right"), "left")

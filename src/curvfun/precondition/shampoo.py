@@ -13,7 +13,31 @@ Which pure functions are called when (math in :mod:`curvfun.shampoo_math` and
   ``eigh`` (float64 retry), with ASDL's relative damping δ = ``config.damping · λ_max`` of each
   factor (``damping_mode="absolute"`` uses δ = ``config.damping``);
 * every step: G ← L^{-1/4} G R^{-1/4} in place; 1-D parameters (biases, norm scales) keep the
-  plain gradient, as in ASDL.
+  plain gradient, as in ASDL. Each root is applied as a dense matrix or, where that is cheaper
+  (:func:`~curvfun.shampoo_math.prefer_factored`: interval · n < d for a d x d factor on a d x n
+  side), in factored form Q (w ⊙ (Qᵀ X)) without being formed.
+
+Root methods (``root_method``):
+
+* ``"eigh"`` (default): every refresh decomposes every factor exactly (``eigh``, float64 retry).
+* ``"warm"``: every factor keeps its eigenbasis Q (columns by descending eigenvalue) from the
+  previous refresh and updates it by ``warm_iters`` steps of subspace iteration,
+  Q ← qr(M Q), with the eigenvalues from the Rayleigh quotients λ = diag(Qᵀ M Q)
+  (:func:`curvfun.roots.warm_eigh`); the root is Q diag((λ + δ)^{-1/4}) Qᵀ. A full ``eigh``
+  runs on a factor's first refresh, every ``eigh_every`` refreshes (a re-sync; None: never), and
+  whenever the warm step gives non-finite values. With ``basis_every = k > 1`` the subspace step
+  runs on every k-th refresh only; the refreshes between keep Q and update λ = diag(Qᵀ M Q) alone
+  (the "eigenvalue-corrected" Shampoo of SOAP / EK-FAC). With the basis kept, the statistics'
+  update a·M + b·G Gᵀ moves diag(Q_Lᵀ L Q_L) by b times the squared row norms of the rotated
+  gradient G' = Q_Lᵀ G Q_R (and diag(Q_Rᵀ R Q_R) by its squared column norms), and
+  preconditioning needs G' anyway, Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ: such a refresh costs no matrix
+  product beyond the preconditioning's four (when the eigenvalues were current before the
+  statistics' update, i.e. the curvature and preconditioner schedules coincide).
+  Accuracy: exact when M did not change since the last refresh; otherwise the root differs from
+  the exact one by the part of M that is off-diagonal in Q, which one subspace step shrinks by the
+  eigenvalue ratios λ_j/λ_i, and which stays small when M changes slowly (Shampoo's accumulated
+  statistics change by one G Gᵀ per step). Cost per factor and refresh: one QR and two d x d x d
+  products, against one ``eigh`` (about twice a QR on the CPU) and one product to form the root.
 
 The statistics start at ``1e-12·I`` as in ASDL / the reference implementation; until the first
 roots exist a parameter keeps its plain gradient. With the default config the curvature follows
@@ -42,15 +66,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as cfd
+from ..roots import descending_eigh, eigen_power_from, warm_eigh
 from ..shampoo_math import (
     as_matrix,
     block_slices,
-    gram_statistics,
     merge_blocks,
     precondition_matrix,
+    prefer_factored,
     shampoo_roots,
     split_blocks,
-    update_statistic,
+    update_statistics,
 )
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
@@ -58,6 +83,15 @@ from .config import PreconditioningConfig
 __all__ = ["ShampooGradientMaker"]
 
 _DAMPING_MODES = ("relative", "absolute")
+_ROOT_METHODS = ("eigh", "warm")
+
+
+def _check_count(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= 1{extra}, got {value!r}")
 
 
 class ShampooGradientMaker(PreconditionedGradientMaker):
@@ -76,6 +110,13 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         inverse_mode: under ``torch.distributed``, ``"assigned"`` (default: each parameter's roots
             computed by one rank, chosen by cost Σ d³, and broadcast) or ``"replicated"`` (every
             rank computes every root: no communication, more compute).
+        root_method: ``"eigh"`` (default, exact) or ``"warm"`` (warm-started subspace iteration,
+            see the module docstring).
+        warm_iters: subspace-iteration steps per basis refresh (``"warm"`` only; default 1).
+        eigh_every: a full ``eigh`` every this many refreshes of a factor (``"warm"`` only;
+            default 50; None: only on the first refresh and as the non-finite fallback).
+        basis_every: the subspace step on every this many refreshes; between them only the
+            eigenvalues diag(Qᵀ M Q) are refreshed (``"warm"`` only; default 1: every refresh).
 
     Under ``torch.distributed`` the gradients are averaged over ranks before the statistics are
     updated (by DDP, or by the maker when the model is not wrapped), so the statistics are those
@@ -84,7 +125,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     matrix); only the roots are communicated, on preconditioner steps, in ``"assigned"`` mode.
     """
 
-    _state_attributes = ("statistics", "roots")
+    _state_attributes = ("statistics", "roots", "bases", "warm_counts", "eigen_fresh")
 
     def __init__(
         self,
@@ -96,6 +137,10 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         init_scale: float = 1e-12,
         seed: int | None = None,
         inverse_mode: str = "assigned",
+        root_method: str = "eigh",
+        warm_iters: int = 1,
+        eigh_every: int | None = 50,
+        basis_every: int = 1,
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int):
             raise TypeError(f"block_size must be an int (-1 for no blocking), got {block_size!r}")
@@ -105,6 +150,11 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             )
         if damping_mode not in _DAMPING_MODES:
             raise ValueError(f"damping_mode must be one of {_DAMPING_MODES}, got {damping_mode!r}")
+        if root_method not in _ROOT_METHODS:
+            raise ValueError(f"root_method must be one of {_ROOT_METHODS}, got {root_method!r}")
+        _check_count("warm_iters", warm_iters)
+        _check_count("eigh_every", eigh_every, allow_none=True)
+        _check_count("basis_every", basis_every)
         if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
             raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
         super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
@@ -113,8 +163,23 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         self.init_scale = float(init_scale)
         #: parameter key ("layer.weight") -> list over tiles of [L, R]
         self.statistics: dict[str, list[list[Tensor]]] = {}
-        #: parameter key -> list over tiles of [L^{-1/4}, R^{-1/4}]
-        self.roots: dict[str, list[list[Tensor]]] = {}
+        self.root_method = root_method
+        self.warm_iters = warm_iters
+        self.eigh_every = eigh_every
+        self.basis_every = basis_every
+        #: parameter key -> list over tiles of [L^{-1/4}, R^{-1/4}], each root the dense matrix or
+        #: its factors [Q, w] (root = Q diag(w) Qᵀ), whichever is cheaper to apply (prefer_factored)
+        self.roots: dict[str, list[list]] = {}
+        #: ``"warm"`` only: parameter key -> list over tiles of [[Q_L, λ_L], [Q_R, λ_R]] (eigenbasis,
+        #: columns by descending eigenvalue, and eigenvalue estimates of the statistics)
+        self.bases: dict[str, list[list[list[Tensor]]]] = {}
+        #: ``"warm"`` only: parameter key -> refreshes since its last full eigh
+        self.warm_counts: dict[str, int] = {}
+        #: ``"warm"`` only: parameter key -> whether the λ in :attr:`bases` are diag(Qᵀ S Q) of the
+        #: current statistics S (so that the next update can move them by the rotated gradient)
+        self.eigen_fresh: dict[str, bool] = {}
+        #: within one step: parameter key -> rotated gradient tiles Q_Lᵀ G Q_R (not state)
+        self._rotated: dict[str, list[Tensor]] = {}
 
     # --- which parameters ----------------------------------------------------------------------
     def _matrix_params(self) -> dict[str, nn.Parameter]:
@@ -141,16 +206,41 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                     [self.init_scale * _eye(r.stop - r.start, G), self.init_scale * _eye(c.stop - c.start, G)]
                     for r, c in block_slices(G.shape, self.block_size)
                 ]
-            new = []
-            for (L, R), tile in zip(stats, split_blocks(G, self.block_size)):
-                GGt, GtG = gram_statistics(tile)
-                new.append([update_statistic(L, GGt, decay), update_statistic(R, GtG, decay)])
+            new = [list(update_statistics(L, R, tile, decay)) for (L, R), tile in zip(stats, split_blocks(G, self.block_size))]
             # PSD matrices are finite iff their diagonals are (|S_ij| <= sqrt(S_ii S_jj), NaN shows on
             # the diagonal): a d-vector check instead of a scan of every entry
             if all(bool(torch.isfinite(S.diagonal()).all()) for pair in new for S in pair):
                 self.statistics[key] = new
+                if self.root_method == "warm":
+                    self._track_eigenvalues(key, split_blocks(G, self.block_size), decay)
             else:
                 self.statistics[key] = self._install_if_finite(key, new, stats, "statistics")
+
+    def _keeps_basis(self, key: str) -> bool:
+        """``"warm"``: whether the next refresh of ``key`` keeps its basis (see :meth:`_warm_bases`)."""
+        count, old = self.warm_counts.get(key, 0), self.bases.get(key)
+        full = old is None or (self.eigh_every is not None and count >= self.eigh_every)
+        return not full and count % self.basis_every != 0
+
+    def _track_eigenvalues(self, key: str, tiles: list[Tensor], decay: float) -> None:
+        """``"warm"``, after the statistics of ``key`` took ``tiles``: when this step's refresh keeps
+        the basis and the kept λ were current, move them by the rotated gradient G' = Q_Lᵀ G Q_R
+        (λ_L ← a·λ_L + b·rowsq(G'), λ_R ← a·λ_R + b·colsq(G'), exactly diag(QᵀSQ) of the updated
+        S) and keep G' for :meth:`precondition`; otherwise mark λ stale."""
+        fresh = self.eigen_fresh.get(key, False)
+        self.eigen_fresh[key] = False
+        if not (fresh and self.do_update_preconditioner() and self._keeps_basis(key)):
+            return
+        a, b = (1.0, 1.0) if decay == -1 else (1.0 - decay, float(decay))
+        rotated = []
+        for (L_pair, R_pair), G in zip(self.bases[key], tiles):
+            Gr = L_pair[0].T @ G @ R_pair[0]
+            # squared row / column norms without a d_out x d_in temporary
+            L_pair[1] = torch.add(L_pair[1] * a, torch.linalg.vector_norm(Gr, dim=1).square_(), alpha=b)
+            R_pair[1] = torch.add(R_pair[1] * a, torch.linalg.vector_norm(Gr, dim=0).square_(), alpha=b)
+            rotated.append(Gr)
+        self._rotated[key] = rotated
+        self.eigen_fresh[key] = True
 
     def update_preconditioner(self) -> None:
         relative = self.damping_mode == "relative"
@@ -160,13 +250,25 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         for key, stats in self.statistics.items():
             if owners is not None and owners[key] != me:
                 continue
-            powers = [shampoo_roots(L, R, damping, relative) for L, R in stats]
+            if self.root_method == "warm":
+                powers = [
+                    [eigen_power_from(lam, Q, -0.25, damping, relative) for Q, lam in pair]
+                    for pair in self._warm_bases(key, stats)
+                ]
+            else:
+                # statistics are sums of Gram matrices: eigh reads their lower triangles as they are
+                powers = [shampoo_roots(L, R, damping, relative, symmetrize=False) for L, R in stats]
+            # each root dense or factored, whichever is cheaper to apply until the next refresh
+            tracked = key in self._rotated  # the rotated gradient exists: apply factored
+            roots = [
+                [self._root_form(eL, R.shape[0], tracked), self._root_form(eR, L.shape[0], tracked)]
+                for (eL, eR), (L, R) in zip(powers, stats)
+            ]
             # the roots Q diag(w) Qᵀ are finite iff the powered eigenvalues w are (Q is orthogonal)
             if all(bool(torch.isfinite(e.w).all()) for pair in powers for e in pair):
-                self.roots[key] = [[eL.matrix(), eR.matrix()] for eL, eR in powers]
+                self.roots[key] = roots
             else:
-                bad = [[eL.matrix(), eR.matrix()] for eL, eR in powers]
-                self.roots[key] = self._install_if_finite(key, bad, self.roots.get(key), "inverse root")
+                self.roots[key] = self._install_if_finite(key, roots, self.roots.get(key), "inverse root")
         if owners is not None:
             mine = {k: self.roots.get(k) for k in self.statistics if owners[k] == me}
             for key, value in cfd.broadcast_from_owners(mine, owners, self.step).items():
@@ -175,15 +277,72 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 else:
                     self.roots[key] = value
 
+    def _root_form(self, power, n: int, factored: bool = False):
+        """The dense root, or ``[Q, w]`` when ``factored`` or :func:`prefer_factored` says applying
+        it factored to the d x n side until the next refresh is cheaper."""
+        interval = max(1, int(self.config.preconditioner_upd_interval))
+        if factored or prefer_factored(power.Q.shape[-1], n, interval):
+            return [power.Q, power.w]
+        return power.matrix()
+
+    def _warm_bases(self, key: str, stats: list[list[Tensor]]) -> list[list[list[Tensor]]]:
+        """``"warm"``: new [[Q_L, λ_L], [Q_R, λ_R]] per tile from the kept bases (see the module
+        docstring for when a full eigh runs); stores them in :attr:`bases`."""
+        count = self.warm_counts.get(key, 0)
+        old = self.bases.get(key)
+        full = old is None or (self.eigh_every is not None and count >= self.eigh_every)
+        iters = self.warm_iters if count % self.basis_every == 0 else 0
+        if not full and iters == 0 and key in self._rotated:  # λ already moved by the rotated gradient
+            self.warm_counts[key] = count + 1
+            return old
+        new = []
+        for i, pair in enumerate(stats):
+            tile = []
+            for j, S in enumerate(pair):
+                lam = None
+                if not full:
+                    lam, Q = warm_eigh(S, old[i][j][0], iters)
+                    if not bool(torch.isfinite(lam).all()):  # NaN/inf in Q shows in λ = diag(QᵀSQ)
+                        lam = None
+                if lam is None:
+                    lam, Q = descending_eigh(S, symmetrize=False)
+                tile.append([Q, lam])
+            new.append(tile)
+        self.bases[key] = new
+        self.warm_counts[key] = 1 if full else count + 1
+        self.eigen_fresh[key] = True
+        return new
+
     def precondition(self) -> None:
         for key, p in self._matrix_params().items():
             roots = self.roots.get(key)
             if roots is None or p.grad is None:
                 continue
             G = as_matrix(p.grad.detach())
-            tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(G, self.block_size))]
+            rotated = self._rotated.get(key)
+            if rotated is not None and self._rotated_matches(key, roots):
+                # Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ with G' = Q_Lᵀ G Q_R from _track_eigenvalues
+                tiles = [Lr[0] @ ((Gr.mul_(Lr[1].unsqueeze(-1)).mul_(Rr[1])) @ Rr[0].T) for (Lr, Rr), Gr in zip(roots, rotated)]
+            else:
+                tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(G, self.block_size))]
             new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, G.shape, self.block_size)
             p.grad.copy_(new.reshape(p.grad.shape))
+
+
+    def _rotated_matches(self, key: str, roots: list[list]) -> bool:
+        """Whether the installed roots of ``key`` are factored in the very bases the rotated
+        gradient was computed with (not so after a rejected refresh or a broadcast)."""
+        bases = self.bases.get(key)
+        return bases is not None and all(
+            not isinstance(r, Tensor) and r[0] is pair[0]
+            for (Lr, Rr), (Lb, Rb) in zip(roots, bases) for r, pair in ((Lr, Lb), (Rr, Rb))
+        )
+
+    def _startup(self) -> None:
+        self._rotated = {}
+
+    def _teardown(self) -> None:
+        self._rotated = {}
 
 
 def _eye(d: int, like: Tensor) -> Tensor:
