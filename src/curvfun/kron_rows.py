@@ -31,7 +31,6 @@ from torch import Tensor
 from .kron import (
     KronInverse,
     KronFactor,
-    NotPositiveDefiniteError,
     _apply,
     _layer_dense,
     _register,
@@ -52,18 +51,10 @@ def prefer_rows(rows: int, dim: int) -> bool:
 
 
 def woodbury_core(Y: Tensor, delta: Tensor) -> Tensor:
-    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for Y ``[R, d]``: one R x R Gram, its Cholesky factor (retried
-    in float64) and a triangular solve pair. O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ."""
-    C = Y @ Y.T
-    C.diagonal().add_(delta)
-    for dtype in (Y.dtype, torch.float64):
-        L, info = torch.linalg.cholesky_ex(C.to(dtype))
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
-            return torch.cholesky_solve(Y.to(dtype), L).to(Y.dtype)
-    raise NotPositiveDefiniteError(
-        "the R x R Woodbury core of a K-FAC factor is not positive definite (or not finite) even in "
-        "float64; increase the damping or check the captured data for NaN/Inf"
-    )
+    """C⁻¹ = (δI + Y Yᵀ)⁻¹ ``[R, R]`` for rows Y ``[R, d]``: one R x R Gram and its damped Cholesky
+    inverse (:func:`curvfun.kron.damped_cholesky_inverse`, retried in float64). O(R²d + R³). Then
+    (YᵀY + δI)⁻¹ G = (G − Yᵀ C⁻¹ (Y G))/δ, applied as three GEMMs through the R rows."""
+    return damped_cholesky_inverse(Y @ Y.T, delta, "R x R Woodbury core of a K-FAC factor")
 
 
 def _side_dense(M: Tensor, rows: bool) -> Tensor:
@@ -131,7 +122,8 @@ class KronRowsInverse:
     """Damped inverse of a :class:`KronRowsFactor`: ``matvec`` is (B+δ_B)⁻¹ G (A+δ_A)⁻¹.
 
     Dense side: ``A`` is (A+δ_A I)⁻¹ and ``A_core`` None. Rows side: ``A`` is Y, ``A_core`` the
-    Woodbury core K (:func:`woodbury_core`), and (A+δ_A I)⁻¹ G = (G − Yᵀ(K G))/δ_A."""
+    Woodbury core C⁻¹ = (δ_A I + YYᵀ)⁻¹ (:func:`woodbury_core`), and
+    (A+δ_A I)⁻¹ G = (G − Yᵀ C⁻¹ (Y G))/δ_A."""
 
     A: Tensor
     B: Tensor
@@ -149,7 +141,7 @@ class KronRowsInverse:
     _static_fields = ("a_rows", "b_rows", "weight_shape", "has_bias", "folded")
 
     def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Cost per rows side 2·o·d·R (two GEMMs through the R rows), per dense side o·d²."""
+        """Cost per rows side 2·o·d·R + o·R² (three GEMMs through the R rows), per dense side o·d²."""
         if not (self.a_rows or self.b_rows):
             return _apply(grad, self.B.unsqueeze(0), self.A.unsqueeze(0), self.folded)
         W = grad["weight"]
@@ -173,19 +165,19 @@ class KronRowsInverse:
         """G (A+δ_A I)⁻¹."""
         if not self.a_rows:
             return G @ self.A
-        return (G - (G @ self.A.T) @ self.A_core) / self.delta_A
+        return (G - ((G @ self.A.T) @ self.A_core) @ self.A) / self.delta_A
 
     def _left(self, G: Tensor) -> Tensor:
         """(B+δ_B I)⁻¹ G."""
         if not self.b_rows:
             return self.B @ G
-        return (G - self.B.T @ (self.B_core @ G)) / self.delta_B
+        return (G - self.B.T @ (self.B_core @ (self.B @ G))) / self.delta_B
 
     def _dense_side(self, M: Tensor, core: Tensor | None, delta: Tensor, rows: bool) -> Tensor:
         if not rows:
             return M
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        return (eye - M.T @ core) / delta
+        return (eye - M.T @ core @ M) / delta
 
     def to_dense(self, include_bias: bool = False) -> Tensor:
         A = self._dense_side(self.A, self.A_core, self.delta_A, self.a_rows)
