@@ -67,10 +67,10 @@ def _run(interval: int, mode: str, n: int, device: str = "cpu") -> dict:
 
 def _worker(rank: int, world: int, init: str, out: str, configs: list, backend: str = "gloo") -> None:
     if backend == "nccl":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    device = f"cuda:{rank % torch.cuda.device_count()}" if backend == "nccl" else "cpu"
     res = {c: _run(*c, device=device) for c in configs}
     if rank == 0:
         torch.save(res, out)
@@ -120,7 +120,7 @@ def main_nccl() -> None:
     """NCCL on every visible GPU (one rank each) versus one process on one GPU with no process
     group. With a single GPU this is a world of 1: it measures what the process group and its
     collectives add to a step, not scaling."""
-    world = torch.cuda.device_count()
+    world = int(sys.argv[sys.argv.index("--world") + 1]) if "--world" in sys.argv else torch.cuda.device_count()
     configs = [(i, m, N) for i in (1, 10) for m in ("assigned", "replicated")]
     ranks = _ranks(configs, world=world, backend="nccl")
     for interval in (1, 10):
