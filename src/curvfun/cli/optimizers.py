@@ -317,7 +317,8 @@ for _spec in [
                   _ng(damping=0.3, ema_decay=-1), requires=(_P, "EmpNaturalGradientMaker")),
     # the rest of the family (issue 6)
     OptimizerSpec("shampoo", "Shampoo (inverse 4th roots of L, R) + SGD", _maker("ShampooGradientMaker"),
-                  _ng(lr=0.01, damping=1e-3), requires=(_P, "ShampooGradientMaker")),
+                  _ng(lr=0.01, damping=1e-3, block_size=-1, root_method="eigh", warm_iters=1, eigh_every=50,
+                      basis_every=1), requires=(_P, "ShampooGradientMaker")),
     OptimizerSpec("kron_psgd", "Kronecker-factored PSGD (Hessian-vector products) + SGD", _maker("KronPsgdGradientMaker"),
                   dict(lr=0.01, momentum=0.9, weight_decay=0.0, damping=1e-3, curvature_upd_interval=5,
                        preconditioner_upd_interval=5, precond_lr=0.1, init_scale=1.0),
