@@ -516,13 +516,27 @@ _register(DiagFactor)
 
 
 def _weighted(g: Tensor, w: Tensor) -> Tensor:
+    """g_k·sqrt(w_k) per column k; no copy when every weight is 1 (emp, exact, one MC sample)."""
+    if bool((w == 1).all()):
+        return g
     return g * w.sqrt().to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
 
 
 def _gram(X: Tensor) -> Tensor:
-    """Xᵀ X over the rows of ``[R, d]`` or ``[G, R, d]`` (one GEMM; the lower triangle is what
-    Cholesky / eigh read)."""
-    return X.T @ X if X.ndim == 2 else X.transpose(1, 2) @ X
+    """Xᵀ X over the rows of ``[R, d]`` or ``[G, R, d]``. Tall and wide ones (one group, d ≥ 256,
+    R ≥ 4d: a compute-bound GEMM, e.g. conv patches) by two column blocks, computing the upper
+    block row and the lower-right block and mirroring the rest: 3/4 of the GEMM work of X.T @ X."""
+    if X.ndim != 2:
+        return X.transpose(1, 2) @ X
+    R, d = X.shape
+    if d < 256 or R < 4 * d:
+        return X.T @ X
+    h = d // 2
+    M = X.new_empty(d, d)
+    torch.mm(X[:, :h].T, X, out=M[:h])
+    torch.mm(X[:, h:].T, X[:, h:], out=M[h:, h:])
+    M[h:, :h] = M[:h, h:].T
+    return M
 
 
 def factor_rows(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):

@@ -202,11 +202,11 @@ def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str =
     if am.ndim != 2:  # grouped convolution: block-diagonal over groups, always dense
         return kron_factors_from_layer(data, kfac_type, bias)
     a_rows, b_rows = prefer(am.shape[0], am.shape[1]), prefer(gm.shape[0], gm.shape[1])
-    if not (a_rows or b_rows):
-        return kron_factors_from_layer(data, kfac_type, bias)
     A = am * (1.0 / ca) ** 0.5 if a_rows else _gram(am) / ca
     B = gm * (1.0 / cb) ** 0.5 if b_rows else _gram(gm) / cb
     folded = bias == "folded" and data.has_bias
+    if not (a_rows or b_rows):
+        return KronFactor(A, B, tuple(data.module.weight.shape), data.has_bias, folded)
     return KronRowsFactor(A, B, a_rows, b_rows, tuple(data.module.weight.shape), data.has_bias, folded)
 
 

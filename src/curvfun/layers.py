@@ -59,18 +59,31 @@ def _linear(rec: LayerRecord):
 
 def im2col(x: Tensor, module: nn.Conv2d) -> Tensor:
     """Patches of a Conv2d input, ``[N, Ho·Wo, C_in·kh·kw]`` in the order of
-    ``weight.flatten(1)`` (channel, kernel row, kernel column). Strided views of the padded
-    input and one copy; several times faster than ``F.unfold`` on CPU."""
+    ``weight.flatten(1)`` (channel, kernel row, kernel column).
+
+    Laid out feature-major underneath (a ``[C_in·kh·kw, N, Ho·Wo]`` buffer filled by kh·kw strided
+    copies from the padded, channel-major input, returned as a permuted view), so that
+    ``reshape(N·L, D)`` is a view and its Gram ``XᵀX`` one GEMM on contiguous rows of Xᵀ. A
+    channels-last patch matrix (or ``F.unfold`` + a transpose) costs 2-3x more copying on CPU."""
     kh, kw = module.kernel_size
     dh, dw = module.dilation
     sh, sw = module.stride
     ph, pw = _conv_padding(module)
-    xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-    u = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # [N, C, Ho, Wo, sh, sw]
-    if dh > 1 or dw > 1:
-        u = u[..., ::dh, ::dw]
-    N, C, Ho, Wo = u.shape[:4]
-    return u.permute(0, 2, 3, 1, 4, 5).reshape(N, Ho * Wo, C * kh * kw)
+    N, C, H, W = x.shape
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xc = F.pad(x.transpose(0, 1), (pw, pw, ph, ph))  # [C, N, H + 2ph, W + 2pw]
+    buf = x.new_empty(C, kh, kw, N, Ho, Wo)
+    for i in range(kh):
+        for j in range(kw):
+            buf[:, i, j] = xc[:, :, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
+    return buf.reshape(C * kh * kw, N, Ho * Wo).permute(1, 2, 0)
+
+
+def _feature_major(y: Tensor) -> Tensor:
+    """``[K, N, C, L]`` -> the same values as a ``[K, N, L, C]`` view of a ``[C, K, N, L]`` buffer
+    (one copy in runs of L; see :func:`im2col`)."""
+    return y.permute(2, 0, 1, 3).contiguous().permute(1, 2, 3, 0)
 
 
 def _cat(ts: list[Tensor], dim: int) -> Tensor:
@@ -90,7 +103,8 @@ def _conv(rec: LayerRecord):
         if rec.grads is not None:
             y = rec.grads[i]  # [K, N, Cout, Ho, Wo]
             K, _, Cout = y.shape[:3]
-            g_list.append(y.reshape(K, N, G, Cout // G, -1).transpose(-1, -2))
+            gl = _feature_major(y.reshape(K, N, Cout, -1))  # [K, N, L, Cout]
+            g_list.append(gl.reshape(K, N, gl.shape[2], G, Cout // G).transpose(2, 3))
     return _cat(a_list, 2), None if rec.grads is None else _cat(g_list, 3)
 
 
