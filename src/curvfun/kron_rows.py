@@ -51,10 +51,10 @@ def prefer_rows(rows: int, dim: int) -> bool:
 
 
 def woodbury_core(Y: Tensor, delta: Tensor) -> Tensor:
-    """C⁻¹ = (δI + Y Yᵀ)⁻¹ ``[R, R]`` for rows Y ``[R, d]``: one R x R Gram and its damped Cholesky
-    inverse (:func:`curvfun.kron.damped_cholesky_inverse`, retried in float64). O(R²d + R³). Then
-    (YᵀY + δI)⁻¹ G = (G − Yᵀ C⁻¹ (Y G))/δ, applied as three GEMMs through the R rows."""
-    return damped_cholesky_inverse(Y @ Y.T, delta, "R x R Woodbury core of a K-FAC factor")
+    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for rows Y ``[R, d]``: one R x R Gram, its damped Cholesky
+    inverse (:func:`curvfun.kron.damped_cholesky_inverse`, retried in float64) and one GEMM.
+    O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ: two GEMMs through the R rows."""
+    return damped_cholesky_inverse(Y @ Y.T, delta, "R x R Woodbury core of a K-FAC factor") @ Y
 
 
 def _side_dense(M: Tensor, rows: bool) -> Tensor:
@@ -122,8 +122,8 @@ class KronRowsInverse:
     """Damped inverse of a :class:`KronRowsFactor`: ``matvec`` is (B+δ_B)⁻¹ G (A+δ_A)⁻¹.
 
     Dense side: ``A`` is (A+δ_A I)⁻¹ and ``A_core`` None. Rows side: ``A`` is Y, ``A_core`` the
-    Woodbury core C⁻¹ = (δ_A I + YYᵀ)⁻¹ (:func:`woodbury_core`), and
-    (A+δ_A I)⁻¹ G = (G − Yᵀ C⁻¹ (Y G))/δ_A."""
+    Woodbury core K = (δ_A I + YYᵀ)⁻¹Y (:func:`woodbury_core`), and
+    (A+δ_A I)⁻¹ G = (G − Yᵀ(K G))/δ_A."""
 
     A: Tensor
     B: Tensor
@@ -141,7 +141,7 @@ class KronRowsInverse:
     _static_fields = ("a_rows", "b_rows", "weight_shape", "has_bias", "folded")
 
     def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Cost per rows side 2·o·d·R + o·R² (three GEMMs through the R rows), per dense side o·d²."""
+        """Cost per rows side 2·o·d·R (two GEMMs through the R rows), per dense side o·d²."""
         if not (self.a_rows or self.b_rows):
             return _apply(grad, self.B.unsqueeze(0), self.A.unsqueeze(0), self.folded)
         W = grad["weight"]
@@ -163,21 +163,34 @@ class KronRowsInverse:
 
     def _right(self, G: Tensor) -> Tensor:
         """G (A+δ_A I)⁻¹."""
-        if not self.a_rows:
-            return G @ self.A
-        return (G - ((G @ self.A.T) @ self.A_core) @ self.A) / self.delta_A
+        return self._right_undamped(G) if not self.a_rows else self._right_undamped(G) / self.delta_A
 
     def _left(self, G: Tensor) -> Tensor:
         """(B+δ_B I)⁻¹ G."""
+        return self._left_undamped(G) if not self.b_rows else self._left_undamped(G) / self.delta_B
+
+    def _right_undamped(self, G: Tensor) -> Tensor:
+        """Dense side: G (A+δ_A I)⁻¹; rows side: G − (G Yᵀ) K = δ_A · G (A+δ_A I)⁻¹ (one GEMM and
+        one fused multiply-add GEMM)."""
+        if not self.a_rows:
+            return G @ self.A
+        return torch.addmm(G, G @ self.A.T, self.A_core, alpha=-1)
+
+    def _left_undamped(self, G: Tensor) -> Tensor:
+        """Dense side: (B+δ_B I)⁻¹ G; rows side: G − Yᵀ(K G) = δ_B · (B+δ_B I)⁻¹ G."""
         if not self.b_rows:
             return self.B @ G
-        return (G - self.B.T @ (self.B_core @ (self.B @ G))) / self.delta_B
+        return torch.addmm(G, self.B.T, self.B_core @ G, alpha=-1)
+
+    def _scale(self) -> tuple[Tensor | float, Tensor | float]:
+        """The 1/δ factors the undamped applications leave out (1 for dense sides)."""
+        return (1 / self.delta_A if self.a_rows else 1.0), (1 / self.delta_B if self.b_rows else 1.0)
 
     def _dense_side(self, M: Tensor, core: Tensor | None, delta: Tensor, rows: bool) -> Tensor:
         if not rows:
             return M
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        return (eye - M.T @ core @ M) / delta
+        return (eye - M.T @ core) / delta
 
     def to_dense(self, include_bias: bool = False) -> Tensor:
         A = self._dense_side(self.A, self.A_core, self.delta_A, self.a_rows)
@@ -234,19 +247,21 @@ def preconditioned_gradient_from_rows(inv, a: Tensor, g: Tensor) -> dict[str, Te
     gradient is formed first — cheaper when R < min(o, d) (see :func:`rows_gradient_pays`).
     None for other inverse types."""
     if isinstance(inv, KronRowsInverse):
-        left, right, folded, has_bias, shape = inv._left, inv._right, inv.folded, inv.has_bias, inv.weight_shape
+        gl = inv._left_undamped(g.T)  # [o, R], δ_B·(B+δ_B)⁻¹gᵀ on a rows side
+        ar = inv._right_undamped(a)  # [R, d]
+        sa, sb = inv._scale()
+        folded, has_bias, shape = inv.folded, inv.has_bias, inv.weight_shape
     elif isinstance(inv, KronInverse) and inv.A_inv.ndim == 2:
-        left, right = (lambda G: inv.B_inv @ G), (lambda G: G @ inv.A_inv)
+        gl, ar, sa, sb = inv.B_inv @ g.T, a @ inv.A_inv, 1.0, 1.0
         folded, has_bias, shape = inv.folded, inv.has_bias, inv.weight_shape
     else:
         return None
-    gl = left(g.T)  # [o, R]
-    W = gl @ right(a)
+    W = (gl * (sa * sb)) @ ar  # the 1/δ scalings on the small [o, R] factor
     if folded:
         return {"weight": W[:, :-1].reshape(shape), "bias": W[:, -1].contiguous()}
     out = {"weight": W.reshape(shape)}
     if has_bias:
-        out["bias"] = gl.sum(1)
+        out["bias"] = gl.sum(1) * sb
     return out
 
 
