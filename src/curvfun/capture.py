@@ -184,7 +184,8 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True) -> Iter
                 return None
             if not isinstance(output, Tensor):
                 raise TypeError(f"module {rec.info.name!r} returned {type(output).__name__}, expected a tensor")
-            eps = torch.zeros_like(output, requires_grad=True)
+            # a zero leaf broadcast from one element: nothing to fill, the add reads it at stride 0
+            eps = output.new_zeros(()).expand(output.shape).requires_grad_()
             rec.eps.append(eps)
             return output + eps
 
