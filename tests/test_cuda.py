@@ -22,6 +22,7 @@ from torch import nn
 from curvfun import kfac, per_sample_grads
 from curvfun.optim import AdaFisher, AdaFisherW, AdaHessian
 from curvfun import precondition as P
+from maker_checks import train_steps
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -77,15 +78,10 @@ RANDOM = {
 }
 
 
-def run(model, maker, batches_, device):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for x, t in batches_:
-        x, t = x.to(device), t.to(device)
-        opt.zero_grad()
-        y = maker.setup_model_call(model, x)
-        maker.setup_loss_call(F.cross_entropy, y, t)
-        maker.forward_and_backward()
-        opt.step()
+def run(model, maker, batches_, device, opt=None):
+    """SGD steps through the maker on ``device``; returns the optimizer."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05) if opt is None else opt
+    train_steps(model, opt, maker, [(x.to(device), t.to(device)) for x, t in batches_])
     return opt
 
 
@@ -133,19 +129,9 @@ def test_random_maker_cuda_trains_and_resumes_bit_exactly(name):
     fresh_maker.load_state_dict(state["g"])
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05)
     fresh_opt.load_state_dict(state["o"])
-    _continue(fresh, fresh_maker, fresh_opt, data[2:])
+    run(fresh, fresh_maker, data[2:], CUDA, fresh_opt)
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
-
-
-def _continue(model, maker, opt, batches_):
-    for x, t in batches_:
-        x, t = x.to(CUDA), t.to(CUDA)
-        opt.zero_grad()
-        y = maker.setup_model_call(model, x)
-        maker.setup_loss_call(F.cross_entropy, y, t)
-        maker.forward_and_backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
