@@ -216,8 +216,9 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         if leaves:
             if FISHER_TYPES[self.fisher_type] == "emp":
                 total = self.loss_from_output(self.model_output, reduction="sum")
-                gs = [g.unsqueeze(0) for g in torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)]
-                gs = [torch.zeros_like(l).unsqueeze(0) if g is None else g for g, l in zip(gs, leaves)]
+                gs = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
+                gs = [(torch.zeros(l.shape, dtype=l.dtype, device=l.device) if g is None else g).unsqueeze(0)
+                      for g, l in zip(gs, leaves)]  # None: the layer's output does not reach the loss
                 weights = torch.ones(1, device=total.device)
             else:
                 logits = self.logits
@@ -439,7 +440,9 @@ class KfacGradientMaker(_CurvatureMaker):
         for n in fast:
             rec = records[n]
             k = len(rec.eps)
-            ld = layer_data(replace(rec, grads=[g.unsqueeze(0) for g in g_eps[i:i + k]]), ones)
+            gs = [(torch.zeros(e.shape, dtype=e.dtype, device=e.device) if g is None else g).unsqueeze(0)
+                  for g, e in zip(g_eps[i:i + k], rec.eps)]  # None: the output does not reach the loss
+            ld = layer_data(replace(rec, grads=gs), ones)
             i += k
             a = ld.a.reshape(-1, ld.a.shape[-1])
             if self.bias == "folded" and ld.has_bias:
@@ -453,13 +456,13 @@ class KfacGradientMaker(_CurvatureMaker):
             want = dict(zip(params, g_check[j:j + len(params)]))
             j += len(params)
             self._rows_grad_checked.add(n)
-            if not all(w is not None and torch.allclose(got[key], w, rtol=1e-3, atol=1e-5 * float(w.abs().max()) + 1e-30)
+            want = {k: torch.zeros_like(got[k]) if w is None else w for k, w in want.items()}  # None: unused
+            if not all(torch.allclose(got[key], w, rtol=1e-3, atol=1e-5 * float(w.abs().max()) + 1e-30)
                        for key, w in want.items()):
                 self._rows_grad_off.add(n)
                 del self._rows_grads[n]
                 for key, p in params.items():
-                    if want[key] is not None:
-                        p.grad = want[key] if p.grad is None else p.grad + want[key]
+                    p.grad = want[key] if p.grad is None else p.grad + want[key]
                 warnings.warn(
                     f"{type(self).__name__}: the gradient of layer {n!r} is not what its own inputs and output "
                     f"gradients give (a parameter used outside the layer's call?); the layer keeps the plain "
