@@ -289,3 +289,47 @@ def test_layer_outside_the_loss_gets_a_zero_gradient_like_the_plain_route(fisher
             assert got is None or not got.any(), k
         else:
             torch.testing.assert_close(got, g, rtol=1e-9, atol=1e-12)
+
+
+@settings(deadline=None, max_examples=20)
+@given(layer_cases)
+def test_rows_factor_matvec_is_the_dense_product(case):
+    """KronRowsFactor.matvec (rows applied as Yᵀ(Y·)) equals the dense factor's B G A, B g."""
+    for ld in _data(*case).values():
+        dense = kron_factors_from_layer(ld, case[5], case[6])
+        rows = kron_rows_from_layer(ld, case[5], case[6], prefer=_always_rows)
+        grad = {"weight": torch.randn_like(ld.module.weight)}
+        if ld.has_bias:
+            grad["bias"] = torch.randn_like(ld.module.bias)
+        got, want = rows.matvec(grad), dense.matvec(grad)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12)
+
+
+def test_frozen_weight_with_trainable_bias_matches_the_plain_route():
+    x, t = torch.randn(4, 30), torch.randint(0, 4, (4,))
+    out = {}
+    for ds in ("auto", "never"):
+        model = wide_net(2)
+        model[0].weight.requires_grad_(False)
+        gm = KfacGradientMaker(model, PreconditioningConfig(damping=1e-2), fisher_type="fisher_emp", data_space=ds)
+        grads = []
+        for _ in range(2):
+            model.zero_grad()
+            y = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, y, t)
+            gm.forward_and_backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        out[ds] = torch.stack(grads)
+        assert model[0].weight.grad is None
+    torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)
+    # the frozen layer's bias got its own block: (B + δ_B I)⁻¹ g_b with the dense factor B
+    import curvfun
+
+    model = wide_net(2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f = curvfun.kfac(model, params, x, t, fisher_type="emp")["0"]
+    _, dB = f.damping(1e-2)
+    (g_b,) = torch.autograd.grad(F.cross_entropy(model(x), t), [model[0].bias])
+    want = torch.linalg.solve(f.B + dB * torch.eye(f.B.shape[0]), g_b)
+    torch.testing.assert_close(out["auto"][1, :want.numel()], want, rtol=1e-8, atol=1e-10)

@@ -142,8 +142,12 @@ def _weight_matrix(G: Tensor, groups: int) -> Tensor:
 
 
 def _apply(grad: Mapping[str, Tensor], left: Tensor, right: Tensor, folded: bool) -> dict[str, Tensor]:
-    """left_g · G_g · right_g per group, for {"weight", "bias"} (folded: on [W b])."""
+    """left_g · G_g · right_g per group, for {"weight", "bias"} (folded: on [W b]); a bias without
+    its weight (frozen) gets left_g · g_b, the separate bias block, in either mode."""
     G = left.shape[0]
+    if grad.get("weight") is None:  # bias only (the weight is frozen): its own block B
+        b = grad["bias"]
+        return {"bias": (left @ b.reshape(G, -1, 1)).reshape(b.shape)}
     W = grad["weight"]
     Wm = _weight_matrix(W, G)
     out: dict[str, Tensor] = {}

@@ -31,7 +31,6 @@ from torch import Tensor
 from .kron import (
     KronInverse,
     KronFactor,
-    _apply,
     _layer_dense,
     _register,
     damped_cholesky_inverse,
@@ -55,6 +54,24 @@ def woodbury_core(Y: Tensor, delta: Tensor) -> Tensor:
     inverse (:func:`curvfun.kron.damped_cholesky_inverse`, retried in float64) and one GEMM.
     O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ: two GEMMs through the R rows."""
     return damped_cholesky_inverse(Y @ Y.T, delta, "R x R Woodbury core of a K-FAC factor") @ Y
+
+
+def _two_sided(grad: Mapping[str, Tensor], left, right, folded: bool) -> dict[str, Tensor]:
+    """``{"weight": left(right(G_W)), "bias": left(g_b)}`` on one group (folded: on [G_W g_b]); a
+    bias without its weight (frozen) gets left(g_b), as in :func:`curvfun.kron._apply`."""
+    if grad.get("weight") is None:
+        return {"bias": left(grad["bias"].reshape(-1, 1)).reshape(grad["bias"].shape)}
+    W = grad["weight"]
+    Wm = W.reshape(W.shape[0], -1)
+    if folded:
+        Wm = torch.cat([Wm, grad["bias"].reshape(-1, 1)], 1)
+    X = left(right(Wm))
+    if folded:
+        return {"weight": X[:, :-1].reshape(W.shape), "bias": X[:, -1].reshape(grad["bias"].shape)}
+    out = {"weight": X.reshape(W.shape)}
+    if grad.get("bias") is not None:
+        out["bias"] = left(grad["bias"].reshape(-1, 1)).reshape(grad["bias"].shape)
+    return out
 
 
 def _side_dense(M: Tensor, rows: bool) -> Tensor:
@@ -87,8 +104,11 @@ class KronRowsFactor:
                           self.weight_shape, self.has_bias, self.folded)
 
     def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``{"weight": B G_W A, "bias": B g_b}`` with rows sides applied as Yᵀ(Y·)."""
-        return self.dense().matvec(grad)
+        """``{"weight": B G_W A, "bias": B g_b}``, rows sides applied as Yᵀ(Y·): O(o·d·R) each."""
+        A, B = self.A, self.B
+        right = (lambda G: (G @ A.T) @ A) if self.a_rows else (lambda G: G @ A)
+        left = (lambda G: B.T @ (B @ G)) if self.b_rows else (lambda G: B @ G)
+        return _two_sided(grad, left, right, self.folded)
 
     def to_dense(self, include_bias: bool = False) -> Tensor:
         return self.dense().to_dense(include_bias)
@@ -142,24 +162,7 @@ class KronRowsInverse:
 
     def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Cost per rows side 2·o·d·R (two GEMMs through the R rows), per dense side o·d²."""
-        if not (self.a_rows or self.b_rows):
-            return _apply(grad, self.B.unsqueeze(0), self.A.unsqueeze(0), self.folded)
-        W = grad["weight"]
-        Wm = W.reshape(W.shape[0], -1)
-        has_b = "bias" in grad and grad["bias"] is not None
-        if self.folded:
-            Wm = torch.cat([Wm, grad["bias"].reshape(-1, 1)], 1)
-        X = self._left(self._right(Wm))
-        out: dict[str, Tensor] = {}
-        if self.folded:
-            out["weight"] = X[:, :-1].reshape(W.shape)
-            out["bias"] = X[:, -1].reshape(grad["bias"].shape)
-            return out
-        out["weight"] = X.reshape(W.shape)
-        if has_b:
-            b = grad["bias"]
-            out["bias"] = self._left(b.reshape(-1, 1)).reshape(b.shape)
-        return out
+        return _two_sided(grad, self._left, self._right, self.folded)
 
     def _right(self, G: Tensor) -> Tensor:
         """G (A+δ_A I)⁻¹."""

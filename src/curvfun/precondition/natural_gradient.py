@@ -401,7 +401,8 @@ class KfacGradientMaker(_CurvatureMaker):
     def _rows_grad_candidates(self) -> dict[str, ModuleInfo]:
         if not (self._data_space_capable and self.data_space == "auto") or cfd.is_distributed():
             return {}
-        return {n: i for n, i in self._infos.items() if i.kind == "linear" and n not in self._rows_grad_off}
+        return {n: i for n, i in self._infos.items()
+                if i.kind == "linear" and "weight" in i.keys and n not in self._rows_grad_off}
 
     def _rows_grad_pays(self, name: str, rec: LayerRecord) -> bool:
         m = rec.module
