@@ -9,7 +9,9 @@ GradientMaker, plain and DDP-wrapped. Unequal per-rank batches (world size 2, 3 
 the makers' weighted means equal the concatenated batch. Also: collectives counted per step
 (none of category "curvature"/"inverse" between refreshes), a rank killed mid-run (the others
 raise CurvfunDistributedError naming rank and step within the process-group timeout), a model
-structure mismatch detected at construction on every rank.
+structure mismatch detected at construction on every rank. Makers without a curvature reduction
+(PSGD, K-BFGS, SENG, SMW, Newton, CurveBall) precondition with each rank's own curvature and
+average the result: the ranks stay identical, plain and DDP-wrapped.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ from torch import nn
 from curvfun import distributed as cfd
 from curvfun.optim import AdaFisher
 from curvfun.precondition import (
+    CurveBallGradientMaker,
     EkfacGradientMaker,
     GradientMaker,
+    KronBfgsGradientMaker,
+    KronPsgdGradientMaker,
+    NewtonGradientMaker,
+    SengGradientMaker,
+    SmwEmpNaturalGradientMaker,
     KfacGradientMaker,
     LayerWiseNaturalGradientMaker,
     LowRankKfacGradientMaker,
@@ -103,6 +111,36 @@ def _maker(method: str, model: nn.Module, mode: str, interval: int):
     raise ValueError(method)
 
 
+LOCAL_MAKERS = {
+    "psgd": lambda m: KronPsgdGradientMaker(m, PreconditioningConfig(damping=1e-2)),
+    "kbfgs": lambda m: KronBfgsGradientMaker(m, PreconditioningConfig(damping=1e-2)),
+    "seng": lambda m: SengGradientMaker(m, PreconditioningConfig(damping=1e-2), sketching_size=4, truncated_rank=2),
+    "smw": lambda m: SmwEmpNaturalGradientMaker(m, PreconditioningConfig(damping=1e-2)),
+    "newton": lambda m: NewtonGradientMaker(m, PreconditioningConfig(damping=1.0)),
+    "curveball": lambda m: CurveBallGradientMaker(m, PreconditioningConfig(damping=1e-2)),
+}
+
+
+def _job_local(world: int) -> dict:
+    """Each local-curvature maker, plain and DDP: the final parameters after 3 steps."""
+    out = {}
+    for name, make in LOCAL_MAKERS.items():
+        for ddp in (False, True):
+            model = _model()
+            wrapped = nn.parallel.DistributedDataParallel(model) if ddp else model
+            gm = make(wrapped)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for t in range(3):
+                x, y = _data(t, world)
+                opt.zero_grad()
+                dy = gm.setup_model_call(wrapped, x)
+                gm.setup_loss_call(F.cross_entropy, dy, y)
+                gm.forward_and_backward()
+                opt.step()
+            out[(name, ddp)] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
 def _train(method: str, mode: str | None, ddp: bool, world: int, steps: int = STEPS, interval: int = 2,
            kill_at: int | None = None, sizes: tuple[int, ...] | None = None):
     """Train ``steps`` steps; returns the final parameters and the collective counts per step."""
@@ -168,7 +206,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, job: str) -> No
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        res = (_job_main if job == "main" else _job_kill)(world)
+        res = {"main": _job_main, "kill": _job_kill, "local": _job_local}[job](world)
     except BaseException:  # report, never hang the parent
         res = {"crash": traceback.format_exc()}
     torch.save(res, os.path.join(out_dir, f"{job}_rank{rank}.pt"))
@@ -326,3 +364,19 @@ def test_assign_by_cost_is_greedy_largest_first():
     owners = cfd.assign_by_cost(costs, 2)
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 0}
     assert cfd.inverse_cost(torch.zeros(3, 3)) == 27 and cfd.inverse_cost(torch.zeros(2, 4, 4)) == 128
+
+
+def test_local_curvature_makers_keep_the_ranks_identical(tmp_path):
+    """PSGD, K-BFGS, SENG, SMW, Newton and CurveBall have no curvature reduction: each rank
+    preconditions with its own batch's curvature and the preconditioned gradients are averaged, so
+    every rank takes the same step (plain and DDP-wrapped; DDP's hooks do not see the gradients
+    these makers write themselves, so the maker averages them)."""
+    res = _spawn(tmp_path, 2, "local")
+    assert sorted(res) == [0, 1]
+    for r in res.values():
+        assert "crash" not in r, r.get("crash")
+    init = [p.detach() for p in _model().parameters()]
+    for key in res[0]:
+        for p0, p1, p_init in zip(res[0][key], res[1][key], init):
+            assert torch.equal(p0, p1), f"{key}: the ranks' parameters differ"
+            assert torch.isfinite(p0).all() and not torch.equal(p0, p_init), key

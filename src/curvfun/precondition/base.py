@@ -136,6 +136,12 @@ class GradientMaker:
 
     #: the caller's autocast settings while a preconditioned step runs (see forward_and_backward)
     _autocast: tuple = ()
+    #: whether the latest pass's gradient was written by the maker (not by ``loss.backward()``)
+    _grads_written: bool = False
+    #: makers whose curvature is each rank's own (no reduction implemented): under
+    #: ``torch.distributed`` their preconditioned gradients are averaged at the end of the step, so
+    #: the ranks take the same step (each preconditioned with its own batch's curvature)
+    _local_curvature: bool = False
 
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
         if not isinstance(model, nn.Module):
@@ -273,6 +279,7 @@ class GradientMaker:
         themselves, e.g. with ``torch.autograd.grad``)."""
         self._backward_pending = False
         self._pass_count += 1
+        self._grads_written = False
 
     def _loss_to_differentiate(self) -> Tensor:
         """The latest forward's loss, checked: a pending scalar that requires grad."""
@@ -334,11 +341,13 @@ class GradientMaker:
 
     def _average_gradients(self, step: int | None = None) -> None:
         """Under ``torch.distributed`` with a model that is not wrapped in
-        ``DistributedDataParallel`` (which averages in backward): ``param.grad`` ← mean over ranks,
-        one coalesced all-reduce (:func:`curvfun.distributed.average_gradients`). No-op otherwise."""
+        ``DistributedDataParallel`` (which averages in backward), or whose gradient this maker wrote
+        itself (:meth:`_record_pass`: DDP's backward hooks never ran): ``param.grad`` ← mean over
+        ranks, one coalesced all-reduce (:func:`curvfun.distributed.average_gradients`). No-op
+        otherwise."""
         from .. import distributed as cfd
 
-        if cfd.is_distributed() and not cfd.is_ddp(self.model):
+        if cfd.is_distributed() and (not cfd.is_ddp(self.model) or self._grads_written):
             cfd.average_gradients(unwrap_model(self.model).parameters(), self._pass_count - 1 if step is None else step)
 
     def _require_loss_setup(self) -> None:
@@ -364,6 +373,7 @@ class GradientMaker:
         self._loss = loss
         self._backward_pending = False
         self._pass_count += 1
+        self._grads_written = True
 
     def delegate_forward_and_backward(self, other: "GradientMaker", *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
         """Run ``other.forward_and_backward(*args, **kwargs)`` with this maker's setup and keep the
@@ -423,9 +433,10 @@ class GradientMaker:
     def model_output_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None) -> Any:
         """The registered model call evaluated with ``params`` in place of the model's parameters.
 
-        A pure function of ``params`` (names as in ``self.model.named_parameters()``; parameters left
-        out keep their values), suitable for ``torch.func`` transforms. Buffers are copies, so
-        BatchNorm running statistics are not updated; pass ``buffers`` to use others. Runs under the
+        A pure function of ``params`` (names as in ``self.model.named_parameters()``, or as in the
+        module inside a DDP wrapper, which is evaluated directly; parameters left out keep their
+        values), suitable for ``torch.func`` transforms. Buffers are copies, so BatchNorm running
+        statistics are not updated; pass ``buffers`` to use others. Runs under the
         caller's autocast, like :meth:`call_model` (one precision for every model evaluation).
         """
         with autocast_as(self._autocast):
@@ -436,13 +447,26 @@ class GradientMaker:
             raise RuntimeError("model_output_at() needs a model call: call setup_model_call() first")
         from ..functional import check_params
 
-        params = check_params(self.model, params)
+        model, fn = self.model, self._model_fn
+        depth, inner = 0, model
+        while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner, depth = inner.module, depth + 1
+        prefix = "module." * depth
+        if depth and fn is model:
+            # a DDP / DataParallel wrapper called as is: evaluate the wrapped module (the wrapper's
+            # forward only syncs buffers and prepares its gradient hooks, and is not a pure function)
+            model = fn = inner
+            params = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in params.items()}
+            if buffers is not None:
+                buffers = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in buffers.items()}
+        elif depth:  # a custom call of the wrapper: its names
+            params = {k if k.startswith(prefix) else prefix + k: v for k, v in params.items()}
+        params = check_params(model, params)
         if buffers is None:
-            buffers = {k: b.clone() for k, b in self.model.named_buffers()}
-        fn = self._model_fn
-        if fn is self.model:
+            buffers = {k: b.clone() for k, b in model.named_buffers()}
+        if fn is model:
             return functional_call(
-                self.model, (dict(params), dict(buffers)), self._model_args, self._model_kwargs,
+                model, (dict(params), dict(buffers)), self._model_args, self._model_kwargs,
                 tie_weights=True, strict=False,
             )
         bound = _BoundCall(self.model, fn)
@@ -880,6 +904,11 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
                 f"do_forward_and_backward() is False, and must not when it is True"
             )
         self.precondition()
+        if self._local_curvature:
+            from .. import distributed as cfd
+
+            if cfd.is_distributed():  # ranks stay in step: mean of the locally preconditioned grads
+                cfd.average_gradients(unwrap_model(self.model).parameters(), step)
         self._teardown()
         self.state["step"] = step + 1
         return self._model_output, self._loss

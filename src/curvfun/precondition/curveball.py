@@ -101,6 +101,9 @@ class CurveBallGradientMaker(PreconditionedGradientMaker):
     ``rho`` and ``beta_last`` hold the coefficients of the latest step; ``z`` the direction.
     """
 
+    #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
+    _local_curvature = True
+
     _state_attributes = ("z", "rho", "beta_last")
 
     def __init__(

@@ -53,7 +53,7 @@ from ..capture import record_layers
 from ..kbfgs_math import bfgs_inverse_update, hessian_action_pair, kbfgs_precondition, powell_lm_damping
 from ..kron import damped_cholesky_inverse
 from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, records_to_data
-from .base import PreconditionedGradientMaker
+from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
 
 __all__ = ["KronBfgsGradientMaker"]
@@ -70,6 +70,9 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         mu1: Powell's damping threshold μ₁ in (0, 1). (default 0.2)
         seed: see :class:`PreconditionedGradientMaker` (K-BFGS draws no random numbers).
     """
+
+    #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
+    _local_curvature = True
 
     _supported_classes = (nn.Linear, nn.Conv2d)
     _state_attributes = ("A", "H_a", "H_g", "snapshot", "pending", "pending_fresh")
@@ -182,7 +185,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             pending[name] = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in entry.items()}
         self.pending = pending
         self.pending_fresh = True
-        self.snapshot = {k: p.detach().clone() for k, p in self.model.named_parameters() if p.requires_grad}
+        self.snapshot = {k: p.detach().clone() for k, p in unwrap_model(self.model).named_parameters() if p.requires_grad}
         del out
 
     @property

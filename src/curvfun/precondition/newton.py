@@ -90,6 +90,9 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
     preconditioner step O(P³); per step O(P²). Memory O(P²).
     """
 
+    #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
+    _local_curvature = True
+
     _state_attributes = ("hessian", "solver")
 
     def __init__(

@@ -58,6 +58,9 @@ class KronPsgdGradientMaker(PreconditionedGradientMaker):
         seed: seed of the probe generator (default: ``config.seed`` or derived).
     """
 
+    #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
+    _local_curvature = True
+
     _supported_classes = (nn.Linear, nn.Conv2d)
     _state_attributes = ("factors", "pairs", "pairs_fresh")
 

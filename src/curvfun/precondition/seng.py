@@ -65,6 +65,9 @@ class SengGradientMaker(PreconditionedGradientMaker):
         seed: seed of the sketch generator (default: ``config.seed`` or derived).
     """
 
+    #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
+    _local_curvature = True
+
     _state_attributes = ("curvature", "factor")
 
     def __init__(

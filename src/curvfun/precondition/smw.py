@@ -82,6 +82,9 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
     docstring). Args: ``model``, ``config`` (uses ``damping`` > 0 and ``ignore_modules``),
     ``seed`` (unused: the method draws no random numbers)."""
 
+    #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
+    _local_curvature = True
+
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None, *, seed: int | None = None) -> None:
         if config is None:
             config = PreconditioningConfig()
