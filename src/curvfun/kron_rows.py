@@ -166,11 +166,13 @@ class KronRowsInverse:
 
     def _right(self, G: Tensor) -> Tensor:
         """G (A+δ_A I)⁻¹."""
-        return self._right_undamped(G) if not self.a_rows else self._right_undamped(G) / self.delta_A
+        out = self._right_undamped(G)
+        return out / self.delta_A if self.a_rows else out
 
     def _left(self, G: Tensor) -> Tensor:
         """(B+δ_B I)⁻¹ G."""
-        return self._left_undamped(G) if not self.b_rows else self._left_undamped(G) / self.delta_B
+        out = self._left_undamped(G)
+        return out / self.delta_B if self.b_rows else out
 
     def _right_undamped(self, G: Tensor) -> Tensor:
         """Dense side: G (A+δ_A I)⁻¹; rows side: G − (G Yᵀ) K = δ_A · G (A+δ_A I)⁻¹ (one GEMM and
