@@ -94,6 +94,10 @@ def distributed_scope(cfg: Config) -> Iterator[Optional[DistContext]]:
                 f"use a multiple of {ctx.world_size}"
             )
         yield ctx
+        if owned:
+            # leave together: a rank that tears gloo down while rank 0 still writes the run folder
+            # can abort in gloo's destructor ("terminate called without an active exception")
+            dist.barrier()
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
