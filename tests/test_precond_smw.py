@@ -181,3 +181,50 @@ def test_bad_input():
         step(gm, bn, x, t)
     with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
         step(gm, bn.eval(), x, t, reduction="none")
+
+
+class TokenModel(nn.Module):
+    """Embedding + a position-wise Tanh-Linear head: output [B, T, V] (a language model's shape)."""
+
+    def __init__(self, V=7, d=5):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.head = nn.Linear(d, V)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)))
+
+
+def test_loss_over_flattened_positions_uses_the_models_samples():
+    """logits.view(-1, V) with targets.reshape(-1) (the CLI's language models): the samples are the
+    model's B sequences, each loss the sum of its positions', so the result is the dense damped
+    empirical-Fisher solve over per-sequence gradients (of the mean over all tokens)."""
+    torch.manual_seed(0)
+    B, T, V, lam = 4, 3, 7, 0.05
+    model = TokenModel(V)
+    x, t = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    gm = SmwEmpNaturalGradientMaker(model, PreconditioningConfig(damping=lam))
+    model.zero_grad()
+    y = gm.setup_model_call(model, x)
+    gm.setup_loss_call(F.cross_entropy, y.view(-1, V), t.reshape(-1))
+    gm.forward_and_backward()
+    params = dict(model.named_parameters())
+    rows = []
+    for b in range(B):  # ell_b = mean over its T tokens, so the objective is the mean over all B·T
+        gs = torch.autograd.grad(F.cross_entropy(model(x[b:b + 1]).view(-1, V), t[b]), list(params.values()))
+        rows.append(torch.cat([g.flatten() for g in gs]))
+    U = torch.stack(rows)
+    want = torch.linalg.solve(U.T @ U / B + lam * torch.eye(U.shape[1]), U.mean(0))
+    got = torch.cat([p.grad.flatten() for p in params.values()])
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
+
+
+def test_loss_rows_not_a_multiple_of_the_batch_is_an_error():
+    model = TokenModel()
+    gm = SmwEmpNaturalGradientMaker(model, PreconditioningConfig(damping=0.1))
+    x = torch.randint(0, 7, (4, 3))
+    y = gm.setup_model_call(model, x)
+    gm.setup_loss_call(lambda out, t, reduction="mean": F.cross_entropy(out.reshape(-1, 7)[:5], t, reduction=reduction),
+                       y, torch.randint(0, 7, (5,)))
+    with pytest.raises(ValueError, match="the loss has 5 per-sample losses but the model's batch has 4"):
+        gm.forward_and_backward()

@@ -46,6 +46,7 @@ form Uᵀc needs one.
 
 from __future__ import annotations
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -139,6 +140,20 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                     "return one loss per sample (shape [N, ...])"
                 )
             N = raw.shape[0]
+            first = output if isinstance(output, Tensor) else next(
+                (v for v in optree.tree_leaves(output) if isinstance(v, Tensor)), None)
+            if first is not None and first.ndim and first.shape[0] != N:
+                # the loss sees the output flattened over positions (logits.view(-1, C) of a
+                # [B, T, C] output): a sample is a row of the model's batch, its loss the sum of
+                # its positions' (rows b·T .. b·T+T-1 in row-major order)
+                B = first.shape[0]
+                if N % B:
+                    raise ValueError(
+                        f"SmwEmpNaturalGradientMaker: the loss has {N} per-sample losses but the model's batch has "
+                        f"{B} samples; the loss's rows must be the model's samples (or its samples x positions, "
+                        f"flattened in row-major order as logits.view(-1, C) does)"
+                    )
+                N = B
             ell = raw.reshape(N, -1).sum(1)
             if reduction == "mean":
                 ell = ell * (N / raw.numel())  # objective = mean_n ell_n
