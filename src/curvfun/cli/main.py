@@ -203,7 +203,7 @@ def _check_hparams(cfg: C.Config, names: List[str]) -> Dict[str, Dict[str, Any]]
     for opt in cfg.hparams:
         if opt not in REGISTRY:
             raise CliError(f"hparams given for unknown optimizer {opt!r}; valid optimizers: {', '.join(REGISTRY)}")
-    return {n: get_spec(n).hyperparameters(cfg.hparams.get(n)) for n in names}
+    return {n: get_spec(n).hyperparameters(cfg.hparams.get(n), cfg.model) for n in names}
 
 
 def _prepare(cfg: C.Config):

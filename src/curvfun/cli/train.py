@@ -281,7 +281,7 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
     from tqdm.auto import tqdm
 
     spec = get_spec(name)
-    hp = spec.hyperparameters(cfg.hparams.get(name))
+    hp = spec.hyperparameters(cfg.hparams.get(name), cfg.model)
     ctx = BuildContext(batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed)
     autocast = amp_context(cfg, device)
 
@@ -404,7 +404,7 @@ def run_many(names, cfg: Config, data, device, *, run_dir=None, resume=None, on_
             tb = traceback.format_exc()
             errors.append((name, tb))
             print(f"curvfun: optimizer {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            r = RunResult(name, get_spec(name).hyperparameters(cfg.hparams.get(name)), data.task,
+            r = RunResult(name, get_spec(name).hyperparameters(cfg.hparams.get(name), cfg.model), data.task,
                           status=f"error: {type(exc).__name__}: {str(exc)[:80]}")
             results.append(r)
     return results, errors
