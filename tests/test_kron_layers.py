@@ -30,6 +30,7 @@ from torch import nn
 
 import curvfun
 from curvfun.testing import checks, reference as ref, strategies as cst
+from model_init import generator as _gen, init_float64 as _init
 
 RTOL, ATOL = 1e-8, 1e-10
 # the costliest conv tests run half the profile's examples (at least 3)
@@ -40,17 +41,6 @@ def close(actual, expected, what):
     checks.assert_close(actual, expected, rtol=RTOL, atol=ATOL, what=what)
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(int(seed))
-
-
-def _init(model, seed, scale=0.8):
-    g = _gen(seed)
-    model.to(torch.float64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return model
 
 
 def loss_min_out(loss):

@@ -20,30 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvfun.precondition import (
-    DiagNaturalGradientMaker,
-    EkfacGradientMaker,
-    EmpNaturalGradientMaker,
-    FullNaturalGradientMaker,
-    KfacGradientMaker,
-    LayerWiseNaturalGradientMaker,
-    LowRankKfacGradientMaker,
-    PreconditioningConfig,
-    UnitWiseNaturalGradientMaker,
-    UnsupportedModuleWarning,
-)
-from test_natural_gradient import kfac_expected, linear_factors, maker_step, plain_grad
+from curvfun.precondition import KfacGradientMaker, PreconditioningConfig, UnsupportedModuleWarning
+from test_natural_gradient import MAKERS, kfac_expected, linear_factors, maker_step, plain_grad
 
-MAKERS = {
-    "kfac": KfacGradientMaker,
-    "ekfac": EkfacGradientMaker,
-    "lowrank": LowRankKfacGradientMaker,
-    "diag": DiagNaturalGradientMaker,
-    "unitwise": UnitWiseNaturalGradientMaker,
-    "layerwise": LayerWiseNaturalGradientMaker,
-    "full": FullNaturalGradientMaker,
-    "emp": EmpNaturalGradientMaker,
-}
 
 
 # unit-wise makers leave Linear layers plain and say so; tests that check the warning record it
