@@ -10,15 +10,20 @@ output-gradient of a module is ``ε.grad`` after any backward pass, or the resul
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..capture import LayerRecord, ModuleInfo, _check_versions, layer_kind
+from ..kron_rows import gradient_from_rows
 from ..layers import LayerData, layer_data
 
-__all__ = ["module_infos", "eps_leaves", "records_to_data", "linear_or_conv_reason", "user_reduction"]
+__all__ = [
+    "module_infos", "eps_leaves", "records_to_data", "linear_or_conv_reason", "user_reduction", "backward_with_rows",
+]
 
 
 def linear_or_conv_reason(module: nn.Module) -> str | None:
@@ -88,3 +93,68 @@ def user_reduction(maker) -> str:
     if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
         return fn.reduction
     return maker._loss_fn_kwargs.get("reduction", "mean")
+
+
+def backward_with_rows(
+    maker, records: Mapping[str, LayerRecord], fast: list[str], checked: set[str], off: set[str],
+    fold_bias: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The loss's backward for a maker that forms the gradients of the Linear layers ``fast`` itself,
+    from their rows: returns ``{name: (a, g)}`` with a ``[R, d_in]`` the layer's inputs (a trailing
+    ones column when ``fold_bias`` and the layer has a bias) and g ``[R, d_out]`` the loss's
+    gradients at its outputs, so that the weight gradient is gᵀa (the bias gradient Σ g).
+
+    One ``torch.autograd.grad`` call returns the output gradients (through the zero perturbations)
+    of the ``fast`` layers and the parameter gradients of every other parameter (accumulated into
+    ``.grad``); the ``fast`` layers' own parameter gradients are not computed, which saves their
+    weight-gradient GEMMs. A layer not in ``checked`` is checked once against autograd's gradient
+    (a parameter used outside the layer's own call would differ): on a mismatch it joins ``off``,
+    its parameters get autograd's gradient, it is left out of the result, and a warning says so.
+    Counts as the pass's backward (``maker._backward_done()``)."""
+    loss = maker._loss_to_differentiate()
+    own = {id(p) for n in fast for p in maker.module_params(n).values()}
+    others = [p for p in maker.model.parameters() if p.requires_grad and id(p) not in own]
+    check = [n for n in fast if n not in checked]
+    check_params = [p for n in check for p in maker.module_params(n).values()]
+    leaves = [e for n in fast for e in records[n].eps]
+    grads = torch.autograd.grad(loss, leaves + others + check_params, allow_unused=True)
+    g_eps, g_others = grads[:len(leaves)], grads[len(leaves):len(leaves) + len(others)]
+    g_check = grads[len(leaves) + len(others):]
+    for p, g in zip(others, g_others):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    ones = torch.ones(1, dtype=loss.dtype, device=loss.device)
+    rows: dict[str, tuple[Tensor, Tensor]] = {}
+    i = 0
+    for n in fast:
+        rec = records[n]
+        k = len(rec.eps)
+        gs = [(torch.zeros(e.shape, dtype=e.dtype, device=e.device) if g is None else g).unsqueeze(0)
+              for g, e in zip(g_eps[i:i + k], rec.eps)]  # None: the output does not reach the loss
+        i += k
+        ld = layer_data(replace(rec, grads=gs), ones)
+        a = ld.a.reshape(-1, ld.a.shape[-1])
+        if fold_bias and ld.has_bias:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        rows[n] = (a, ld.g.reshape(-1, ld.g.shape[-1]))
+    j = 0
+    for n in check:
+        params = maker.module_params(n)
+        want = dict(zip(params, g_check[j:j + len(params)]))
+        j += len(params)
+        checked.add(n)
+        got = gradient_from_rows(*rows[n], "bias" in params, fold_bias and "bias" in params, params["weight"].shape)
+        want = {k: torch.zeros_like(got[k]) if w is None else w for k, w in want.items()}  # None: unused
+        if all(torch.allclose(got[key], w, rtol=1e-3, atol=1e-5 * float(w.abs().max()) + 1e-30)
+               for key, w in want.items()):
+            continue
+        off.add(n)
+        del rows[n]
+        for key, p in params.items():
+            p.grad = want[key] if p.grad is None else p.grad + want[key]
+        warnings.warn(
+            f"{type(maker).__name__}: the gradient of layer {n!r} is not what its own inputs and output "
+            f"gradients give (a parameter used outside the layer's call?); the layer keeps the plain "
+            f"backward", UserWarning, stacklevel=5)
+    maker._backward_done()
+    return rows

@@ -65,6 +65,7 @@ from ..kron_rows import (
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
+from ._layer_pass import backward_with_rows
 from .base import PreconditionedGradientMaker
 from .config import NO_EMA, PreconditioningConfig
 from .state_packing import pack, unpack
@@ -424,51 +425,8 @@ class KfacGradientMaker(_CurvatureMaker):
         fast = [n for n, r in records.items() if n in cands and r.inputs and r.eps and self._rows_grad_pays(n, r)]
         if not fast:
             return self.backward()
-        loss = self._loss_to_differentiate()
-        own = {id(p) for n in fast for p in self.module_params(n).values()}
-        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in own]
-        check = [n for n in fast if n not in self._rows_grad_checked]
-        check_params = [p for n in check for p in self.module_params(n).values()]
-        leaves = [e for n in fast for e in records[n].eps]
-        grads = torch.autograd.grad(loss, leaves + others + check_params, allow_unused=True)
-        g_eps, g_others, g_check = grads[:len(leaves)], grads[len(leaves):len(leaves) + len(others)], \
-            grads[len(leaves) + len(others):]
-        for p, g in zip(others, g_others):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
-        ones = torch.ones(1, dtype=loss.dtype, device=loss.device)
-        i = 0
-        for n in fast:
-            rec = records[n]
-            k = len(rec.eps)
-            gs = [(torch.zeros(e.shape, dtype=e.dtype, device=e.device) if g is None else g).unsqueeze(0)
-                  for g, e in zip(g_eps[i:i + k], rec.eps)]  # None: the output does not reach the loss
-            ld = layer_data(replace(rec, grads=gs), ones)
-            i += k
-            a = ld.a.reshape(-1, ld.a.shape[-1])
-            if self.bias == "folded" and ld.has_bias:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            self._rows_grads[n] = (a, ld.g.reshape(-1, ld.g.shape[-1]))
-        j = 0
-        for n in check:
-            params = self.module_params(n)
-            got = gradient_from_rows(*self._rows_grads[n], "bias" in params, self.bias == "folded" and "bias" in params,
-                                     params["weight"].shape)
-            want = dict(zip(params, g_check[j:j + len(params)]))
-            j += len(params)
-            self._rows_grad_checked.add(n)
-            want = {k: torch.zeros_like(got[k]) if w is None else w for k, w in want.items()}  # None: unused
-            if not all(torch.allclose(got[key], w, rtol=1e-3, atol=1e-5 * float(w.abs().max()) + 1e-30)
-                       for key, w in want.items()):
-                self._rows_grad_off.add(n)
-                del self._rows_grads[n]
-                for key, p in params.items():
-                    p.grad = want[key] if p.grad is None else p.grad + want[key]
-                warnings.warn(
-                    f"{type(self).__name__}: the gradient of layer {n!r} is not what its own inputs and output "
-                    f"gradients give (a parameter used outside the layer's call?); the layer keeps the plain "
-                    f"backward", UserWarning, stacklevel=4)
-        self._backward_done()
+        self._rows_grads = backward_with_rows(self, records, fast, self._rows_grad_checked, self._rows_grad_off,
+                                              fold_bias=self.bias == "folded")
 
     def precondition(self) -> None:
         super().precondition()  # layers with a formed gradient (and leftovers accumulated in .grad)

@@ -39,6 +39,18 @@ Root methods (``root_method``):
   statistics change by one G Gᵀ per step). Cost per factor and refresh: one QR and two d x d x d
   products, against one ``eigh`` (about twice a QR on the CPU) and one product to form the root.
 
+Data space (``data_space="auto"``, the default; ``"never"`` turns it off): in one process, a Linear
+layer whose batch has few rows R against its widths (:func:`~curvfun.shampoo_math.rows_pay`; the
+MLP's 784 → 512 and 512 → 512 layers at batch 128) is recorded during the pass (inputs a, output
+gradients g), autograd skips its weight gradient, and everything above is taken through the rows
+(G = gᵀa never formed): L ← L + gᵀ(a aᵀ)g, R ← R + aᵀ(g gᵀ)a, the rotated gradient as the pair
+(Q_Lᵀgᵀ, a Q_R) with its row / column norms from the two R x R Grams, and the preconditioned
+gradient (L^{-1/4}gᵀ)(a R^{-1/4}). The same matrices in exact arithmetic; the layer's weight then
+gets its ``.grad`` from the maker (tensor hooks on it do not fire). A layer's first such step is
+checked against autograd (a parameter used outside its layer's call: warning, plain backward).
+A layer whose parameters hold a ``.grad`` at the start of the step (accumulated micro-batches)
+takes the plain backward for that step.
+
 The statistics start at ``1e-12·I`` as in ASDL / the reference implementation; until the first
 roots exist a parameter keeps its plain gradient. With the default config the curvature follows
 the preconditioner's schedule, so ``preconditioner_upd_interval=10`` refreshes both every 10
@@ -66,17 +78,23 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as cfd
+from ..capture import LayerRecord, _check_versions, record_layers
 from ..roots import descending_eigh, eigen_power_from, warm_eigh
 from ..shampoo_math import (
     as_matrix,
     block_slices,
     merge_blocks,
     precondition_matrix,
+    precondition_rows,
     prefer_factored,
+    rotate_rows,
+    rows_pay,
     shampoo_roots,
     split_blocks,
     update_statistics,
+    update_statistics_from_rows,
 )
+from ._layer_pass import backward_with_rows, module_infos
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
 
@@ -84,6 +102,7 @@ __all__ = ["ShampooGradientMaker"]
 
 _DAMPING_MODES = ("relative", "absolute")
 _ROOT_METHODS = ("eigh", "warm")
+_DATA_SPACE = ("auto", "never")
 
 
 def _check_count(name: str, value, allow_none: bool = False) -> None:
@@ -117,6 +136,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             default 50; None: only on the first refresh and as the non-finite fallback).
         basis_every: the subspace step on every this many refreshes; between them only the
             eigenvalues diag(Qᵀ M Q) are refreshed (``"warm"`` only; default 1: every refresh).
+        data_space: ``"auto"`` (default): Linear layers with few rows against their widths go
+            through their rows (see the module docstring); ``"never"``: plain ``loss.backward()``.
 
     Under ``torch.distributed`` the gradients are averaged over ranks before the statistics are
     updated (by DDP, or by the maker when the model is not wrapped), so the statistics are those
@@ -141,6 +162,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         warm_iters: int = 1,
         eigh_every: int | None = 50,
         basis_every: int = 1,
+        data_space: str = "auto",
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int):
             raise TypeError(f"block_size must be an int (-1 for no blocking), got {block_size!r}")
@@ -152,6 +174,9 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             raise ValueError(f"damping_mode must be one of {_DAMPING_MODES}, got {damping_mode!r}")
         if root_method not in _ROOT_METHODS:
             raise ValueError(f"root_method must be one of {_ROOT_METHODS}, got {root_method!r}")
+        if data_space not in _DATA_SPACE:
+            raise ValueError(f"data_space must be one of {_DATA_SPACE} ('auto': Linear layers through their rows "
+                             f"where cheaper; 'never': plain backward), got {data_space!r}")
         _check_count("warm_iters", warm_iters)
         _check_count("eigh_every", eigh_every, allow_none=True)
         _check_count("basis_every", basis_every)
@@ -178,8 +203,17 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         #: ``"warm"`` only: parameter key -> whether the λ in :attr:`bases` are diag(Qᵀ S Q) of the
         #: current statistics S (so that the next update can move them by the rotated gradient)
         self.eigen_fresh: dict[str, bool] = {}
-        #: within one step: parameter key -> rotated gradient tiles Q_Lᵀ G Q_R (not state)
-        self._rotated: dict[str, list[Tensor]] = {}
+        #: within one step: parameter key -> rotated gradient tiles, Q_Lᵀ G Q_R or from the rows the
+        #: pair (Q_Lᵀ gᵀ, a Q_R) (not state)
+        self._rotated: dict[str, list] = {}
+        self.data_space = data_space
+        #: within one step: weight key -> (a, g), the rows of the layers that skip autograd's weight
+        #: gradient, and their tiles with the R x R Grams (g_r, a_c, a_c a_cᵀ, g_r g_rᵀ)
+        self._rows: dict[str, tuple[Tensor, Tensor]] = {}
+        self._row_tiles: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        #: modules checked once against autograd / left on the plain backward
+        self._rows_checked: set[str] = set()
+        self._rows_off: set[str] = set()
 
     # --- which parameters ----------------------------------------------------------------------
     def _matrix_params(self) -> dict[str, nn.Parameter]:
@@ -193,26 +227,91 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     def do_forward_and_backward(self, step: int | None = None) -> bool:
         return True
 
+    # --- the pass, through the rows where cheaper ----------------------------------------------
+    def _rows_candidates(self) -> dict:
+        """Linear layers that may take their weight gradient from the rows this step."""
+        if self.data_space != "auto" or cfd.is_distributed():
+            return {}
+        matrix = self._matrix_params()
+        mods = {}
+        for name in self.preconditioned_modules:
+            params = self.module_params(name)
+            w = params.get("weight")
+            if (name in self._rows_off or w is None or not isinstance(self.preconditioned_modules[name], nn.Linear)
+                    or matrix.get(_key(name, "weight")) is not w or any(p.grad is not None for p in params.values())):
+                continue
+            mods[name] = self.preconditioned_modules[name]
+        return module_infos(mods)
+
+    def _rows_pay(self, rec: LayerRecord) -> bool:
+        m = rec.module
+        rows = sum(x.numel() // max(x.shape[-1], 1) for x in rec.inputs)
+        return rows_pay(rows, m.out_features, m.in_features, self.block_size)
+
+    def plain_pass(self) -> None:
+        """The step's forward and backward: recorded, with the rows of the layers where that is
+        cheaper (:meth:`_rows_candidates`, :func:`rows_pay`), else plain."""
+        infos = self._rows_candidates()
+        if not infos:
+            return super().plain_pass()
+        with record_layers(infos) as records:
+            self.forward()
+        fast = [n for n, r in records.items() if r.inputs and r.eps and self._rows_pay(r)]
+        if not fast:
+            self.backward()
+        else:
+            for name, (a, g) in backward_with_rows(self, records, fast, self._rows_checked, self._rows_off).items():
+                bias = self.module_params(name).get("bias")
+                if bias is not None:
+                    bias.grad = g.sum(0).to(bias.dtype)
+                self._rows[_key(name, "weight")] = (a, g)
+        _check_versions(records)
+
+    def _tiles_from_rows(self, key: str) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``[(g_r, a_c, a_c a_cᵀ, g_r g_rᵀ)]`` per tile of ``key``'s rows, the Grams computed once
+        per row / column block and step."""
+        tiles = self._row_tiles.get(key)
+        if tiles is None:
+            a, g = self._rows[key]
+            aa, gg, tiles = {}, {}, []
+            for r, c in block_slices((g.shape[1], a.shape[1]), self.block_size):
+                g_r, a_c = g[:, r], a[:, c]
+                if c.start not in aa:
+                    aa[c.start] = a_c @ a_c.T
+                if r.start not in gg:
+                    gg[r.start] = g_r @ g_r.T
+                tiles.append((g_r, a_c, aa[c.start], gg[r.start]))
+            self._row_tiles[key] = tiles
+        return tiles
+
     # --- the three stages ----------------------------------------------------------------------
     def update_curvature(self) -> None:
         decay = self.config.ema_decay
         for key, p in self._matrix_params().items():
-            if p.grad is None:
+            rows = key in self._rows
+            if p.grad is None and not rows:
                 continue
-            G = as_matrix(p.grad.detach())
+            G = p if rows else as_matrix(p.grad.detach())  # G: shape, dtype and device only when rows
+            shape = (p.shape[0], p[0].numel())
             stats = self.statistics.get(key)
             if stats is None:
                 stats = [
                     [self.init_scale * _eye(r.stop - r.start, G), self.init_scale * _eye(c.stop - c.start, G)]
-                    for r, c in block_slices(G.shape, self.block_size)
+                    for r, c in block_slices(shape, self.block_size)
                 ]
-            new = [list(update_statistics(L, R, tile, decay)) for (L, R), tile in zip(stats, split_blocks(G, self.block_size))]
+            if rows:
+                tiles = self._tiles_from_rows(key)
+                new = [list(update_statistics_from_rows(L, R, g, a, decay, aa, gg))
+                       for (L, R), (g, a, aa, gg) in zip(stats, tiles)]
+            else:
+                tiles = split_blocks(G, self.block_size)
+                new = [list(update_statistics(L, R, tile, decay)) for (L, R), tile in zip(stats, tiles)]
             # PSD matrices are finite iff their diagonals are (|S_ij| <= sqrt(S_ii S_jj), NaN shows on
             # the diagonal): a d-vector check instead of a scan of every entry
             if all(bool(torch.isfinite(S.diagonal()).all()) for pair in new for S in pair):
                 self.statistics[key] = new
                 if self.root_method == "warm":
-                    self._track_eigenvalues(key, split_blocks(G, self.block_size), decay)
+                    self._track_eigenvalues(key, tiles, decay)
             else:
                 self.statistics[key] = self._install_if_finite(key, new, stats, "statistics")
 
@@ -222,22 +321,29 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         full = old is None or (self.eigh_every is not None and count >= self.eigh_every)
         return not full and count % self.basis_every != 0
 
-    def _track_eigenvalues(self, key: str, tiles: list[Tensor], decay: float) -> None:
-        """``"warm"``, after the statistics of ``key`` took ``tiles``: when this step's refresh keeps
-        the basis and the kept λ were current, move them by the rotated gradient G' = Q_Lᵀ G Q_R
-        (λ_L ← a·λ_L + b·rowsq(G'), λ_R ← a·λ_R + b·colsq(G'), exactly diag(QᵀSQ) of the updated
-        S) and keep G' for :meth:`precondition`; otherwise mark λ stale."""
+    def _track_eigenvalues(self, key: str, tiles: list, decay: float) -> None:
+        """``"warm"``, after the statistics of ``key`` took ``tiles`` (gradient tiles, or the
+        :meth:`_tiles_from_rows`): when this step's refresh keeps the basis and the kept λ were
+        current, move them by the rotated gradient G' = Q_Lᵀ G Q_R (λ_L ← α·λ_L + β·rowsq(G'),
+        λ_R ← α·λ_R + β·colsq(G'), exactly diag(QᵀSQ) of the updated S) and keep G' (from rows:
+        its factors, :func:`rotate_rows`) for :meth:`precondition`; otherwise mark λ stale."""
         fresh = self.eigen_fresh.get(key, False)
         self.eigen_fresh[key] = False
         if not (fresh and self.do_update_preconditioner() and self._keeps_basis(key)):
             return
-        a, b = (1.0, 1.0) if decay == -1 else (1.0 - decay, float(decay))
+        alpha, beta = (1.0, 1.0) if decay == -1 else (1.0 - decay, float(decay))
         rotated = []
         for (L_pair, R_pair), G in zip(self.bases[key], tiles):
-            Gr = L_pair[0].T @ G @ R_pair[0]
-            # squared row / column norms without a d_out x d_in temporary
-            L_pair[1] = torch.add(L_pair[1] * a, torch.linalg.vector_norm(Gr, dim=1).square_(), alpha=b)
-            R_pair[1] = torch.add(R_pair[1] * a, torch.linalg.vector_norm(Gr, dim=0).square_(), alpha=b)
+            if isinstance(G, Tensor):
+                Gr = L_pair[0].T @ G @ R_pair[0]
+                # squared row / column norms without a d_out x d_in temporary
+                rowsq, colsq = torch.linalg.vector_norm(Gr, dim=1).square_(), torch.linalg.vector_norm(Gr, dim=0).square_()
+            else:
+                g, a, aa, gg = G
+                U, V, rowsq, colsq = rotate_rows(g, a, L_pair[0], R_pair[0], aa, gg)
+                Gr = (U, V)
+            L_pair[1] = torch.add(L_pair[1] * alpha, rowsq, alpha=beta)
+            R_pair[1] = torch.add(R_pair[1] * alpha, colsq, alpha=beta)
             rotated.append(Gr)
         self._rotated[key] = rotated
         self.eigen_fresh[key] = True
@@ -316,17 +422,28 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     def precondition(self) -> None:
         for key, p in self._matrix_params().items():
             roots = self.roots.get(key)
-            if roots is None or p.grad is None:
+            rows = self._rows.get(key)
+            if rows is not None:
+                a, g = rows
+                if roots is None:  # no roots yet: the plain gradient gᵀa
+                    p.grad = (g.T @ a).reshape(p.shape).to(p.dtype)
+                    continue
+            elif roots is None or p.grad is None:
                 continue
-            G = as_matrix(p.grad.detach())
             rotated = self._rotated.get(key)
             if rotated is not None and self._rotated_matches(key, roots):
                 # Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ with G' = Q_Lᵀ G Q_R from _track_eigenvalues
-                tiles = [Lr[0] @ ((Gr.mul_(Lr[1].unsqueeze(-1)).mul_(Rr[1])) @ Rr[0].T) for (Lr, Rr), Gr in zip(roots, rotated)]
+                tiles = [_apply_rotated(Gr, Lr, Rr) for (Lr, Rr), Gr in zip(roots, rotated)]
+            elif rows is not None:
+                tiles = [precondition_rows(g_r, a_c, Lr, Rr) for (Lr, Rr), (g_r, a_c) in zip(roots, _row_pairs(a, g, self.block_size))]
             else:
-                tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(G, self.block_size))]
-            new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, G.shape, self.block_size)
-            p.grad.copy_(new.reshape(p.grad.shape))
+                tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(as_matrix(p.grad.detach()), self.block_size))]
+            shape = (p.shape[0], p[0].numel())
+            new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, shape, self.block_size)
+            if rows is not None:
+                p.grad = new.reshape(p.shape).to(p.dtype)
+            else:
+                p.grad.copy_(new.reshape(p.grad.shape))
 
 
     def _rotated_matches(self, key: str, roots: list[list]) -> bool:
@@ -339,10 +456,28 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         )
 
     def _startup(self) -> None:
-        self._rotated = {}
+        self._rotated, self._rows, self._row_tiles = {}, {}, {}
 
     def _teardown(self) -> None:
-        self._rotated = {}
+        self._rotated, self._rows, self._row_tiles = {}, {}, {}
+
+
+def _key(module: str, local: str) -> str:
+    return f"{module}.{local}" if module else local
+
+
+def _row_pairs(a: Tensor, g: Tensor, block_size: int) -> list[tuple[Tensor, Tensor]]:
+    return [(g[:, r], a[:, c]) for r, c in block_slices((g.shape[1], a.shape[1]), block_size)]
+
+
+def _apply_rotated(Gr, L_root: list[Tensor], R_root: list[Tensor]) -> Tensor:
+    """Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ for the rotated gradient G' (consumed), or from its factors
+    (U, V) = (Q_Lᵀgᵀ, a Q_R) as (Q_L (w_L ⊙ U)) ((V ⊙ w_R) Q_Rᵀ)."""
+    (Q_L, w_L), (Q_R, w_R) = L_root, R_root
+    if isinstance(Gr, Tensor):
+        return Q_L @ (Gr.mul_(w_L.unsqueeze(-1)).mul_(w_R) @ Q_R.T)
+    U, V = Gr
+    return (Q_L @ U.mul_(w_L.unsqueeze(-1))) @ (V.mul_(w_R) @ Q_R.T)
 
 
 def _eye(d: int, like: Tensor) -> Tensor:
