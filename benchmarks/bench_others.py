@@ -8,20 +8,21 @@ hit all of them alike; a cycle is one step, or a whole 10-step cycle for the int
 (refresh included); times are medians over rounds per step, ratios against the SGD step of the same
 model in the same run.
 
-Where the time goes (MLP, 2 threads, profiled). ``root_method="eigh"`` at interval 1: about two
-thirds of a step is the six eigendecompositions (784, 5 x 512, 10), about 70 ms, i.e. ~20 SGD
-steps; the statistics (fused ``addmm``) and the preconditioning products are ~4 SGD steps.
-``root_method="warm"`` refreshing the basis on every step (one subspace step: Y = M Q, QR, Rayleigh
-quotients) saves only ~10%: LAPACK's Householder QR costs about half an ``eigh`` here (512: 6.5 vs
-14 ms), plus two products per factor. What brings interval 1 near 10x (measured ~11x with
-``basis_every=10``, ~10.2x with 20) is keeping the basis between subspace steps and refreshing
-only the eigenvalues on the other steps, which costs nothing beyond the preconditioning's own
-products (the rotated gradient Q_Lᵀ G Q_R gives the new diag(Qᵀ S Q); see
-``curvfun.precondition.shampoo``). What remains per step is then the statistics (two products per
-layer), the rotation into and out of the eigenbases (four), and the amortized subspace step. Roots are applied
-dense or factored, whichever is cheaper for the factor's shape and interval. The CNN's Linear head
-has a 4096 x 4096 right Shampoo factor (one eigh(4096) per refresh), so the CNN rows use
-``block_size=512``.
+Where the time goes (MLP, 2 threads, profiled). ``root_method="eigh"`` at interval 1: most of a
+step is the six eigendecompositions (784, 5 x 512, 10): LAPACK's ``eigh`` takes ~58 ms at 784 and
+~22 ms at 512 on this CPU, ~20 SGD steps together, which no exact per-step decomposition avoids.
+``root_method="warm"`` refreshing the basis on every step (one subspace step: Y = M Q, QR,
+Rayleigh quotients) saves only ~10%: Householder QR costs about a third of an ``eigh`` (784: 21 vs
+58 ms), plus two products per factor. What brings interval 1 under 10x is keeping the basis
+between subspace steps (``basis_every``; SOAP refreshes its basis every 10 steps) and refreshing
+only the eigenvalues on the other steps, from the rotated gradient the preconditioning needs anyway
+(see ``curvfun.precondition.shampoo``), together with the data-space route (``data_space="auto"``,
+the default): the MLP's two wide layers (batch 128 against widths 512 / 784) take their statistics
+gᵀ(a aᵀ)g, aᵀ(g gᵀ)a, their rotated gradient and their preconditioned gradient through the 128
+rows, about a third of the products on the formed 512 x 784 gradient. The ``data_space='never'``
+rows show the same variants on the formed gradient. The CNN's Linear head has a 4096 x 4096 right
+Shampoo factor (one eigh(4096) per refresh), so the CNN rows use ``block_size=512``; its layers
+are convolutions and a 10-row head, where the rows route does not pay (``rows_pay``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def run(kind: str, base) -> dict:
         (f"Shampoo warm interval 1, basis every 20{tag}", shampoo(1, root_method="warm", basis_every=20), 20),
         ("SMW empirical NG (damping 1e-3)", lambda m: SmwEmpNaturalGradientMaker(m, PreconditioningConfig(damping=1e-3)), 1),
     ]
+    if kind == "mlp":  # the CNN has no layer where the rows route pays
+        variants[-1:-1] = [
+            ("  formed gradient (data_space='never'): eigh interval 1", shampoo(1, data_space="never"), 1),
+            ("  formed gradient (data_space='never'): eigh interval 10", shampoo(10, data_space="never"), 10),
+            ("  formed gradient (data_space='never'): warm, basis every 10",
+             shampoo(1, root_method="warm", basis_every=10, data_space="never"), 10),
+        ]
     steps = []
     for _, make, _ in variants:
         model = copy.deepcopy(base)

@@ -603,16 +603,15 @@ def assign_modules(
 
 
 def _tensor_finite(t: Tensor) -> bool:
-    """One reduction instead of isfinite's four passes: a sum accumulated in float64 is NaN/Inf iff
-    an entry is (a float32/bf16 tensor's finite entries cannot overflow it); a non-finite float64
-    sum may be an overflow of huge finite entries, so that case is settled entrywise."""
+    """One reduction instead of isfinite's passes: the sum is finite only if every entry is (a NaN
+    or Inf entry makes it NaN or Inf); a non-finite sum may be an overflow of huge finite entries,
+    so that case is settled entrywise. The sum runs in the tensor's own dtype (a float64 sum of a
+    float32 tensor would convert it first, a copy of the whole tensor)."""
     if t.numel() == 0:
         return True
     if t.is_complex():
         return bool(torch.isfinite(t).all())
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return True
-    return t.dtype == torch.float64 and bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def all_finite(tree: Any) -> bool:

@@ -48,8 +48,9 @@ gradients g), autograd skips its weight gradient, and everything above is taken 
 gradient (L^{-1/4}gᵀ)(a R^{-1/4}). The same matrices in exact arithmetic; the layer's weight then
 gets its ``.grad`` from the maker (tensor hooks on it do not fire). A layer's first such step is
 checked against autograd (a parameter used outside its layer's call: warning, plain backward).
-A layer whose parameters hold a ``.grad`` at the start of the step (accumulated micro-batches)
-takes the plain backward for that step.
+A layer whose parameters hold a non-zero ``.grad`` at the start of the step (accumulated
+micro-batches) takes the plain backward for that step; zeroed gradients
+(``zero_grad(set_to_none=False)``) are written in place.
 
 The statistics start at ``1e-12·I`` as in ASDL / the reference implementation; until the first
 roots exist a parameter keeps its plain gradient. With the default config the curvature follows
@@ -238,7 +239,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             params = self.module_params(name)
             w = params.get("weight")
             if (name in self._rows_off or w is None or not isinstance(self.preconditioned_modules[name], nn.Linear)
-                    or matrix.get(_key(name, "weight")) is not w or any(p.grad is not None for p in params.values())):
+                    or matrix.get(_key(name, "weight")) is not w or any(_holds_gradient(p) for p in params.values())):
                 continue
             mods[name] = self.preconditioned_modules[name]
         return module_infos(mods)
@@ -263,7 +264,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             for name, (a, g) in backward_with_rows(self, records, fast, self._rows_checked, self._rows_off).items():
                 bias = self.module_params(name).get("bias")
                 if bias is not None:
-                    bias.grad = g.sum(0).to(bias.dtype)
+                    _write_grad(bias, g.sum(0))
                 self._rows[_key(name, "weight")] = (a, g)
         _check_versions(records)
 
@@ -426,7 +427,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             if rows is not None:
                 a, g = rows
                 if roots is None:  # no roots yet: the plain gradient gᵀa
-                    p.grad = (g.T @ a).reshape(p.shape).to(p.dtype)
+                    _write_grad(p, (g.T @ a).reshape(p.shape))
                     continue
             elif roots is None or p.grad is None:
                 continue
@@ -441,7 +442,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             shape = (p.shape[0], p[0].numel())
             new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, shape, self.block_size)
             if rows is not None:
-                p.grad = new.reshape(p.shape).to(p.dtype)
+                _write_grad(p, new.reshape(p.shape))
             else:
                 p.grad.copy_(new.reshape(p.grad.shape))
 
@@ -460,6 +461,20 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
 
     def _teardown(self) -> None:
         self._rotated, self._rows, self._row_tiles = {}, {}, {}
+
+
+def _holds_gradient(p: Tensor) -> bool:
+    """Whether ``p.grad`` holds something to accumulate onto (not None and not all zeros, as after
+    ``zero_grad(set_to_none=False)``)."""
+    return p.grad is not None and bool(p.grad.any())
+
+
+def _write_grad(p: Tensor, value: Tensor) -> None:
+    """``p.grad = value``, into the existing (zeroed) ``.grad`` tensor when there is one."""
+    if p.grad is None:
+        p.grad = value.to(p.dtype)
+    else:
+        p.grad.copy_(value)
 
 
 def _key(module: str, local: str) -> str:
