@@ -119,7 +119,9 @@ def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "facto
     for dtype in (M.dtype, torch.float64):
         Md = (M.to(dtype) + delta.to(dtype)[..., None, None] * eye.to(dtype))
         L, info = torch.linalg.cholesky_ex(Md)
-        if bool((info == 0).all()) and bool(torch.isfinite(L).all()):
+        # a NaN / Inf anywhere in row i of L reaches L_ii = sqrt(M_ii - Σ_k L_ik²): the diagonal
+        # tells, and one host sync covers both tests
+        if bool((info == 0).all() & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()):
             # L^{-1} by one triangular solve, then L^{-T} L^{-1} by one GEMM: symmetric by
             # construction and ~3x faster than torch.cholesky_inverse on CPU
             Linv = torch.linalg.solve_triangular(L, eye.to(dtype).expand_as(L), upper=False)

@@ -49,11 +49,13 @@ def prefer_rows(rows: int, dim: int) -> bool:
     return 2 * rows <= dim
 
 
-def woodbury_core(Y: Tensor, delta: Tensor) -> Tensor:
-    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for rows Y ``[R, d]``: one R x R Gram, its damped Cholesky
-    inverse (:func:`curvfun.kron.damped_cholesky_inverse`, retried in float64) and one GEMM.
-    O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ: two GEMMs through the R rows."""
-    return damped_cholesky_inverse(Y @ Y.T, delta, "R x R Woodbury core of a K-FAC factor") @ Y
+def woodbury_core(Y: Tensor, delta: Tensor, gram: Tensor | None = None) -> Tensor:
+    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for rows Y ``[R, d]``: one R x R Gram (or ``gram`` = Y Yᵀ when
+    already formed), its damped Cholesky inverse (:func:`curvfun.kron.damped_cholesky_inverse`,
+    retried in float64) and one GEMM. O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ: two
+    GEMMs through the R rows."""
+    gram = Y @ Y.T if gram is None else gram
+    return damped_cholesky_inverse(gram, delta, "R x R Woodbury core of a K-FAC factor") @ Y
 
 
 def _two_sided(grad: Mapping[str, Tensor], left, right, folded: bool) -> dict[str, Tensor]:
@@ -120,17 +122,22 @@ class KronRowsFactor:
 
     def damped_inverse(self, damping: float, heuristic: str = "pi") -> "KronRowsInverse":
         """(B+δ_B I)⁻¹ · (A+δ_A I)⁻¹: Woodbury cores for rows sides, Cholesky inverses for dense
-        sides. O(R²d + R³) per rows side, O(d³) per dense side."""
-        dA, dB = self.damping(damping, heuristic)
-        A, kA = self._side_inverse(self.A, self.a_rows, dA, "input factor A")
-        B, kB = self._side_inverse(self.B, self.b_rows, dB, "output factor B")
+        sides. O(R²d + R³) per rows side, O(d³) per dense side. A rows side's R x R Gram Y Yᵀ is
+        formed once, for its trace (tr YᵀY = tr YYᵀ, the π-damping) and for its core."""
+        gram_A = self.A @ self.A.T if self.a_rows else None
+        gram_B = self.B @ self.B.T if self.b_rows else None
+        trace = lambda M, gram: (M if gram is None else gram).diagonal().sum()  # noqa: E731
+        dA, dB = damping_from_traces(trace(self.A, gram_A), self.A.shape[-1], trace(self.B, gram_B),
+                                     self.B.shape[-1], damping, heuristic)
+        A, kA = self._side_inverse(self.A, gram_A, dA, "input factor A")
+        B, kB = self._side_inverse(self.B, gram_B, dB, "output factor B")
         return KronRowsInverse(A, B, kA, kB, dA, dB, self.a_rows, self.b_rows,
                                self.weight_shape, self.has_bias, self.folded)
 
     @staticmethod
-    def _side_inverse(M: Tensor, rows: bool, delta: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
-        if rows:
-            return M, woodbury_core(M, delta)
+    def _side_inverse(M: Tensor, gram: Tensor | None, delta: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
+        if gram is not None:  # a rows side
+            return M, woodbury_core(M, delta, gram)
         return damped_cholesky_inverse(M, delta, what), None
 
 
@@ -186,6 +193,13 @@ class KronRowsInverse:
         if not self.b_rows:
             return self.B @ G
         return torch.addmm(G, self.B.T, self.B_core @ G, alpha=-1)
+
+    def _left_undamped_t(self, H: Tensor) -> Tensor:
+        """:meth:`_left_undamped` of Hᵀ, transposed: H (B+δ_B I)⁻¹ (dense side), H − (H Kᵀ) Y (rows
+        side), for H ``[n, o]`` stored row-major (no transposed copy of H)."""
+        if not self.b_rows:
+            return H @ self.B
+        return torch.addmm(H, H @ self.B_core.T, self.B, alpha=-1)
 
     def _scale(self) -> tuple[Tensor | float, Tensor | float]:
         """The 1/δ factors the undamped applications leave out (1 for dense sides)."""
@@ -252,21 +266,22 @@ def preconditioned_gradient_from_rows(inv, a: Tensor, g: Tensor) -> dict[str, Te
     gradient is formed first — cheaper when R < min(o, d) (see :func:`rows_gradient_pays`).
     None for other inverse types."""
     if isinstance(inv, KronRowsInverse):
-        gl = inv._left_undamped(g.T)  # [o, R], δ_B·(B+δ_B)⁻¹gᵀ on a rows side
+        # [R, o]: the B side on the rows of g as they are stored, ((B+δ_B)⁻¹gᵀ)ᵀ up to δ_B
+        gl = inv._left_undamped_t(g)
         ar = inv._right_undamped(a)  # [R, d]
         sa, sb = inv._scale()
         folded, has_bias, shape = inv.folded, inv.has_bias, inv.weight_shape
     elif isinstance(inv, KronInverse) and inv.A_inv.ndim == 2:
-        gl, ar, sa, sb = inv.B_inv @ g.T, a @ inv.A_inv, 1.0, 1.0
+        gl, ar, sa, sb = g @ inv.B_inv, a @ inv.A_inv, 1.0, 1.0  # B_inv symmetric: (B_inv gᵀ)ᵀ
         folded, has_bias, shape = inv.folded, inv.has_bias, inv.weight_shape
     else:
         return None
-    W = (gl * (sa * sb)) @ ar  # the 1/δ scalings on the small [o, R] factor
+    W = (gl * (sa * sb)).T @ ar  # the 1/δ scalings on the small [R, o] factor
     if folded:
         return {"weight": W[:, :-1].reshape(shape), "bias": W[:, -1].contiguous()}
     out = {"weight": W.reshape(shape)}
     if has_bias:
-        out["bias"] = gl.sum(1) * sb
+        out["bias"] = gl.sum(0) * sb
     return out
 
 

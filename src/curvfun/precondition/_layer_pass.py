@@ -136,9 +136,9 @@ def backward_with_rows(
         if all(g is None for g in gs):  # no output reaches the loss: no gradient, as loss.backward()
             continue
         w = maker.module_params(n)["weight"]
-        a = torch.cat([x.reshape(-1, x.shape[-1]) for x in rec.inputs]).to(w.dtype)
-        g = torch.cat([(torch.zeros_like(e) if ge is None else ge).reshape(-1, e.shape[-1])
-                       for ge, e in zip(gs, rec.eps)]).to(w.dtype)
+        a = _stack_rows([x.reshape(-1, x.shape[-1]) for x in rec.inputs]).to(w.dtype)
+        g = _stack_rows([(torch.zeros_like(e) if ge is None else ge).reshape(-1, e.shape[-1])
+                         for ge, e in zip(gs, rec.eps)]).to(w.dtype)
         if fold_bias and "bias" in maker.module_params(n):
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         rows[n] = (a, g)
@@ -166,6 +166,11 @@ def backward_with_rows(
             f"backward", UserWarning, stacklevel=5)
     maker._backward_done()
     return rows
+
+
+def _stack_rows(parts: list[Tensor]) -> Tensor:
+    """The rows of every call, one after another (no copy for a single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _check_tolerance(rec: LayerRecord, dtype: torch.dtype) -> tuple[float, float]:
