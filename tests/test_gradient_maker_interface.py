@@ -872,3 +872,21 @@ def test_wrapped_models_are_named_as_the_inner_module():
     assert list(a.preconditioned) == ["0", "2"]
     gm = Counting(nn.DataParallel(inner))
     assert gm.module_name_of(inner[2].bias) == ("2", "bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_detects_nan_and_inf_and_not_overflowing_sums(dtype):
+    """The finiteness check behind "non-finite curvature is not installed": one NaN or ±Inf entry
+    anywhere makes a tree non-finite; finite entries whose sum overflows the dtype do not."""
+    from curvfun.precondition.base import all_finite
+
+    big = torch.finfo(dtype).max
+    x = torch.full((64, 3), big / 2, dtype=dtype)  # finite entries, their sum overflows
+    assert all_finite({"a": x, "b": [torch.zeros(0, dtype=dtype), 1.5, None]})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[17, 2] = bad
+        assert not all_finite({"a": torch.ones(2, dtype=dtype), "b": (y,)})
+    assert not all_finite([float("nan")])
+    assert all_finite(torch.tensor([1 + 2j, 3j]))
+    assert not all_finite(torch.tensor([1 + 2j, complex(float("nan"), 0)]))
