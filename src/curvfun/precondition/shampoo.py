@@ -89,6 +89,7 @@ from ..shampoo_math import (
     precondition_rows,
     prefer_factored,
     rotate_rows,
+    row_tiles,
     rows_pay,
     shampoo_roots,
     split_blocks,
@@ -292,20 +293,18 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             rows = key in self._rows
             if p.grad is None and not rows:
                 continue
-            G = p if rows else as_matrix(p.grad.detach())  # G: shape, dtype and device only when rows
-            shape = (p.shape[0], p[0].numel())
             stats = self.statistics.get(key)
             if stats is None:
                 stats = [
-                    [self.init_scale * _eye(r.stop - r.start, G), self.init_scale * _eye(c.stop - c.start, G)]
-                    for r, c in block_slices(shape, self.block_size)
+                    [self.init_scale * _eye(r.stop - r.start, p), self.init_scale * _eye(c.stop - c.start, p)]
+                    for r, c in block_slices((p.shape[0], p[0].numel()), self.block_size)
                 ]
             if rows:
                 tiles = self._tiles_from_rows(key)
                 new = [list(update_statistics_from_rows(L, R, g, a, decay, aa, gg))
                        for (L, R), (g, a, aa, gg) in zip(stats, tiles)]
             else:
-                tiles = split_blocks(G, self.block_size)
+                tiles = split_blocks(as_matrix(p.grad.detach()), self.block_size)
                 new = [list(update_statistics(L, R, tile, decay)) for (L, R), tile in zip(stats, tiles)]
             # PSD matrices are finite iff their diagonals are (|S_ij| <= sqrt(S_ii S_jj), NaN shows on
             # the diagonal): a d-vector check instead of a scan of every entry
@@ -436,7 +435,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 # Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ with G' = Q_Lᵀ G Q_R from _track_eigenvalues
                 tiles = [_apply_rotated(Gr, Lr, Rr) for (Lr, Rr), Gr in zip(roots, rotated)]
             elif rows is not None:
-                tiles = [precondition_rows(g_r, a_c, Lr, Rr) for (Lr, Rr), (g_r, a_c) in zip(roots, _row_pairs(a, g, self.block_size))]
+                tiles = [precondition_rows(g_r, a_c, Lr, Rr) for (Lr, Rr), (g_r, a_c) in zip(roots, row_tiles(g, a, self.block_size))]
             else:
                 tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(as_matrix(p.grad.detach()), self.block_size))]
             shape = (p.shape[0], p[0].numel())
@@ -479,10 +478,6 @@ def _write_grad(p: Tensor, value: Tensor) -> None:
 
 def _key(module: str, local: str) -> str:
     return f"{module}.{local}" if module else local
-
-
-def _row_pairs(a: Tensor, g: Tensor, block_size: int) -> list[tuple[Tensor, Tensor]]:
-    return [(g[:, r], a[:, c]) for r, c in block_slices((g.shape[1], a.shape[1]), block_size)]
 
 
 def _apply_rotated(Gr, L_root: list[Tensor], R_root: list[Tensor]) -> Tensor:
