@@ -70,6 +70,35 @@ def test_maker_step_under_bf16_autocast(name):
     assert err < 0.1, f"{name}: relative difference {err:.3g} between the bf16-autocast and float32 steps"
 
 
+@pytest.mark.parametrize("name", ["kfac", "shampoo"])
+def test_rows_route_under_bf16_autocast(name):
+    """The data-space route's first-step check compares gᵀa (float32 products of the bf16 output
+    gradients) with autograd's weight gradient (a bf16 GEMM): rounding must not read as a parameter
+    used outside its layer, i.e. no warning, the wide layers keep the route, and the step stays
+    within bf16 accuracy of the float32 step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3)).float()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(8, 64, generator=g, dtype=torch.float32), torch.randint(0, 3, (8,), generator=g)
+    grads = {}
+    for amp in (False, True):
+        m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3)).float()
+        m.load_state_dict(model.state_dict())
+        gm = MAKERS[name](m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = gm.setup_model_call(m, x)
+                gm.setup_loss_call(F.cross_entropy, y, t)
+                gm.forward_and_backward()
+        checked = gm._rows_checked if name == "shampoo" else gm._rows_grad_checked
+        off = gm._rows_off if name == "shampoo" else gm._rows_grad_off
+        assert {"0", "2"} <= checked and not off, (checked, off)
+        grads[amp] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    err = (grads[True] - grads[False]).norm() / grads[False].norm()
+    assert err < 0.1, f"{name}: relative difference {err:.3g} between the bf16-autocast and float32 steps"
+
+
 def test_precision_contexts_nest():
     assert autocast_state() == ()
     with torch.autocast("cpu", dtype=torch.bfloat16):

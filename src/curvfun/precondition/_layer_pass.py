@@ -110,8 +110,8 @@ def backward_with_rows(
     weight-gradient GEMMs. A layer none of whose outputs reaches the loss is left out of the result
     (its parameters keep ``.grad`` as it was, as after ``loss.backward()``). A layer not in
     ``checked`` is checked once against autograd's gradient (a parameter used outside the layer's
-    own call would differ; to ~1e-4 relative in float32, 1e-9 in float64, 1e-2 for reduced-precision
-    records, so an outside use smaller than that goes unnoticed): on a mismatch it joins ``off``,
+    own call would differ; to ~1e-4 relative in float32, 1e-9 in float64, 8 units of rounding for
+    reduced-precision records (autocast), so an outside use smaller than that goes unnoticed): on a mismatch it joins ``off``,
     its parameters get autograd's gradient, it is left out of the result, and a warning says so.
     Counts as the pass's backward (``maker._backward_done()``)."""
     loss = maker._loss_to_differentiate()
@@ -177,8 +177,12 @@ def _check_tolerance(rec: LayerRecord, dtype: torch.dtype) -> tuple[float, float
     """(rtol, atol relative to the largest entry) for comparing gᵀa with autograd's weight gradient:
     the same products up to summation order, or up to the rounding of reduced-precision records
     (autocast) against the gradient formed in the parameters' dtype."""
-    if any(x.is_floating_point() and torch.finfo(x.dtype).bits < 32 for x in rec.inputs):
-        return 1e-2, 1e-3
+    # under autocast the layer's GEMM ran in reduced precision even on float32 inputs: its outputs
+    # (the zero perturbations' dtype) tell
+    low = [torch.finfo(t.dtype).eps for t in (*rec.inputs, *rec.eps)
+           if t.is_floating_point() and torch.finfo(t.dtype).bits < 32]
+    if low:  # autograd's product was rounded to that precision (bf16: 2⁻⁸ relative to the largest entry)
+        return 8 * max(low), 8 * max(low)
     if dtype == torch.float64:
         return 1e-9, 1e-12
     return 1e-4, 1e-6
