@@ -185,17 +185,18 @@ def _wide_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 24), nn.Tanh(), nn.Linear(24, 3)).to(DTYPE)
 
 
-ROWS = {  # makers whose data-space route applies to a wide layer at a small batch; -> attribute of checked layers
-    "kfac_rows": (lambda m: P.KfacGradientMaker(m, cfg(), fisher_type="fisher_emp"), "_rows_grad_checked"),
-    "shampoo_rows": (lambda m: P.ShampooGradientMaker(m, cfg()), "_rows_checked"),
+ROWS = {  # makers whose data-space route applies to a wide layer at a small batch
+    "kfac_rows": lambda m: P.KfacGradientMaker(m, cfg(), fisher_type="fisher_emp"),
+    "shampoo_rows": lambda m: P.ShampooGradientMaker(m, cfg()),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_rows_route_cuda_equals_cpu(name):
     """The data-space routes (rows instead of the formed gradient) on CUDA: three steps of a
-    40-30-24-3 MLP at batch 4 equal the CPU run to 1e-8, and the route was taken on the GPU."""
-    factory, checked = ROWS[name]
+    40-30-24-3 MLP at batch 4 equal the CPU run to 1e-8, and the route was taken (``_rows_seen``)
+    by the same layers on both devices, layer 0 among them."""
+    factory = ROWS[name]
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(4, 40, generator=g, dtype=DTYPE), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
     runs = {}
@@ -204,6 +205,7 @@ def test_rows_route_cuda_equals_cpu(name):
         maker = factory(model)
         run(model, maker, data, device)
         runs[str(device)] = (model, maker)
-    assert "0" in getattr(runs["cuda"][1], checked)
+    assert "0" in runs["cuda"][1]._rows_seen
+    assert runs["cuda"][1]._rows_seen == runs["cpu"][1]._rows_seen
     for (n, p), q in zip(runs["cpu"][0].named_parameters(), runs["cuda"][0].parameters()):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {n}\n{m}")

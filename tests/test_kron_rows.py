@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 
 from curvfun.kron import KronFactor, NotPositiveDefiniteError, _layer_data_of, kron_factors_from_layer
 from curvfun.kron_rows import KronRowsFactor, KronRowsInverse, kron_rows_from_layer, prefer_rows, woodbury_core
-from curvfun.precondition import KfacGradientMaker, PreconditioningConfig
+from curvfun.precondition import KfacGradientMaker, NonFiniteCurvatureWarning, PreconditioningConfig
+from rows_models import CentredWeightLinear, Detached, KeywordCall, LoRALinear, Siamese
 
 
 def _data(seed, n, d_in, d_out, T, kfac_type, bias, fisher_type):
@@ -125,9 +127,10 @@ def test_maker_data_space_equals_dense_route(seed, n, fisher_type, bias, damping
         if ds == "auto":
             assert kinds["0"] is KronRowsFactor and kinds["2"] is KronRowsFactor, kinds
             assert isinstance(gm.inverses["0"], KronRowsInverse)
-            assert {"0", "2"} <= gm._rows_grad_checked and not gm._rows_grad_off  # gradients from rows
+            assert {"0", "2"} <= gm._rows_seen  # gradients from rows
         else:
             assert kinds["0"] is KronFactor, kinds
+            assert not gm._rows_seen
     torch.testing.assert_close(out["auto"], out["never"], rtol=1e-8, atol=1e-10)
 
 
@@ -174,6 +177,7 @@ def test_maker_with_rows_resumes_bit_exactly():
     opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1)
     opt2.load_state_dict(state["o"])
     run(fresh, gm2, opt2, batches[3:])
+    assert {"0", "2"} <= gm._rows_seen and {"0", "2"} <= gm2._rows_seen
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
 
@@ -203,8 +207,47 @@ def test_gradients_from_rows_between_refreshes_and_with_accumulated_grads(ema_de
         model = wide_net(1)
         gm = KfacGradientMaker(model, cfg, data_space=ds, seed=4)
         out[ds] = _run_steps(model, gm, batches, accumulate_at=(2,))
-        assert bool(gm._rows_grad_checked) == (ds == "auto")
+        assert ({"0", "2"} <= gm._rows_seen) if ds == "auto" else not gm._rows_seen, gm._rows_seen
     torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)
+
+
+def _kfac_routes(model, batches, loss_for=None, fisher_type="fisher_emp", interval=1, bias="separate"):
+    """Train deep copies of ``model`` with data_space="auto" and "never" (SGD, lr 0.01, damping 1e-2,
+    the same MC seed), any warning an error. ``loss_for(m, i)``: the loss function of step i for copy
+    m (default cross-entropy). Asserts that every step's .grads (None where the dense route's are)
+    and the parameters after it agree to 1e-9 relative to the largest entry; returns the makers and
+    models."""
+    models = {ds: copy.deepcopy(model) for ds in ("auto", "never")}
+    cfg = PreconditioningConfig(damping=1e-2, preconditioner_upd_interval=interval, curvature_upd_interval=interval)
+    gms = {ds: KfacGradientMaker(m, cfg, fisher_type=fisher_type, bias=bias, data_space=ds, seed=0)
+           for ds, m in models.items()}
+    opts = {ds: torch.optim.SGD(m.parameters(), lr=0.01) for ds, m in models.items()}  # no saturated softmax
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, (x, t) in enumerate(batches):
+            grads = {}
+            for ds, m in models.items():
+                opts[ds].zero_grad()
+                y = gms[ds].setup_model_call(m, x)
+                gms[ds].setup_loss_call(F.cross_entropy if loss_for is None else loss_for(m, i), y, t)
+                gms[ds].forward_and_backward()
+                grads[ds] = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+                opts[ds].step()
+            for n, want in grads["never"].items():
+                got = grads["auto"][n]
+                assert (got is None) == (want is None), (i, n, got, want)
+                if want is not None:
+                    _close(got, want, f"step {i} grad {n}")
+            for (n, p), q in zip(models["auto"].named_parameters(), models["never"].parameters()):
+                _close(p.detach(), q.detach(), f"after step {i}: {n}")
+    assert not gms["never"]._rows_seen
+    return gms, models
+
+
+def _close(got, want, what, rtol=1e-9):
+    """Relative to the largest entry of ``want``."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()) + 1e-300,
+                               msg=lambda m: f"{what}: {m}")
 
 
 class TiedHead(nn.Module):
@@ -220,21 +263,42 @@ class TiedHead(nn.Module):
         return self.out(h) + (x[:, :20] @ self.inp.weight[:, :20].T)[:, :4]
 
 
-def test_parameter_used_outside_its_layer_goes_back_to_plain_backward():
+@pytest.mark.parametrize("fisher_type, interval, bias", [("fisher_emp", 1, "separate"), ("fisher_mc", 1, "folded"),
+                                                         ("fisher_emp", 2, "folded")])
+def test_parameter_used_outside_its_layer_is_exact(fisher_type, interval, bias):
+    """inp's weight is also used outside inp's call: autograd leaves that part in .grad, K-FAC keeps
+    inp's rows for its own part and preconditions the remainder by the same inverse (linear). No
+    warning, every step (4; refresh steps and, with interval 2, the plain passes between) equals
+    the dense route to 1e-9, and inp took the rows route."""
     torch.manual_seed(0)
-    x, t = torch.randn(4, 30), torch.randint(0, 4, (4,))
-    out = {}
-    for ds in ("auto", "never"):
-        torch.manual_seed(0)
-        model = TiedHead()
-        gm = KfacGradientMaker(model, PreconditioningConfig(damping=1e-2), fisher_type="fisher_emp", data_space=ds)
-        if ds == "auto":
-            with pytest.warns(UserWarning, match="layer 'inp' is not what its own inputs"):
-                out[ds] = _run_steps(model, gm, [(x, t)] * 2)
-            assert gm._rows_grad_off == {"inp"}
-        else:
-            out[ds] = _run_steps(model, gm, [(x, t)] * 2)
-    torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 30, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(4)]
+    gms, _ = _kfac_routes(TiedHead(), batches, fisher_type=fisher_type, interval=interval, bias=bias)
+    assert "inp" in gms["auto"]._rows_seen
+
+
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_mc"])
+@pytest.mark.parametrize("form", ["zero_term", "absent"])
+def test_outside_use_that_starts_after_the_first_step(fisher_type, form):
+    """loss = CE + λ·‖layer 0's weight‖² with λ = 0 on step 0 (the term multiplied by 0, or left out)
+    and 0.1 afterwards: no warning, every step equals the dense route to 1e-9 (the penalty's
+    gradient is preconditioned with the rows part), and layer 0 keeps the rows route. (A check done
+    once, on the first step, would miss the later use.)"""
+
+    def loss_for(m, i):
+        lam = 0.0 if i == 0 else 0.1
+        if form == "absent" and lam == 0:
+            return F.cross_entropy
+
+        def loss(y, t, reduction="mean"):
+            return F.cross_entropy(y, t, reduction=reduction) + lam * m[0].weight.square().sum()
+
+        return loss
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 30, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(4)]
+    gms, _ = _kfac_routes(wide_net(3), batches, loss_for, fisher_type=fisher_type)
+    assert {"0", "2"} <= gms["auto"]._rows_seen
 
 
 def test_kfac_form_auto_keeps_wide_sides_as_rows_with_the_same_matrices():
@@ -283,6 +347,8 @@ def test_layer_outside_the_loss_gets_a_zero_gradient_like_the_plain_route(fisher
         gm.setup_loss_call(F.cross_entropy, y, t)
         gm.forward_and_backward()
         out[ds] = {k: (None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+        # body and head take the rows route; aux (no output gradient) does not
+        assert gm._rows_seen == ({"body", "head"} if ds == "auto" else set()), gm._rows_seen
     for k, g in out["never"].items():
         got = out["auto"][k]
         if g is None:  # the plain route leaves .grad None; the rows route may write zeros
@@ -322,6 +388,8 @@ def test_frozen_weight_with_trainable_bias_matches_the_plain_route():
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
         out[ds] = torch.stack(grads)
         assert model[0].weight.grad is None
+        # the frozen weight keeps layer 0 off the rows route; layer 2 takes it
+        assert gm._rows_seen == ({"2", "4"} if ds == "auto" else set()), gm._rows_seen
     torch.testing.assert_close(out["auto"], out["never"], rtol=1e-9, atol=1e-12)
     # the frozen layer's bias got its own block: (B + δ_B I)⁻¹ g_b with the dense factor B
     import curvfun
@@ -333,3 +401,179 @@ def test_frozen_weight_with_trainable_bias_matches_the_plain_route():
     (g_b,) = torch.autograd.grad(F.cross_entropy(model(x), t), [model[0].bias])
     want = torch.linalg.solve(f.B + dB * torch.eye(f.B.shape[0]), g_b)
     torch.testing.assert_close(out["auto"][1, :want.numel()], want, rtol=1e-8, atol=1e-10)
+
+
+# --- outside uses, bad batches and layers that keep the dense route ------------------------------
+
+
+def _batches(n, N=4, seed=0, shape=(30,)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(N, *shape, generator=g), torch.randint(0, 4, (N,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_mc"])
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_nan_in_the_batch(fisher_type, bad_step):
+    """A NaN in one sample of the batch, on the first step (no curvature yet: MC sampling must not
+    raise, the layers keep no curvature and the plain gradient) or later (the last good curvature
+    stays): both routes finish the step, warn (NonFiniteCurvatureWarning only), and the caller skips
+    the optimizer step on the non-finite gradient; training goes on with finite gradients and
+    parameters, and the finite steps' .grads and the parameters agree between the routes to 1e-9."""
+    model = wide_net(4)
+    batches = _batches(4, seed=5)
+    batches[bad_step][0][2, 7] = float("nan")
+    models = {ds: copy.deepcopy(model) for ds in ("auto", "never")}
+    gms = {ds: KfacGradientMaker(m, PreconditioningConfig(damping=1e-2), fisher_type=fisher_type, data_space=ds,
+                                 seed=0) for ds, m in models.items()}
+    opts = {ds: torch.optim.SGD(m.parameters(), lr=0.01) for ds, m in models.items()}
+    for i, (x, t) in enumerate(batches):
+        grads = {}
+        for ds, m in models.items():
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                grads[ds] = _step(gms[ds], m, x, t)
+            kinds = {type(w.message) for w in record}
+            finite = bool(torch.isfinite(grads[ds]).all())
+            if i == bad_step:
+                assert kinds == {NonFiniteCurvatureWarning}, [str(w.message) for w in record]
+                assert not finite and gms[ds].nonfinite_counts.get("0", 0) >= 1
+                if i == 0:
+                    assert "0" not in gms[ds].curvature  # nothing good yet: plain gradient
+            else:
+                assert not kinds, [str(w.message) for w in record]
+                assert finite and "0" in gms[ds].curvature
+                opts[ds].step()
+            assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+        if i != bad_step:
+            _close(grads["auto"], grads["never"], f"step {i}")
+        for p, q in zip(models["auto"].parameters(), models["never"].parameters()):
+            _close(p.detach(), q.detach(), f"after step {i}")
+    assert {"0", "2"} <= gms["auto"]._rows_seen
+
+
+@pytest.mark.parametrize("bias", ["separate", "folded"])
+def test_bias_whose_gradient_is_exactly_zero(bias):
+    """enc's bias gradient is 0 (exact zeros on the dense route), its rows give Σg = 0 up to
+    rounding: no warning, enc takes the rows route, and 3 steps equal the dense route (the weights
+    to 1e-9; enc's bias, zero on the dense route with bias="separate", to 1e-9 of the weight's
+    scale)."""
+    torch.manual_seed(0)
+    model = Siamese(30, 40, 4)
+    batches = _batches(3, seed=6, shape=(2, 30))
+    models = {ds: copy.deepcopy(model) for ds in ("auto", "never")}
+    gms = {ds: KfacGradientMaker(m, PreconditioningConfig(damping=1e-2), fisher_type="fisher_emp", bias=bias,
+                                 data_space=ds) for ds, m in models.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, (x, t) in enumerate(batches):
+            grads = {}
+            for ds, m in models.items():
+                _step(gms[ds], m, x, t)
+                grads[ds] = {n: p.grad.clone() for n, p in m.named_parameters()}
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p -= 0.01 * p.grad
+            if bias == "separate":
+                assert not grads["never"]["enc.bias"].any()
+            scale = float(grads["never"]["enc.weight"].abs().max())
+            torch.testing.assert_close(grads["auto"]["enc.bias"], grads["never"]["enc.bias"], rtol=1e-9,
+                                       atol=1e-9 * scale)
+            for n in ("enc.weight", "head.weight", "head.bias"):
+                _close(grads["auto"][n], grads["never"][n], f"step {i} {n}")
+    assert "enc" in gms["auto"]._rows_seen
+
+
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_mc"])
+def test_layer_whose_output_does_not_reach_the_loss_but_its_weight_does(fisher_type):
+    """aux.weight's .grad is the penalty's gradient preconditioned by aux's inverse (not None), as on
+    the dense route; aux.bias's stays None; 3 steps equal the dense route to 1e-9, no warning; aux
+    never took the rows route (no output gradient), fc1 did."""
+    torch.manual_seed(0)
+
+    def loss_for(m, i):
+        def loss(y, t, reduction="mean"):
+            return F.cross_entropy(y, t, reduction=reduction) + 0.1 * m.aux.weight.square().sum()
+
+        return loss
+
+    gms, models = _kfac_routes(Detached(30, 40, 4), _batches(3, seed=7), loss_for, fisher_type=fisher_type)
+    assert models["auto"].aux.weight.grad is not None and models["auto"].aux.bias.grad is None
+    assert "fc1" in gms["auto"]._rows_seen and "aux" not in gms["auto"]._rows_seen
+
+
+@pytest.mark.parametrize("case", ["lora", "centred_weight", "keyword"])
+def test_linear_subclass_and_keyword_input(case):
+    """nn.Linear subclasses with their own forward (LoRA-style weight + B·A with A, B trainable; a
+    transformed weight) keep the dense route (not in _rows_seen) without breaking the other layers'
+    route; a plain Linear called with ``input=x`` takes its rows. All: 3 steps equal the dense route
+    to 1e-9, no warning."""
+    torch.manual_seed(0)
+    if case == "keyword":
+        model, first = KeywordCall(30, 40, 4), "fc1"
+    else:
+        model, first = wide_net(5), "0"
+        model[0] = LoRALinear(30, 40) if case == "lora" else CentredWeightLinear(30, 40)
+    gms, _ = _kfac_routes(model, _batches(3, seed=8))
+    assert (first in gms["auto"]._rows_seen) == (case == "keyword")
+    assert gms["auto"]._rows_seen >= ({"fc1", "fc2"} if case == "keyword" else {"2"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parameters_keep_the_dense_route(dtype):
+    """float16 / bfloat16 parameters: no layer takes the rows-gradient route (its R x R Grams would
+    overflow float16), every step gets finite preconditioned gradients (the factors are inverted in
+    float32: no half-precision Cholesky on the CPU), and "auto" (whose factor sides may still be
+    rows, a different rounding) follows "never" to half-precision accuracy over 3 steps."""
+    model = wide_net(6).to(dtype)
+    batches = [(x.to(dtype), t) for x, t in _batches(3, seed=9)]
+    models = {ds: copy.deepcopy(model) for ds in ("auto", "never")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteCurvatureWarning)
+        gms = {ds: KfacGradientMaker(m, PreconditioningConfig(damping=1e-2), fisher_type="fisher_emp", data_space=ds)
+               for ds, m in models.items()}
+        for x, t in batches:
+            grads = {}
+            for ds, m in models.items():
+                grads[ds] = _step(gms[ds], m, x, t)
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p -= 0.01 * p.grad
+            assert torch.isfinite(grads["never"]).all() and torch.isfinite(grads["auto"]).all()
+            err = (grads["auto"].float() - grads["never"].float()).norm() / grads["never"].float().norm()
+            assert err < 64 * torch.finfo(dtype).eps, err  # K-FAC's inverse amplifies the rounding
+    assert not gms["auto"]._rows_seen
+    assert set(gms["never"].inverses) == set(gms["auto"].inverses) and all(
+        v is not None for v in gms["auto"].inverses.values())
+    for p in models["auto"].parameters():
+        assert p.dtype == dtype
+
+
+def test_post_accumulate_grad_hooks_and_grad_identity():
+    """With the rows route active (layers 0, 2), the LayerNorm's parameters (not a rows layer) have
+    their post-accumulate-grad hooks fire once per step, as with loss.backward(), on refresh steps
+    and the plain passes between (interval 2); with zero_grad(set_to_none=False) every parameter
+    keeps its very .grad tensor across steps."""
+    model = wide_net(7)
+    cfg = PreconditioningConfig(damping=1e-2, preconditioner_upd_interval=2, curvature_upd_interval=2)
+    fired = {}
+    for ds in ("auto", "never"):
+        m = copy.deepcopy(model)
+        gm = KfacGradientMaker(m, cfg, fisher_type="fisher_emp", data_space=ds)
+        counts = {"3.weight": 0, "3.bias": 0}
+        for n in counts:
+            m.get_parameter(n).register_post_accumulate_grad_hook(lambda p, n=n: counts.__setitem__(n, counts[n] + 1))
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        held = None
+        for i, (x, t) in enumerate(_batches(4, seed=10)):
+            opt.zero_grad(set_to_none=False)
+            y = gm.setup_model_call(m, x)
+            gm.setup_loss_call(F.cross_entropy, y, t)
+            gm.forward_and_backward()
+            assert counts == {"3.weight": i + 1, "3.bias": i + 1}, (ds, i, counts)
+            if held is not None:
+                assert all(p.grad is held[n] for n, p in m.named_parameters()), ds
+            held = {n: p.grad for n, p in m.named_parameters()}
+            opt.step()
+        fired[ds] = counts
+        assert ({"0", "2"} <= gm._rows_seen) if ds == "auto" else not gm._rows_seen
+    assert fired["auto"] == fired["never"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +142,13 @@ class LayerRecord:
     eps: list[Tensor] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     grads: list[Tensor] | None = None
+    #: per call: whether the module's own parameters were detached during it (see :func:`record_layers`)
+    detached_calls: list[bool] = field(default_factory=list)
+
+    @property
+    def detached(self) -> bool:
+        """Whether any call ran with the module's own parameters detached."""
+        return any(self.detached_calls)
 
     @property
     def module(self) -> nn.Module:
@@ -165,21 +172,63 @@ class Capture:
     unsupported: dict[str, tuple[str, list[str]]]
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (non-reentrant activation checkpointing, offloading):
+    such a region may re-run its forward during backward, without our hooks."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 @contextlib.contextmanager
-def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True) -> Iterator[dict[str, LayerRecord]]:
-    """Temporarily hook ``infos``' modules: record inputs and add a zero ``ε`` (a leaf that
-    requires grad) to each output. Works for any forward (plain ``model(x)`` or
-    ``functional_call``); the hooks are removed on exit, whatever happens."""
+def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
+                  detach: Collection[str] | Callable[[str, Tensor], bool] = ()) -> Iterator[dict[str, LayerRecord]]:
+    """Temporarily hook ``infos``' modules: record inputs (the first positional argument, or the
+    ``input=`` keyword) and add a zero ``ε`` (a leaf that requires grad) to each output. Works for
+    any forward (plain ``model(x)`` or ``functional_call``); the hooks are removed on exit,
+    whatever happens.
+
+    ``detach``: names of modules (or a predicate ``(name, input) -> bool`` asked at each call)
+    whose own ``weight`` / ``bias`` are swapped for detached views during their calls (and restored
+    right after, or on exit); ``LayerRecord.detached_calls`` says which calls were. Autograd then
+    sees those parameters only where they are used *outside* such calls: the module's own part of
+    their gradient is left to the caller (gᵀa from the recorded rows of those calls), which saves
+    its weight-gradient GEMM, and what autograd still accumulates is exactly the rest. A call inside
+    a region with saved-tensor hooks (non-reentrant activation checkpointing re-runs it during
+    backward, without these hooks) is never detached."""
+    wants = detach if callable(detach) else (lambda name, x, names=frozenset(detach): name in names)
     records = {name: LayerRecord(info) for name, info in infos.items()}
     handles = []
+    swapped: dict[str, dict[str, Tensor]] = {}
+
+    def restore(name: str) -> None:
+        module = records[name].module
+        for key, p in swapped.pop(name, {}).items():
+            module._parameters[key] = p
+
+    def make_pre_hook(rec: LayerRecord):
+        def pre_hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if not (isinstance(x, Tensor) and wants(rec.info.name, x)) or _saved_tensor_hooks_active():
+                return
+            own = {k: module._parameters[k] for k in ("weight", "bias") if module._parameters.get(k) is not None}
+            swapped[rec.info.name] = own
+            for k, p in own.items():
+                module._parameters[k] = p.detach()
+
+        return pre_hook
 
     def make_hook(rec: LayerRecord):
-        def hook(module, args, output):
-            if not args or not isinstance(args[0], Tensor):
-                raise TypeError(f"module {rec.info.name!r} was called without a tensor as first argument")
-            x = args[0].detach()
+        def hook(module, args, kwargs, output):
+            detached = rec.info.name in swapped
+            restore(rec.info.name)
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, Tensor):
+                raise TypeError(f"module {rec.info.name!r} was called without a tensor as its input (first "
+                                f"positional argument or input=)")
+            x = x.detach()
             rec.inputs.append(x)
             rec.versions.append(x._version)
+            rec.detached_calls.append(detached)
             if not perturb:
                 return None
             if not isinstance(output, Tensor):
@@ -193,11 +242,15 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True) -> Iter
 
     try:
         for rec in records.values():
-            handles.append(rec.module.register_forward_hook(make_hook(rec)))
+            if callable(detach) or rec.info.name in detach:
+                handles.append(rec.module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
+            handles.append(rec.module.register_forward_hook(make_hook(rec), with_kwargs=True))
         yield records
     finally:
         for h in handles:
             h.remove()
+        for name in list(swapped):  # a call that raised between the two hooks
+            restore(name)
 
 
 def _check_versions(records: Mapping[str, LayerRecord]) -> None:

@@ -112,11 +112,15 @@ def pi_damping(A: Tensor, B: Tensor, damping: float, heuristic: str = "pi", a_di
 
 
 def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "factor") -> Tensor:
-    """(M + δI)^{-1} via Cholesky (batched over leading dims), retried in float64 if needed."""
+    """(M + δI)^{-1} via Cholesky (batched over leading dims; half precision computed in float32),
+    retried in float64 if needed; returned in M's dtype."""
     d = M.shape[-1]
     eye = torch.eye(d, dtype=M.dtype, device=M.device)
     delta = torch.as_tensor(delta, dtype=M.dtype, device=M.device)
-    for dtype in (M.dtype, torch.float64):
+    # float16 / bfloat16 factors are inverted in float32 (no half-precision Cholesky on the CPU, and
+    # too few digits for a damped inverse anyway), then float64 on failure
+    first = M.dtype if torch.finfo(M.dtype).bits >= 32 else torch.float32
+    for dtype in (first, torch.float64):
         Md = (M.to(dtype) + delta.to(dtype)[..., None, None] * eye.to(dtype))
         L, info = torch.linalg.cholesky_ex(Md)
         # a NaN / Inf anywhere in row i of L reaches L_ii = sqrt(M_ii - Σ_k L_ik²): the diagonal

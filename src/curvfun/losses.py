@@ -150,6 +150,9 @@ class CrossEntropy(Likelihood):
     def sample(self, output, n_samples=1, generator=None):
         C = output.shape[-1]
         probs = torch.softmax(output.detach().reshape(-1, C).to(torch.float64), dim=-1)
+        # a row with non-finite logits draws uniformly: its cotangent (p - onehot) stays non-finite,
+        # so the curvature built from it is rejected downstream, instead of multinomial raising
+        probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, 1.0 / C)
         draws = torch.multinomial(probs, n_samples, replacement=True, generator=generator)  # [R, M]
         return draws.t().reshape(n_samples, *output.shape[:-1])
 
@@ -232,7 +235,8 @@ class BCEWithLogits(Likelihood):
 
     def sample(self, output, n_samples=1, generator=None):
         out = self.canonical_output(output.detach())
-        p = torch.sigmoid(out).expand(n_samples, *out.shape)
+        # non-finite logits draw with p = 1/2 (their curvature stays non-finite; see CrossEntropy.sample)
+        p = torch.sigmoid(out).nan_to_num(0.5).expand(n_samples, *out.shape)
         return torch.bernoulli(p, generator=generator)
 
     def hessian_sqrt(self, output, target=None):

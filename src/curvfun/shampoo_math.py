@@ -55,6 +55,7 @@ __all__ = [
     "precondition_matrix",
     "shampoo_roots",
     "row_tiles",
+    "centered_rows",
     "update_statistics_from_rows",
     "rotate_rows",
     "precondition_rows",
@@ -155,6 +156,19 @@ def precondition_matrix(G: Tensor, L_root: Tensor | Sequence[Tensor], R_root: Te
     if m <= n:  # the same flops either way; order only matters for memory traffic
         return apply_root(R_root, apply_root(L_root, G, "left"), "right")
     return apply_root(L_root, apply_root(R_root, G, "right"), "left")
+
+
+def centered_rows(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Other rows of the same gradient, G = g'ᵀa' = gᵀa, without the common offsets: with column
+    means ν of g and μ of a over the R rows, g' = [g − 1νᵀ; √R νᵀ] and a' = [a − 1μᵀ; √R μᵀ]
+    (R + 1 rows; the cross terms vanish as the centred rows sum to zero). The Grams a'a'ᵀ and
+    g'g'ᵀ then carry no R x R block of ‖μ‖² or ‖ν‖², which would otherwise cancel in (aaᵀ)g when
+    Σ_r g_r ≈ 0 (a Linear before BatchNorm, inputs with a large mean) and cost float32 digits.
+    O(R(d_out + d_in))."""
+    R = g.shape[0]
+    nu, mu = g.mean(0, keepdim=True), a.mean(0, keepdim=True)
+    root = float(R) ** 0.5
+    return torch.cat([g - nu, nu * root]), torch.cat([a - mu, mu * root])
 
 
 def row_tiles(g: Tensor, a: Tensor, block_size: int) -> list[tuple[Tensor, Tensor]]:

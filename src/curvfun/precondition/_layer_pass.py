@@ -10,18 +10,17 @@ output-gradient of a module is ``ε.grad`` after any backward pass, or the resul
 
 from __future__ import annotations
 
-import warnings
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..capture import LayerRecord, ModuleInfo, _check_versions, layer_kind
-from ..kron_rows import gradient_from_rows
 from ..layers import LayerData, layer_data
 
 __all__ = [
     "module_infos", "eps_leaves", "records_to_data", "linear_or_conv_reason", "user_reduction", "backward_with_rows",
+    "rows_route_module", "holds_gradient", "add_grad",
 ]
 
 
@@ -94,95 +93,66 @@ def user_reduction(maker) -> str:
     return maker._loss_fn_kwargs.get("reduction", "mean")
 
 
-def backward_with_rows(
-    maker, records: Mapping[str, LayerRecord], fast: list[str], checked: set[str], off: set[str],
-    fold_bias: bool = False,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """The loss's backward for a maker that forms the gradients of the Linear layers ``fast`` itself,
-    from their rows: returns ``{name: (a, g)}`` with a ``[R, d_in]`` the layer's inputs (every call's
-    leading dimensions flattened into rows; a trailing ones column when ``fold_bias`` and the layer
-    has a bias) and g ``[R, d_out]`` the loss's gradients at its outputs, in the weight's dtype, so
-    that the weight gradient is gᵀa (the bias gradient Σ g).
+def rows_route_module(module: nn.Module) -> bool:
+    """Whether a layer may take the data-space ("rows") route: a plain ``nn.Linear`` (its own
+    ``forward``, not a subclass's), whose trainable parameters are its ``weight`` / ``bias`` held
+    directly (no parametrization, no extra adapters), in at least single precision (the R x R Gram
+    of float16 rows overflows where the formed gradient does not)."""
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        return False
+    trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+    w = module._parameters.get("weight")
+    return (isinstance(w, Tensor) and w.requires_grad and trainable <= set(module._parameters) <= {"weight", "bias"}
+            and torch.finfo(w.dtype).bits >= 32)
 
-    One ``torch.autograd.grad`` call returns the output gradients (through the zero perturbations)
-    of the ``fast`` layers and the parameter gradients of every other parameter (accumulated into
-    ``.grad``); the ``fast`` layers' own parameter gradients are not computed, which saves their
-    weight-gradient GEMMs. A layer none of whose outputs reaches the loss is left out of the result
-    (its parameters keep ``.grad`` as it was, as after ``loss.backward()``). A layer not in
-    ``checked`` is checked once against autograd's gradient (a parameter used outside the layer's
-    own call would differ; to ~1e-4 relative in float32, 1e-9 in float64, 8 units of rounding for
-    reduced-precision records (autocast), so an outside use smaller than that goes unnoticed): on a mismatch it joins ``off``,
-    its parameters get autograd's gradient, it is left out of the result, and a warning says so.
-    Counts as the pass's backward (``maker._backward_done()``)."""
-    loss = maker._loss_to_differentiate()
-    own = {id(p) for n in fast for p in maker.module_params(n).values()}
-    others = [p for p in maker.model.parameters() if p.requires_grad and id(p) not in own]
-    check = [n for n in fast if n not in checked]
-    check_params = [p for n in check for p in maker.module_params(n).values()]
-    leaves = [e for n in fast for e in records[n].eps]
-    grads = torch.autograd.grad(loss, leaves + others + check_params, allow_unused=True)
-    g_eps, g_others = grads[:len(leaves)], grads[len(leaves):len(leaves) + len(others)]
-    g_check = grads[len(leaves) + len(others):]
-    for p, g in zip(others, g_others):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
+
+def backward_with_rows(
+    maker, records: Mapping[str, LayerRecord], fold_bias: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The loss's backward in a pass recorded with some Linear layers' own parameters detached
+    during their calls (:func:`~curvfun.capture.record_layers` ``detach=``): returns
+    ``{name: (a, g)}`` for those layers, a ``[R, d_in]`` the inputs of their detached calls (every
+    call's leading dimensions flattened into rows; a trailing ones column when ``fold_bias`` and
+    the layer has a bias) and g ``[R, d_out]`` the loss's gradients at those calls' outputs, in the
+    weight's dtype: the layers' own part of their weight gradient is gᵀa (of the bias Σ g), which
+    the maker forms or preconditions from the rows.
+
+    The backward is the plain ``loss.backward()`` (``maker.backward()``): every leaf accumulates its
+    gradient as usual (``.grad`` in place, hooks fire), the zero perturbations included, and a
+    detached layer's parameters accumulate only what reaches them outside its detached calls
+    (nothing, ``.grad`` untouched, in the usual case), so the caller adds its part to whatever is
+    there and the result is exact without any check. No weight-gradient GEMM runs for the detached
+    calls. A layer none of whose detached calls reaches the loss is left out of the result."""
+    maker.backward()
     rows: dict[str, tuple[Tensor, Tensor]] = {}
-    i = 0
-    for n in fast:
-        rec = records[n]
-        k = len(rec.eps)
-        gs = g_eps[i:i + k]
-        i += k
-        if all(g is None for g in gs):  # no output reaches the loss: no gradient, as loss.backward()
+    for n, rec in records.items():
+        calls = [(x, e) for x, e, d in zip(rec.inputs, rec.eps, rec.detached_calls) if d]
+        if not calls or all(e.grad is None for _, e in calls):  # no detached call reaches the loss
             continue
-        w = maker.module_params(n)["weight"]
-        a = _stack_rows([x.reshape(-1, x.shape[-1]) for x in rec.inputs]).to(w.dtype)
-        g = _stack_rows([(torch.zeros_like(e) if ge is None else ge).reshape(-1, e.shape[-1])
-                         for ge, e in zip(gs, rec.eps)]).to(w.dtype)
-        if fold_bias and "bias" in maker.module_params(n):
+        w = rec.module.weight
+        a = _stack_rows([x.reshape(-1, x.shape[-1]) for x, _ in calls]).to(w.dtype)
+        g = _stack_rows([(torch.zeros_like(e) if e.grad is None else e.grad).reshape(-1, e.shape[-1])
+                         for _, e in calls]).to(w.dtype)
+        if fold_bias and rec.module.bias is not None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         rows[n] = (a, g)
-    j = 0
-    for n in check:
-        params = maker.module_params(n)
-        want = dict(zip(params, g_check[j:j + len(params)]))
-        j += len(params)
-        if n not in rows:
-            continue
-        checked.add(n)
-        got = gradient_from_rows(*rows[n], "bias" in params, fold_bias and "bias" in params, params["weight"].shape)
-        want = {k: torch.zeros_like(got[k]) if w is None else w for k, w in want.items()}  # None: unused
-        rtol, atol = _check_tolerance(records[n], got["weight"].dtype)
-        if all(torch.allclose(got[key], w, rtol=rtol, atol=atol * float(w.abs().max()) + 1e-30)
-               for key, w in want.items()):
-            continue
-        off.add(n)
-        del rows[n]
-        for key, p in params.items():
-            p.grad = want[key] if p.grad is None else p.grad + want[key]
-        warnings.warn(
-            f"{type(maker).__name__}: the gradient of layer {n!r} is not what its own inputs and output "
-            f"gradients give (a parameter used outside the layer's call?); the layer keeps the plain "
-            f"backward", UserWarning, stacklevel=5)
-    maker._backward_done()
     return rows
+
+
+def holds_gradient(p: Tensor) -> bool:
+    """Whether ``p.grad`` holds something (not None and not all zeros, as after
+    ``zero_grad(set_to_none=False)``)."""
+    return p.grad is not None and bool(p.grad.any())
+
+
+def add_grad(p: Tensor, value: Tensor) -> None:
+    """``p.grad += value`` in place, or ``p.grad = value`` when there is none."""
+    if p.grad is None:
+        p.grad = value.to(p.dtype)
+    else:
+        p.grad.add_(value)
 
 
 def _stack_rows(parts: list[Tensor]) -> Tensor:
     """The rows of every call, one after another (no copy for a single call)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _check_tolerance(rec: LayerRecord, dtype: torch.dtype) -> tuple[float, float]:
-    """(rtol, atol relative to the largest entry) for comparing gᵀa with autograd's weight gradient:
-    the same products up to summation order, or up to the rounding of reduced-precision records
-    (autocast) against the gradient formed in the parameters' dtype."""
-    # under autocast the layer's GEMM ran in reduced precision even on float32 inputs: its outputs
-    # (the zero perturbations' dtype) tell
-    low = [torch.finfo(t.dtype).eps for t in (*rec.inputs, *rec.eps)
-           if t.is_floating_point() and torch.finfo(t.dtype).bits < 32]
-    if low:  # autograd's product was rounded to that precision (bf16: 2⁻⁸ relative to the largest entry)
-        return 8 * max(low), 8 * max(low)
-    if dtype == torch.float64:
-        return 1e-9, 1e-12
-    return 1e-4, 1e-6

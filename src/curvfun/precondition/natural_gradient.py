@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Collection
 
 import optree
 import torch
@@ -65,7 +65,7 @@ from ..kron_rows import (
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
-from ._layer_pass import backward_with_rows
+from ._layer_pass import add_grad, backward_with_rows, holds_gradient, rows_route_module
 from .base import PreconditionedGradientMaker
 from .config import NO_EMA, PreconditioningConfig
 from .state_packing import pack, unpack
@@ -198,8 +198,10 @@ class _CurvatureMaker(PreconditionedGradientMaker):
     # --- the capture pass ------------------------------------------------------------------------
     def _capture_pass(self) -> dict[str, LayerData]:
         """forward (recording) + output-gradient columns + the user's backward; returns layer data."""
-        with record_layers(self._infos) as records:
+        cands = self._rows_grad_candidates()
+        with record_layers(self._infos, detach=lambda n, x: n in cands and self._rows_grad_would_pay(n, x)) as recorded:
             self.forward()
+        records = dict(recorded)  # the curvature's; the backward needs every recorded layer
         out = self.logits if isinstance(self.logits, Tensor) else self.model_output
         first = out if isinstance(out, Tensor) else next(
             (t for t in optree.tree_leaves(out) if isinstance(t, Tensor)), None)
@@ -235,7 +237,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
                 gs = _batched_backward(logits, leaves, cot.to(logits.dtype), retain=True)
             for n, g in zip(names, gs):
                 records[n].grads.append(g)
-        self._data_backward(records)
+        self._data_backward(recorded)
         _check_versions(records)
         return {n: layer_data(r, weights.to(r.inputs[0].dtype if r.inputs[0].is_floating_point() else torch.float32))
                 for n, r in records.items() if r.inputs}
@@ -244,13 +246,22 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         """The backward of the data loss in a recorded pass (default: ``loss.backward()``)."""
         self.backward()
 
+    def _rows_grad_candidates(self) -> dict[str, ModuleInfo]:
+        """Layers recorded with their own parameters detached, their gradient taken from their rows
+        (default: none; see :class:`KfacGradientMaker`)."""
+        return {}
+
     @property
     def _decay(self) -> float:
         return self.config.ema_decay
 
     def _install_curvature(self, name: str, new: Any) -> None:
         blended = ema(self.curvature.get(name), new, self._decay)
-        self.curvature[name] = self._install_if_finite(name, blended, self.curvature.get(name), "curvature")
+        kept = self._install_if_finite(name, blended, self.curvature.get(name), "curvature")
+        if kept is None:  # non-finite with nothing good before it: no curvature (plain gradient) yet
+            self.curvature.pop(name, None)
+        else:
+            self.curvature[name] = kept
 
     def _invert(self, name: str, fn) -> None:
         try:
@@ -296,9 +307,10 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         self._invert_all({name: (lambda c=curv: c.damped_inverse(self.config.damping))
                           for name, curv in self.curvature.items()})
 
-    def precondition(self) -> None:
+    def precondition(self, skip: Collection[str] = ()) -> None:
+        """Every layer's ``.grad`` ← its inverse times it (layers in ``skip`` left as they are)."""
         for name, inv in self.inverses.items():
-            if inv is None:  # no good inverse yet: plain gradient
+            if inv is None or name in skip:  # no good inverse yet: plain gradient
                 continue
             params = self.module_params(name)
             grads = {k: p.grad for k, p in params.items()}
@@ -337,13 +349,16 @@ class KfacGradientMaker(_CurvatureMaker):
     * without EMA (``ema_decay=-1``, ASDL's default), a Linear layer's factor side with R rows and
       width d, 2R ≤ d (a 784-wide input at batch 128), is kept as its rows and inverted by
       Woodbury: an R x R instead of a d x d Cholesky, O(o·d·R) instead of O(o·d²) per apply;
-    * a Linear layer whose batch has fewer rows than its widths (:func:`rows_gradient_pays`) gets
-      its preconditioned gradient as (B⁻¹gᵀ)(aA⁻¹) from the recorded inputs a and output gradients
-      g of the loss, and autograd skips its weight gradient. The layer's parameters then receive
-      their ``.grad`` from the maker, not from ``loss.backward()`` (tensor hooks on them do not
-      fire). On a layer's first such step gᵀa is checked against autograd's weight gradient (a
-      parameter used outside the layer's own call would show here): on a mismatch the layer goes
-      back to the plain backward, with a warning. (Tied layers are not preconditioned at all.)
+    * a plain ``nn.Linear`` layer (:func:`~curvfun.precondition._layer_pass.rows_route_module`)
+      whose batch has fewer rows than its widths (:func:`rows_gradient_pays`) gets its
+      preconditioned gradient as (B⁻¹gᵀ)(aA⁻¹) from the recorded inputs a and output gradients g
+      of the loss. During its own calls its weight and bias are detached, so autograd skips its
+      weight-gradient GEMM and accumulates into its ``.grad`` only what reaches the parameters
+      elsewhere (a weight also used outside the layer, earlier micro-batches): that remainder is
+      preconditioned by the same inverse and added, so the step is exact in every case. The
+      layer's own part reaches ``.grad`` from the maker, not through autograd (tensor hooks on those
+      parameters do not see it); every other parameter's gradient accumulates as after
+      ``loss.backward()``. (Tied layers are not preconditioned at all.)
     """
 
     #: whether this maker may keep factor sides as rows (EKFAC needs dense factors for its eigh)
@@ -378,9 +393,8 @@ class KfacGradientMaker(_CurvatureMaker):
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, seed=seed, inverse_mode=inverse_mode)
         #: this step's (a, g) rows of the layers whose gradient comes from their rows
         self._rows_grads: dict[str, tuple[Tensor, Tensor]] = {}
-        #: layers checked once against autograd / left on the plain backward
-        self._rows_grad_checked: set[str] = set()
-        self._rows_grad_off: set[str] = set()
+        #: layers that have taken the rows route (introspection)
+        self._rows_seen: set[str] = set()
 
     def _layer_curvature(self, ld: LayerData) -> Any:
         if self._rows_allowed() and ld.kind in ("linear", "conv2d"):
@@ -389,12 +403,13 @@ class KfacGradientMaker(_CurvatureMaker):
 
     # --- gradients straight from the rows ---------------------------------------------------------
     def plain_pass(self) -> None:
-        """A non-refresh step's pass: recorded (inputs + zero perturbations) when some layer gets its
-        gradient from its rows, else the plain forward + backward."""
+        """A non-refresh step's pass: recorded (inputs + zero perturbations, the candidate layers'
+        own parameters detached during their calls) when some layer may get its gradient from its
+        rows, else the plain forward + backward."""
         infos = self._rows_grad_candidates()
         if not infos:
             return super().plain_pass()
-        with record_layers(infos) as records:
+        with record_layers(infos, detach=self._rows_grad_would_pay) as records:
             self.forward()
         self._data_backward(records)
         _check_versions(records)
@@ -403,34 +418,54 @@ class KfacGradientMaker(_CurvatureMaker):
         if not (self._data_space_capable and self.data_space == "auto") or cfd.is_distributed():
             return {}
         return {n: i for n, i in self._infos.items()
-                if i.kind == "linear" and "weight" in i.keys and n not in self._rows_grad_off}
+                if i.kind == "linear" and "weight" in i.keys and rows_route_module(i.module)}
 
-    def _rows_grad_pays(self, name: str, rec: LayerRecord) -> bool:
-        m = rec.module
-        rows = sum(x.numel() // max(x.shape[-1], 1) for x in rec.inputs)
-        d_in = m.in_features + (1 if self.bias == "folded" and m.bias is not None else 0)
+    def _rows_grad_would_pay(self, name: str, x: Tensor) -> bool:
+        """Detach the layer's own parameters for this call (its input ``x``) iff its rows pay."""
+        return self._rows_grad_pays(name, self._infos[name].module, x.numel() // max(x.shape[-1], 1))
+
+    def _rows_grad_pays(self, name: str, module: nn.Linear, rows: int) -> bool:
+        d_in = module.in_features + (1 if self.bias == "folded" and module.bias is not None else 0)
         inv = self.inverses.get(name)
         if isinstance(inv, KronRowsInverse):
             ra = inv.A.shape[0] if inv.a_rows else None
             rb = inv.B.shape[0] if inv.b_rows else None
         else:  # dense inverse (or none yet): compare with dense sides
             ra = rb = None
-        return rows_gradient_pays(rows, d_in, m.out_features, ra, rb)
+        return rows_gradient_pays(rows, d_in, module.out_features, ra, rb)
 
     def _data_backward(self, records: dict[str, LayerRecord]) -> None:
-        """The data loss's backward; for layers whose gradient comes from their rows, autograd
-        returns the output gradients g (through the zero perturbations) instead of weight
-        gradients, and :meth:`precondition` forms B⁻¹(gᵀa)A⁻¹ from the rows."""
-        cands = self._rows_grad_candidates()
-        fast = [n for n, r in records.items() if n in cands and r.inputs and r.eps and self._rows_grad_pays(n, r)]
-        if not fast:
+        """The data loss's backward. The layers recorded with their own parameters detached get
+        their own part of the gradient from their rows (:func:`backward_with_rows`): kept as rows for
+        :meth:`precondition` to form B⁻¹(gᵀa)A⁻¹ where that is cheaper (:func:`rows_gradient_pays`),
+        else formed as gᵀa into ``.grad``."""
+        if not any(r.detached for r in records.values()):
             return self.backward()
-        self._rows_grads = backward_with_rows(self, records, fast, self._rows_grad_checked, self._rows_grad_off,
-                                              fold_bias=self.bias == "folded")
+        folded = self.bias == "folded"
+        for name, (a, g) in backward_with_rows(self, records, fold_bias=folded).items():
+            params = self.module_params(name)
+            if self._rows_grad_pays(name, records[name].module, a.shape[0]):
+                self._rows_grads[name] = (a, g)
+                self._rows_seen.add(name)
+            else:
+                own = gradient_from_rows(a, g, "bias" in params, folded and "bias" in params, params["weight"].shape)
+                for key, value in own.items():
+                    add_grad(params[key], value)
 
     def precondition(self) -> None:
-        super().precondition()  # layers with a formed gradient (and leftovers accumulated in .grad)
         rows, self._rows_grads = self._rows_grads, {}
+        # a rows layer's .grad holds only what reached its parameters outside its own calls (or was
+        # accumulated before): usually nothing; precondition that remainder only where there is one
+        plain = set()
+        for name in rows:
+            params = self.module_params(name).values()
+            if any(holds_gradient(p) for p in params):
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            else:
+                plain.add(name)
+        super().precondition(skip=plain)
         for name, (a, g) in rows.items():
             params = self.module_params(name)
             inv = self.inverses.get(name)
@@ -440,8 +475,7 @@ class KfacGradientMaker(_CurvatureMaker):
                                          params["weight"].shape)
                 out = raw if inv is None else inv.matvec(raw)
             for k, p in params.items():
-                v = out[k].to(p.dtype)
-                p.grad = v if p.grad is None else p.grad.add_(v)
+                add_grad(p, out[k])
 
     def _rows_allowed(self) -> bool:
         """Rows are exact only for this step's factors (no EMA) and per process (no all-reduce)."""

@@ -39,17 +39,20 @@ Root methods (``root_method``):
   statistics change by one G Gᵀ per step). Cost per factor and refresh: one QR and two d x d x d
   products, against one ``eigh`` (about twice a QR on the CPU) and one product to form the root.
 
-Data space (``data_space="auto"``, the default; ``"never"`` turns it off): in one process, a Linear
-layer whose batch has few rows R against its widths (:func:`~curvfun.shampoo_math.rows_pay`; the
-MLP's 784 → 512 and 512 → 512 layers at batch 128) is recorded during the pass (inputs a, output
-gradients g), autograd skips its weight gradient, and everything above is taken through the rows
-(G = gᵀa never formed): L ← L + gᵀ(a aᵀ)g, R ← R + aᵀ(g gᵀ)a, the rotated gradient as the pair
+Data space (``data_space="auto"``, the default; ``"never"`` turns it off): in one process, a plain
+``nn.Linear`` layer (:func:`~curvfun.precondition._layer_pass.rows_route_module`) whose batch has few
+rows R against its widths (:func:`~curvfun.shampoo_math.rows_pay`; the MLP's 784 → 512 and
+512 → 512 layers at batch 128) is recorded during the pass (inputs a, output gradients g) with its
+own weight and bias detached during its calls, so autograd skips its weight gradient, and
+everything above is taken through the rows (G = gᵀa never formed; the rows centred first,
+:func:`~curvfun.shampoo_math.centered_rows`, so that a common input mean does not cancel in
+floating point): L ← L + gᵀ(a aᵀ)g, R ← R + aᵀ(g gᵀ)a, the rotated gradient as the pair
 (Q_Lᵀgᵀ, a Q_R) with its row / column norms from the two R x R Grams, and the preconditioned
-gradient (L^{-1/4}gᵀ)(a R^{-1/4}). The same matrices in exact arithmetic; the layer's weight then
-gets its ``.grad`` from the maker (tensor hooks on it do not fire). A layer's first such step is
-checked against autograd (a parameter used outside its layer's call: warning, plain backward).
-A layer whose parameters hold a non-zero ``.grad`` at the start of the step (accumulated
-micro-batches) takes the plain backward for that step; zeroed gradients
+gradient (L^{-1/4}gᵀ)(a R^{-1/4}). The same matrices in exact arithmetic. Whatever reaches the
+weight outside the layer's own calls (a weight also used elsewhere in the model or the loss,
+earlier micro-batches) lands in its ``.grad``; when that is non-zero the step adds gᵀa to it and
+takes the formed gradient, so the result is exact in every case. The layer's own part reaches
+``.grad`` from the maker (tensor hooks on the weight do not see it); zeroed gradients
 (``zero_grad(set_to_none=False)``) are written in place.
 
 The statistics start at ``1e-12·I`` as in ASDL / the reference implementation; until the first
@@ -79,11 +82,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as cfd
-from ..capture import LayerRecord, _check_versions, record_layers
+from ..capture import _check_versions, record_layers
 from ..roots import descending_eigh, eigen_power_from, warm_eigh
 from ..shampoo_math import (
     as_matrix,
     block_slices,
+    centered_rows,
     merge_blocks,
     precondition_matrix,
     precondition_rows,
@@ -96,7 +100,7 @@ from ..shampoo_math import (
     update_statistics,
     update_statistics_from_rows,
 )
-from ._layer_pass import backward_with_rows, module_infos
+from ._layer_pass import add_grad, backward_with_rows, holds_gradient, module_infos, rows_route_module
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
 
@@ -209,13 +213,13 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         #: pair (Q_Lᵀ gᵀ, a Q_R) (not state)
         self._rotated: dict[str, list] = {}
         self.data_space = data_space
-        #: within one step: weight key -> (a, g), the rows of the layers that skip autograd's weight
-        #: gradient, and their tiles with the R x R Grams (g_r, a_c, a_c a_cᵀ, g_r g_rᵀ)
+        #: within one step: weight key -> (g, a), the (centred, :func:`centered_rows`) rows of the layers
+        #: that skip autograd's weight gradient, and their tiles with the R x R Grams
+        #: (g_r, a_c, a_c a_cᵀ, g_r g_rᵀ)
         self._rows: dict[str, tuple[Tensor, Tensor]] = {}
         self._row_tiles: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
-        #: modules checked once against autograd / left on the plain backward
-        self._rows_checked: set[str] = set()
-        self._rows_off: set[str] = set()
+        #: layers that have taken the rows route (introspection)
+        self._rows_seen: set[str] = set()
 
     # --- which parameters ----------------------------------------------------------------------
     def _matrix_params(self) -> dict[str, nn.Parameter]:
@@ -235,38 +239,35 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         if self.data_space != "auto" or cfd.is_distributed():
             return {}
         matrix = self._matrix_params()
-        mods = {}
-        for name in self.preconditioned_modules:
-            params = self.module_params(name)
-            w = params.get("weight")
-            if (name in self._rows_off or w is None or not isinstance(self.preconditioned_modules[name], nn.Linear)
-                    or matrix.get(_key(name, "weight")) is not w or any(_holds_gradient(p) for p in params.values())):
-                continue
-            mods[name] = self.preconditioned_modules[name]
+        mods = {name: m for name, m in self.preconditioned_modules.items()
+                if rows_route_module(m) and matrix.get(_key(name, "weight")) is m.weight}
         return module_infos(mods)
 
-    def _rows_pay(self, rec: LayerRecord) -> bool:
-        m = rec.module
-        rows = sum(x.numel() // max(x.shape[-1], 1) for x in rec.inputs)
-        return rows_pay(rows, m.out_features, m.in_features, self.block_size)
+    def _rows_would_pay(self, name: str, x: Tensor) -> bool:
+        """Detach the layer's own parameters for this call (its input ``x``) iff its rows pay."""
+        m = self.preconditioned_modules[name]
+        return rows_pay(x.numel() // max(x.shape[-1], 1), m.out_features, m.in_features, self.block_size)
 
     def plain_pass(self) -> None:
-        """The step's forward and backward: recorded, with the rows of the layers where that is
-        cheaper (:meth:`_rows_candidates`, :func:`rows_pay`), else plain."""
+        """The step's forward and backward: recorded, with the candidate layers' own parameters
+        detached during their calls (:func:`~curvfun.precondition._layer_pass.backward_with_rows`);
+        a layer keeps its rows (a, g) where :func:`rows_pay` says so and nothing else reached its
+        weight's ``.grad`` (an outside use, accumulated micro-batches), else gets gᵀa added there."""
         infos = self._rows_candidates()
         if not infos:
             return super().plain_pass()
-        with record_layers(infos) as records:
+        with record_layers(infos, detach=self._rows_would_pay) as records:
             self.forward()
-        fast = [n for n, r in records.items() if r.inputs and r.eps and self._rows_pay(r)]
-        if not fast:
-            self.backward()
-        else:
-            for name, (a, g) in backward_with_rows(self, records, fast, self._rows_checked, self._rows_off).items():
-                bias = self.module_params(name).get("bias")
-                if bias is not None:
-                    _write_grad(bias, g.sum(0))
-                self._rows[_key(name, "weight")] = (a, g)
+        for name, (a, g) in backward_with_rows(self, records).items():
+            params = self.module_params(name)
+            if "bias" in params:
+                add_grad(params["bias"], g.sum(0))
+            w = params["weight"]
+            if holds_gradient(w) or not rows_pay(a.shape[0], w.shape[0], w.shape[1], self.block_size):
+                add_grad(w, g.T @ a)  # the formed gradient (plus what was there)
+            else:
+                self._rows[_key(name, "weight")] = centered_rows(g, a)
+                self._rows_seen.add(name)
         _check_versions(records)
 
     def _tiles_from_rows(self, key: str) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -274,7 +275,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         per row / column block and step."""
         tiles = self._row_tiles.get(key)
         if tiles is None:
-            a, g = self._rows[key]
+            g, a = self._rows[key]
             aa, gg, tiles = {}, {}, []
             for r, c in block_slices((g.shape[1], a.shape[1]), self.block_size):
                 g_r, a_c = g[:, r], a[:, c]
@@ -366,8 +367,11 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                 powers = [shampoo_roots(L, R, damping, relative, symmetrize=False) for L, R in stats]
             # each root dense or factored, whichever is cheaper to apply until the next refresh
             tracked = key in self._rotated  # the rotated gradient exists: apply factored
+            # each root acts on the other side's width, or on the R rows of a layer that takes its
+            # gradient from its rows (then (L^{-1/4}gᵀ)(a R^{-1/4}))
+            n_rows = self._rows[key][0].shape[0] if key in self._rows else None
             roots = [
-                [self._root_form(eL, R.shape[0], tracked), self._root_form(eR, L.shape[0], tracked)]
+                [self._root_form(eL, n_rows or R.shape[0], tracked), self._root_form(eR, n_rows or L.shape[0], tracked)]
                 for (eL, eR), (L, R) in zip(powers, stats)
             ]
             # the roots Q diag(w) Qᵀ are finite iff the powered eigenvalues w are (Q is orthogonal)
@@ -424,7 +428,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             roots = self.roots.get(key)
             rows = self._rows.get(key)
             if rows is not None:
-                a, g = rows
+                g, a = rows
                 if roots is None:  # no roots yet: the plain gradient gᵀa
                     _write_grad(p, (g.T @ a).reshape(p.shape))
                     continue
@@ -460,12 +464,6 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
 
     def _teardown(self) -> None:
         self._rotated, self._rows, self._row_tiles = {}, {}, {}
-
-
-def _holds_gradient(p: Tensor) -> bool:
-    """Whether ``p.grad`` holds something to accumulate onto (not None and not all zeros, as after
-    ``zero_grad(set_to_none=False)``)."""
-    return p.grad is not None and bool(p.grad.any())
 
 
 def _write_grad(p: Tensor, value: Tensor) -> None:
