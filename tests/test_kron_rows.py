@@ -577,3 +577,14 @@ def test_post_accumulate_grad_hooks_and_grad_identity():
         fired[ds] = counts
         assert ({"0", "2"} <= gm._rows_seen) if ds == "auto" else not gm._rows_seen
     assert fired["auto"] == fired["never"]
+
+
+@pytest.mark.parametrize("bias", ["separate", "folded"])
+def test_frozen_bias_takes_the_rows_route(bias):
+    """A wide layer with a frozen bias: its rows carry no ones column even with ``bias="folded"``
+    (the bias has no gradient), the route is taken, and every step equals the dense route."""
+    torch.manual_seed(0)
+    model = wide_net(5)
+    model[0].bias.requires_grad_(False)
+    gms, models = _kfac_routes(model, _batches(3, seed=10), bias=bias)
+    assert "0" in gms["auto"]._rows_seen and models["auto"][0].bias.grad is None

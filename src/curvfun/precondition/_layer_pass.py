@@ -113,7 +113,7 @@ def backward_with_rows(
     during their calls (:func:`~curvfun.capture.record_layers` ``detach=``): returns
     ``{name: (a, g)}`` for those layers, a ``[R, d_in]`` the inputs of their detached calls (every
     call's leading dimensions flattened into rows; a trailing ones column when ``fold_bias`` and
-    the layer has a bias) and g ``[R, d_out]`` the loss's gradients at those calls' outputs, in the
+    the layer has a trainable bias) and g ``[R, d_out]`` the loss's gradients at those calls' outputs, in the
     weight's dtype: the layers' own part of their weight gradient is gᵀa (of the bias Σ g), which
     the maker forms or preconditions from the rows.
 
@@ -133,7 +133,7 @@ def backward_with_rows(
         a = _stack_rows([x.reshape(-1, x.shape[-1]) for x, _ in calls]).to(w.dtype)
         g = _stack_rows([(torch.zeros_like(e) if e.grad is None else e.grad).reshape(-1, e.shape[-1])
                          for _, e in calls]).to(w.dtype)
-        if fold_bias and rec.module.bias is not None:
+        if fold_bias and rec.module.bias is not None and rec.module.bias.requires_grad:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         rows[n] = (a, g)
     return rows
