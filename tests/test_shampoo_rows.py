@@ -19,11 +19,13 @@ import curvfun.precondition.shampoo as shampoo_mod
 from curvfun.precondition import NonFiniteCurvatureWarning, PreconditioningConfig
 from curvfun.precondition.shampoo import ShampooGradientMaker
 from curvfun.shampoo_math import (
+    apply_rotated,
     centered_rows,
     precondition_matrix,
     precondition_rows,
     rotate_rows,
     row_tiles,
+    row_tiles_with_grams,
     rows_pay,
     split_blocks,
     update_statistics,
@@ -131,6 +133,29 @@ def test_rows_pay_examples():
     # one d x d tile: 4Rd² + 4R²d < 4d³ iff R < d(√5 - 1)/2 ≈ 0.618 d
     assert rows_pay(61, 100, 100, -1) and not rows_pay(62, 100, 100, -1)
     assert rows_pay(61, 300, 300, 100) and not rows_pay(62, 300, 300, 100)  # nine 100 x 100 tiles
+    assert not rows_pay(0, 512, 784, -1)  # an empty batch: the formed (zero) gradient, nothing to centre
+
+
+@given(R=st.integers(1, 6), d_out=st.integers(1, 9), d_in=st.integers(1, 9), block_size=st.sampled_from([-1, 2, 3]),
+       seed=st.integers(0, 2**16))
+def test_row_tiles_with_grams_and_apply_rotated_against_dense(R, d_out, d_in, block_size, seed):
+    """row_tiles_with_grams: each tile's rows and the Grams of exactly those rows; apply_rotated on
+    the rotated gradient, formed or as rotate_rows' factors, equals the dense
+    Q_L diag(w_L) Q_Lᵀ G Q_R diag(w_R) Q_Rᵀ of the tile."""
+    gen = torch.Generator().manual_seed(seed)
+    g, a = torch.randn(R, d_out, generator=gen, dtype=D64), torch.randn(R, d_in, generator=gen, dtype=D64)
+    G_tiles = split_blocks(g.T @ a, block_size)
+    for (g_r, a_c, aa, gg), (g_t, a_t), G in zip(row_tiles_with_grams(g, a, block_size), row_tiles(g, a, block_size), G_tiles):
+        assert torch.equal(g_r, g_t) and torch.equal(a_c, a_t)
+        _close(aa, a_t @ a_t.T, what="a aᵀ")
+        _close(gg, g_t @ g_t.T, what="g gᵀ")
+        Q_L, Q_R = _orthogonal(G.shape[0], gen), _orthogonal(G.shape[1], gen)
+        w_L = torch.rand(G.shape[0], generator=gen, dtype=D64) + 0.1
+        w_R = torch.rand(G.shape[1], generator=gen, dtype=D64) + 0.1
+        want = (Q_L * w_L) @ Q_L.T @ G @ (Q_R * w_R) @ Q_R.T
+        _close(apply_rotated(Q_L.T @ G @ Q_R, [Q_L, w_L], [Q_R, w_R]), want, what="formed G'")
+        U, V, _, _ = rotate_rows(g_r, a_c, Q_L, Q_R, aa, gg)
+        _close(apply_rotated((U, V), [Q_L, w_L], [Q_R, w_R]), want, what="factored G'")
 
 
 @given(rows=st.integers(1, 300), d_out=st.integers(1, 600), d_in=st.integers(1, 600),

@@ -55,7 +55,9 @@ __all__ = [
     "precondition_matrix",
     "shampoo_roots",
     "row_tiles",
+    "row_tiles_with_grams",
     "centered_rows",
+    "apply_rotated",
     "update_statistics_from_rows",
     "rotate_rows",
     "precondition_rows",
@@ -177,6 +179,22 @@ def row_tiles(g: Tensor, a: Tensor, block_size: int) -> list[tuple[Tensor, Tenso
     return [(g[:, r], a[:, c]) for r, c in block_slices((g.shape[1], a.shape[1]), block_size)]
 
 
+def row_tiles_with_grams(g: Tensor, a: Tensor, block_size: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """:func:`row_tiles` with each tile's R x R Grams: ``[(g_r, a_c, a_c a_cᵀ, g_r g_rᵀ)]``, each
+    Gram formed once per row / column block (shared by the tiles of that block). O(R²(d_out + d_in))."""
+    aa: dict[int, Tensor] = {}
+    gg: dict[int, Tensor] = {}
+    tiles = []
+    for r, c in block_slices((g.shape[1], a.shape[1]), block_size):
+        g_r, a_c = g[:, r], a[:, c]
+        if c.start not in aa:
+            aa[c.start] = a_c @ a_c.T
+        if r.start not in gg:
+            gg[r.start] = g_r @ g_r.T
+        tiles.append((g_r, a_c, aa[c.start], gg[r.start]))
+    return tiles
+
+
 def update_statistics_from_rows(
     L: Tensor, R: Tensor, g: Tensor, a: Tensor, ema_decay: float,
     aa: Tensor | None = None, gg: Tensor | None = None,
@@ -210,11 +228,26 @@ def precondition_rows(g: Tensor, a: Tensor, L_root: Tensor | Sequence[Tensor], R
     return apply_root(L_root, g.T, "left") @ apply_root(R_root, a, "right")
 
 
+def apply_rotated(Gr: Tensor | tuple[Tensor, Tensor], L_root: Sequence[Tensor], R_root: Sequence[Tensor]) -> Tensor:
+    """L^{-1/4} G R^{-1/4} = Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ from the rotated gradient G' = Q_Lᵀ G Q_R and
+    factored roots ``[Q, w]``; G' given formed (consumed: scaled in place) or as its factors
+    (U, V) = (Q_Lᵀgᵀ, a Q_R) of :func:`rotate_rows` (consumed likewise), then
+    (Q_L (w_L ⊙ U)) ((V ⊙ w_R) Q_Rᵀ)."""
+    (Q_L, w_L), (Q_R, w_R) = L_root, R_root
+    if isinstance(Gr, Tensor):
+        return Q_L @ (Gr.mul_(w_L.unsqueeze(-1)).mul_(w_R) @ Q_R.T)
+    U, V = Gr
+    return (Q_L @ U.mul_(w_L.unsqueeze(-1))) @ (V.mul_(w_R) @ Q_R.T)
+
+
 def rows_pay(rows: int, d_out: int, d_in: int, block_size: int) -> bool:
     """Whether a d_out x d_in gradient from ``rows`` rows is cheaper to take through its rows, per
     step with the statistics updated: Σ over tiles (b_r x b_c) of 2R(b_r² + b_c²) + 2R²(b_r + b_c)
     (statistics and the root applications on R vectors, plus the Gram products) against
-    2 b_r b_c (b_r + b_c) (the same on the formed tile); both pay R·b_r·b_c for gᵀa once."""
+    2 b_r b_c (b_r + b_c) (the same on the formed tile); both pay R·b_r·b_c for gᵀa once. Never
+    for an empty batch (no rows: nothing to centre, the formed gradient is zero)."""
+    if rows < 1:
+        return False
     rows_cost = dense_cost = 0
     for r, c in block_slices((d_out, d_in), block_size):
         br, bc = r.stop - r.start, c.stop - c.start

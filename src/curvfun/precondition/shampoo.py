@@ -85,6 +85,7 @@ from .. import distributed as cfd
 from ..capture import _check_versions, record_layers
 from ..roots import descending_eigh, eigen_power_from, warm_eigh
 from ..shampoo_math import (
+    apply_rotated,
     as_matrix,
     block_slices,
     centered_rows,
@@ -94,6 +95,7 @@ from ..shampoo_math import (
     prefer_factored,
     rotate_rows,
     row_tiles,
+    row_tiles_with_grams,
     rows_pay,
     shampoo_roots,
     split_blocks,
@@ -271,21 +273,10 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         _check_versions(records)
 
     def _tiles_from_rows(self, key: str) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """``[(g_r, a_c, a_c a_cᵀ, g_r g_rᵀ)]`` per tile of ``key``'s rows, the Grams computed once
-        per row / column block and step."""
-        tiles = self._row_tiles.get(key)
-        if tiles is None:
-            g, a = self._rows[key]
-            aa, gg, tiles = {}, {}, []
-            for r, c in block_slices((g.shape[1], a.shape[1]), self.block_size):
-                g_r, a_c = g[:, r], a[:, c]
-                if c.start not in aa:
-                    aa[c.start] = a_c @ a_c.T
-                if r.start not in gg:
-                    gg[r.start] = g_r @ g_r.T
-                tiles.append((g_r, a_c, aa[c.start], gg[r.start]))
-            self._row_tiles[key] = tiles
-        return tiles
+        """:func:`row_tiles_with_grams` of ``key``'s rows, once per step."""
+        if key not in self._row_tiles:
+            self._row_tiles[key] = row_tiles_with_grams(*self._rows[key], self.block_size)
+        return self._row_tiles[key]
 
     # --- the three stages ----------------------------------------------------------------------
     def update_curvature(self) -> None:
@@ -430,22 +421,22 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
             if rows is not None:
                 g, a = rows
                 if roots is None:  # no roots yet: the plain gradient gᵀa
-                    _write_grad(p, (g.T @ a).reshape(p.shape))
+                    add_grad(p, (g.T @ a).reshape(p.shape))
                     continue
             elif roots is None or p.grad is None:
                 continue
             rotated = self._rotated.get(key)
             if rotated is not None and self._rotated_matches(key, roots):
                 # Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ with G' = Q_Lᵀ G Q_R from _track_eigenvalues
-                tiles = [_apply_rotated(Gr, Lr, Rr) for (Lr, Rr), Gr in zip(roots, rotated)]
+                tiles = [apply_rotated(Gr, Lr, Rr) for (Lr, Rr), Gr in zip(roots, rotated)]
             elif rows is not None:
                 tiles = [precondition_rows(g_r, a_c, Lr, Rr) for (Lr, Rr), (g_r, a_c) in zip(roots, row_tiles(g, a, self.block_size))]
             else:
                 tiles = [precondition_matrix(t, Lr, Rr) for (Lr, Rr), t in zip(roots, split_blocks(as_matrix(p.grad.detach()), self.block_size))]
             shape = (p.shape[0], p[0].numel())
             new = tiles[0] if len(tiles) == 1 else merge_blocks(tiles, shape, self.block_size)
-            if rows is not None:
-                _write_grad(p, new.reshape(p.shape))
+            if rows is not None:  # .grad is None or zeros here (else the layer took the formed gradient)
+                add_grad(p, new.reshape(p.shape))
             else:
                 p.grad.copy_(new.reshape(p.grad.shape))
 
@@ -466,26 +457,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         self._rotated, self._rows, self._row_tiles = {}, {}, {}
 
 
-def _write_grad(p: Tensor, value: Tensor) -> None:
-    """``p.grad = value``, into the existing (zeroed) ``.grad`` tensor when there is one."""
-    if p.grad is None:
-        p.grad = value.to(p.dtype)
-    else:
-        p.grad.copy_(value)
-
-
 def _key(module: str, local: str) -> str:
     return f"{module}.{local}" if module else local
-
-
-def _apply_rotated(Gr, L_root: list[Tensor], R_root: list[Tensor]) -> Tensor:
-    """Q_L (w_L ⊙ G' ⊙ w_R) Q_Rᵀ for the rotated gradient G' (consumed), or from its factors
-    (U, V) = (Q_Lᵀgᵀ, a Q_R) as (Q_L (w_L ⊙ U)) ((V ⊙ w_R) Q_Rᵀ)."""
-    (Q_L, w_L), (Q_R, w_R) = L_root, R_root
-    if isinstance(Gr, Tensor):
-        return Q_L @ (Gr.mul_(w_L.unsqueeze(-1)).mul_(w_R) @ Q_R.T)
-    U, V = Gr
-    return (Q_L @ U.mul_(w_L.unsqueeze(-1))) @ (V.mul_(w_R) @ Q_R.T)
 
 
 def _eye(d: int, like: Tensor) -> Tensor:
