@@ -444,26 +444,46 @@ _register(EmbeddingFactor)
 
 @dataclass(frozen=True)
 class UnitWiseFactor:
-    """Per-unit blocks ``[C, p, p]`` over (γ_c[, β_c]) of a LayerNorm / BatchNorm: the exact
-    Fisher sub-blocks. ``matvec`` multiplies each unit's (γ_c, β_c) pair by its block."""
+    """Per-unit blocks ``[C, p, p]``: for each output unit c the exact curvature block over the
+    unit's parameters ``[W[c].reshape(-1); b[c]]`` (its d fan-in weights, then its bias).
+
+    Linear / Conv2d: W[c] is the unit's row (``[d_in]``, or ``[C_in/groups, kh, kw]`` read
+    row-major), d = its numel. LayerNorm / BatchNorm: d = 1 (γ_c, β_c). p = d + 1, or d without a
+    bias (``has_bias``), or 1 when only the bias is trainable (``has_weight=False``).
+    ``bias_shape``: the bias's shape where it is not ``(C,)`` (a LayerNorm over several dims).
+    ``to_dense`` is in the parameter order ``[vec_row-major(W); b]``. ``matvec`` and
+    ``damped_inverse`` cost O(C·p²) and O(C·p³)."""
 
     blocks: Tensor
     weight_shape: tuple = ()
     has_bias: bool = True
+    has_weight: bool = True
+    bias_shape: tuple | None = None
 
     _tensor_fields = ("blocks",)
-    _static_fields = ("weight_shape", "has_bias")
+    _static_fields = ("weight_shape", "has_bias", "has_weight", "bias_shape")
 
-    def _stack(self, grad):
-        parts = [grad["weight"].reshape(-1)]
-        if self.has_bias:
-            parts.append(grad["bias"].reshape(-1))
-        return torch.stack(parts, -1)  # [C, p]
+    @property
+    def fan_in(self) -> int:
+        """d: the number of weight entries per unit (0 when the weight is not trainable)."""
+        return self.blocks.shape[-1] - int(self.has_bias) if self.has_weight else 0
 
-    def _unstack(self, v, grad):
-        out = {"weight": v[:, 0].reshape(grad["weight"].shape)}
+    def _stack(self, grad) -> Tensor:
+        """``{"weight", "bias"}`` -> ``[C, p]``: W reshaped to ``[C, d]``, the bias as last column."""
+        C = self.blocks.shape[0]
+        parts = [grad["weight"].reshape(C, -1)] if self.has_weight else []
         if self.has_bias:
-            out["bias"] = v[:, 1].reshape(grad["bias"].shape)
+            parts.append(grad["bias"].reshape(C, 1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def _unstack(self, v: Tensor, grad) -> dict:
+        """The inverse of :meth:`_stack` (shapes taken from ``grad``)."""
+        d = self.fan_in
+        out = {}
+        if self.has_weight:
+            out["weight"] = v[:, :d].reshape(grad["weight"].shape)
+        if self.has_bias:
+            out["bias"] = v[:, d].reshape(grad["bias"].shape)
         return out
 
     def matvec(self, grad):
@@ -474,22 +494,36 @@ class UnitWiseFactor:
         if not (damping >= 0 and math.isfinite(damping)):
             raise ValueError(f"damping must be a finite number >= 0, got {damping}")
         inv = damped_cholesky_inverse(self.blocks, max(float(damping), MIN_DAMPING), "unit-wise block")
-        return UnitWiseFactor(inv, self.weight_shape, self.has_bias)
+        return replace(self, blocks=inv)
+
+    def _dense_index(self) -> Tensor:
+        """``[C, p]``: where each unit's parameters sit in ``[vec_row-major(W); b]``."""
+        C, d = self.blocks.shape[0], self.fan_in
+        c = torch.arange(C, device=self.blocks.device).unsqueeze(1)
+        cols = [c * d + torch.arange(d, device=c.device)] if d else []
+        if self.has_bias:
+            cols.append(C * d + c)
+        return torch.cat(cols, 1)
 
     def to_dense(self, include_bias: bool = True) -> Tensor:
+        """The block-diagonal-by-units matrix ``[C·p, C·p]`` in the order ``[vec_row-major(W); b]``
+        (``include_bias=False``: its weight part ``[C·d, C·d]``)."""
         C, p, _ = self.blocks.shape
-        M = torch.zeros(p * C, p * C, dtype=self.blocks.dtype, device=self.blocks.device)
-        idx = torch.arange(C)
-        for i in range(p):
-            for j in range(p):
-                M[i * C + idx, j * C + idx] = self.blocks[:, i, j]
-        return M
+        idx = self._dense_index()
+        M = self.blocks.new_zeros(C * p, C * p)
+        M[idx.unsqueeze(2), idx.unsqueeze(1)] = self.blocks
+        if include_bias or not self.has_bias:
+            return M
+        return M[: C * self.fan_in, : C * self.fan_in]
 
     def diag(self) -> "DiagFactor":
-        d = torch.diagonal(self.blocks, dim1=-2, dim2=-1)  # [C, p]
-        out = {"weight": d[:, 0].reshape(self.weight_shape)}
+        dg = torch.diagonal(self.blocks, dim1=-2, dim2=-1).clone()  # [C, p]
+        d = self.fan_in
+        out = {}
+        if self.has_weight:
+            out["weight"] = dg[:, :d].reshape(self.weight_shape)
         if self.has_bias:
-            out["bias"] = d[:, 1].clone()
+            out["bias"] = dg[:, d].reshape(self.bias_shape or (dg.shape[0],))
         return DiagFactor(out)
 
 

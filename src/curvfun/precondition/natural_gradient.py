@@ -65,6 +65,7 @@ from ..kron_rows import (
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
+from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
 from ._layer_pass import add_grad, backward_with_rows, holds_gradient, rows_route_module
 from .base import PreconditionedGradientMaker
 from .config import NO_EMA, PreconditioningConfig
@@ -702,13 +703,21 @@ class DiagNaturalGradientMaker(_CurvatureMaker):
 
 
 class UnitWiseNaturalGradientMaker(_CurvatureMaker):
-    """Unit-wise natural gradient for LayerNorm / BatchNorm: per channel, the exact 2x2 Fisher
-    block over (γ_c, β_c), inverted with damping λ. Other layers keep the plain gradient."""
+    """Unit-wise natural gradient (ASDL's ``SHAPE_UNIT_WISE``): for every output unit c of a
+    Linear / Conv2d (its fan-in row ``W[c].reshape(-1)``, d = C_in/groups·kh·kw entries, and its
+    bias ``b[c]``) and every channel of a LayerNorm / BatchNorm ((γ_c, β_c)), the exact Fisher block
 
-    _kinds = ("layernorm", "batchnorm")
+        F_c = (1/N) Σ_k w_k Σ_n u_kn,c u_kn,cᵀ,   u_kn,c = Σ_t ĝ_kn,t,c · [a_n,t; 1]
+
+    (:func:`curvfun.unit_wise.unit_wise_from_layer`; frozen weight or bias dropped from u), and
+    the preconditioned gradient ``(F_c + λI)^{-1} g_c`` per unit. Cost per curvature step
+    O(K·N·C·(T·d + d²)) per layer, per inverse O(C·(d + 1)³), per step O(C·(d + 1)²). Other
+    layers keep the plain gradient."""
+
+    _kinds = UNIT_WISE_KINDS
 
     def _layer_curvature(self, ld: LayerData) -> Any:
-        return kron_factors_from_layer(ld)
+        return unit_wise_from_layer(ld)
 
 
 class _BlockMaker(_CurvatureMaker):
