@@ -317,8 +317,8 @@ for _spec in [
                   requires=(_P, "LowRankKfacGradientMaker"), model_defaults=_KFAC_CNN),
     OptimizerSpec("diag_ng", "diagonal natural gradient + SGD", _maker("DiagNaturalGradientMaker"),
                   _ng(damping=0.1), requires=(_P, "DiagNaturalGradientMaker")),
-    OptimizerSpec("unitwise_ng", "unit-wise natural gradient on BatchNorm/LayerNorm (plain SGD elsewhere)",
-                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.1), requires=(_P, "UnitWiseNaturalGradientMaker")),
+    OptimizerSpec("unitwise_ng", "unit-wise natural gradient (one block per output unit) + SGD",
+                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.01), requires=(_P, "UnitWiseNaturalGradientMaker")),
     # no EMA: the blocks stay as N x N push-through solves (with EMA they are dense P x P blocks)
     OptimizerSpec("layerwise_ng", "layer-wise (one block per layer) natural gradient + SGD",
                   _maker("LayerWiseNaturalGradientMaker"), _ng(damping=0.3, ema_decay=-1),
