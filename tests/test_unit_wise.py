@@ -236,6 +236,29 @@ def test_frozen_weight_or_bias(frozen, kind):
     close(curvfun.ggn(model, params, x, y, shape="unit")[name].blocks, f.blocks, "ggn(shape='unit'), frozen")
 
 
+def test_hessian_unit_blocks_equal_dense_hessian_restriction():
+    """hessian(shape="unit"): the Hessian of the mean loss (autograd over the layer's flat parameters)
+    restricted to each unit, bias-first params order included."""
+    torch.manual_seed(1)
+    model = SeqNet(2, 3, 3)
+    x, y = _batch((2, 2), 4, 3, "cross_entropy", 1)
+    params = dict(model.named_parameters())
+    params = {"lin.bias": params["lin.bias"], **{k: v for k, v in params.items() if k != "lin.bias"}}
+    got = curvfun.hessian(model, params, x, y, shape="unit")
+    for name in ("lin", "head"):
+        m = model.get_submodule(name)
+        W, b = m.weight.detach(), m.bias.detach()
+
+        def loss(flat, m=m, W=W, b=b):
+            w, bb = flat[: W.numel()].reshape(W.shape), flat[W.numel():]
+            out = torch.func.functional_call(model, {f"{name}.weight": w, f"{name}.bias": bb}, (x,))
+            return F.cross_entropy(out, y)
+
+        H = torch.autograd.functional.hessian(loss, torch.cat([W.reshape(-1), b]))
+        idx = unit_index(W.shape[0], W.shape[1], True, True)
+        close(got[name].blocks, expected_blocks(H, idx), f"{name}: Hessian unit blocks")
+
+
 # --- MC Fisher --------------------------------------------------------------------------------------
 
 
