@@ -27,6 +27,7 @@ from curvfun.losses import get_likelihood
 from curvfun.precondition import PreconditioningConfig, UnitWiseNaturalGradientMaker
 from curvfun.precondition.state_packing import pack, unpack
 from curvfun.unit_wise import unit_wise_from_layer
+from test_natural_gradient import maker_step
 
 
 def close(a, b, msg="", rtol=1e-9, atol=1e-11):
@@ -391,28 +392,20 @@ def test_maker_preconditions_every_unit_by_its_damped_block(fisher_type, lam):
 
 
 def _digits_run(make_gm, lr, steps, seed=0):
-    """SGD (no momentum) on the digits MLP with an optional grad maker; the final loss on the whole
-    training set."""
-    from digits_helper import digits_data, digits_mlp
+    """digits_helper's loop, SGD (no momentum) with an optional grad maker; the final loss on the
+    whole training set."""
+    from digits_helper import digits_data, train_digits
 
+    trained = []
+
+    def make(model):
+        trained.append(model)
+        return torch.optim.SGD(model.parameters(), lr=lr), make_gm(model) if make_gm else None
+
+    train_digits(make, steps=steps, batch=64, seed=seed, dtype=torch.float32)
     xtr, ytr, _, _ = digits_data(torch.float32)
-    model = digits_mlp(seed, torch.float32)
-    gm = make_gm(model) if make_gm else None
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(ytr), (64,), generator=g)
-        x, t = xtr[idx], ytr[idx]
-        opt.zero_grad()
-        if gm is None:
-            F.cross_entropy(model(x), t).backward()
-        else:
-            dummy_y = gm.setup_model_call(model, x)
-            gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-            gm.forward_and_backward()
-        opt.step()
     with torch.no_grad():
-        return F.cross_entropy(model(xtr), ytr).item()
+        return F.cross_entropy(trained[0](xtr), ytr).item()
 
 
 def test_maker_trains_the_digits_mlp_well_below_sgd():
@@ -494,11 +487,7 @@ def test_maker_agrees_with_asdl_unit_wise_maker(fisher_type):
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         out = []
         for x, t in data:
-            opt.zero_grad()
-            dummy_y = gm.setup_model_call(m, x)
-            gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-            gm.forward_and_backward()
-            out.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+            out.append(maker_step(gm, m, x, t))
             opt.step()
         return out
 
