@@ -35,25 +35,28 @@ UNIT_WISE_KINDS = _WEIGHT_KINDS + _NORM_KINDS
 
 
 def _unit_rows(ld: LayerData, k: int) -> Tensor:
-    """The per-sample gradients of every unit for output-gradient column k: ``[N, C, p]``.
-    Cost O(N·C·T·d); memory N·C·p (Linear / Conv2d: N·G·o·(d + 1))."""
+    """The per-sample gradients of every unit for output-gradient column k, ``[C, N, p]``
+    (unit-major, so that each unit's Gram is one contiguous GEMM). Linear / Conv2d: one product
+    of g with the inputs extended by a ones column (the bias), O(N·C·T·p); memory C·N·p."""
     g = ld.g[k]
-    parts = []
     if ld.kind in _WEIGHT_KINDS:
         a = ld.a  # [N, G, T, d]
-        N, G, T, d = a.shape
-        if ld.has_weight:  # Σ_t g_t a_tᵀ per group: [N, G, o, d]
-            parts.append(g[:, :, 0, :, None] * a[:, :, 0, None, :] if T == 1 else g.transpose(-1, -2) @ a)
-        if ld.has_bias:
-            parts.append(g.sum(2).unsqueeze(-1))  # [N, G, o, 1]
-        U = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-        return U.reshape(N, -1, U.shape[-1])
+        if not ld.has_weight:  # the bias alone
+            a = torch.ones_like(a[..., :1])
+        elif ld.has_bias:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        N, G, T, p = a.shape
+        if T == 1:  # [G, o, N, 1] * [G, 1, N, p], written unit-major
+            U = a.new_empty(G, g.shape[-1], N, p)
+            torch.mul(g[:, :, 0].permute(1, 2, 0).unsqueeze(-1), a[:, :, 0].transpose(0, 1).unsqueeze(1), out=U)
+        else:  # Σ_t g_t [a_t; 1]ᵀ per sample and group: [N, G, o, p]
+            U = (g.transpose(-1, -2) @ a).permute(1, 2, 0, 3)
+        return U.reshape(-1, N, p)
     if ld.kind in _NORM_KINDS:  # a = x̂, g: [N, T, C]
-        if ld.has_weight:
-            parts.append((g * ld.a).sum(1))
+        parts = [(g * ld.a).sum(1)] if ld.has_weight else []
         if ld.has_bias:
             parts.append(g.sum(1))
-        return torch.stack(parts, -1)
+        return torch.stack(parts, -1).transpose(0, 1)
     raise ValueError(
         f"no unit-wise blocks for a {type(ld.module).__name__} (layer kind {ld.kind!r}); they exist for "
         f"Linear, Conv2d, LayerNorm and BatchNorm"
@@ -70,7 +73,7 @@ def unit_wise_from_layer(ld: LayerData) -> UnitWiseFactor:
     N = ld.batch_size
     blocks = None
     for k in range(ld.g.shape[0]):
-        U = _unit_rows(ld, k).permute(1, 0, 2)  # [C, N, p]
+        U = _unit_rows(ld, k)  # [C, N, p]
         B = U.transpose(1, 2) @ U  # [C, p, p]
         w = ld.weights[k]
         if bool(w != 1):
