@@ -66,6 +66,7 @@ from .config import (
     resolve_schedule,
 )
 from ..precision import autocast_as, autocast_state, full_precision
+from ..layers.registry import handler_for
 from .dummy import DummyObject, contains_dummy, default_logits_dummy, replace_dummies, replay
 
 __all__ = [
@@ -765,10 +766,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self.plain_modules: dict[str, str] = a.plain
         self.plain_parameters: dict[str, str] = a.plain_parameters
         self._param_owner = {
-            id(p): (name, local)
-            for name, m in a.preconditioned.items()
-            for local, p in m.named_parameters(recurse=False)
-            if p.requires_grad
+            id(p): (name, role) for name in a.preconditioned for role, p in self.module_params(name).items()
         }
         if a.unmatched_ignores:
             names = [n for n, _ in unwrap_model(self.model).named_modules() if n][:20]
@@ -780,10 +778,15 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
             )
 
     def module_params(self, name: str) -> dict[str, nn.Parameter]:
-        """The trainable parameters of preconditioned layer ``name`` (local name -> parameter)."""
+        """The trainable parameters of preconditioned layer ``name`` by their role in the layer
+        registry (``"weight"`` / ``"bias"``; MultiheadAttention's ``in_proj_weight`` is its
+        ``"weight"``), or by local name for a module the registry does not serve."""
         if name not in self.preconditioned_modules:
             raise KeyError(f"{name!r} is not a preconditioned module; these are: {list(self.preconditioned_modules)}")
-        return {k: p for k, p in self.preconditioned_modules[name].named_parameters(recurse=False) if p.requires_grad}
+        m = self.preconditioned_modules[name]
+        h = handler_for(m)
+        return {(h.role_of(k) if h is not None else None) or k: p
+                for k, p in m.named_parameters(recurse=False) if p.requires_grad}
 
     def module_name_of(self, param: Tensor) -> tuple[str, str] | None:
         """``(layer name, local name)`` of a preconditioned parameter, matched by identity; None for
