@@ -344,22 +344,24 @@ class EKFACFactor:
         """Q_B [(Q_Bᵀ G Q_A) ⊙ S] Q_Aᵀ (divided by S + λ for the damped inverse)."""
         QA, QB = _groups(self.QA), _groups(self.QB)
         G = QA.shape[0]
+        out = {}
+        if self.has_bias and not self.folded and grad.get("bias") is not None:
+            b = grad["bias"].reshape(G, -1, 1)
+            rb = QB.transpose(-1, -2) @ b
+            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
+        if grad.get("weight") is None:  # the weight is frozen: the bias block alone
+            return out
         W = grad["weight"]
         Wm = _weight_matrix(W, G)
         if self.folded:
             Wm = torch.cat([Wm, grad["bias"].reshape(G, -1, 1)], -1)
         rot = QB.transpose(-1, -2) @ Wm @ QA
         res = QB @ (rot * self._scale(self.S)) @ QA.transpose(-1, -2)
-        out = {}
         if self.folded:
             out["weight"] = res[..., :-1].reshape(W.shape)
             out["bias"] = res[..., -1].reshape(grad["bias"].shape)
             return out
         out["weight"] = res.reshape(W.shape)
-        if self.has_bias and grad.get("bias") is not None:
-            b = grad["bias"].reshape(G, -1, 1)
-            rb = QB.transpose(-1, -2) @ b
-            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
         return out
 
     def damped_inverse(self, damping: float) -> "EKFACFactor":
@@ -645,7 +647,7 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
     g = _weighted(data.g, data.weights)
     if data.kind == "affine":
         (am, a_count), (gm, g_count) = factor_rows(data, kfac_type, bias)
-        folded = bias == "folded" and data.has_bias
+        folded = bias == "folded" and data.has_bias and data.has_weight
         G = data.a.shape[1]
         if data.layout:
             mat_shape = (G * data.g.shape[-1], data.a.shape[-1])

@@ -406,7 +406,7 @@ class KfacGradientMaker(_CurvatureMaker):
         self._rows_seen: set[str] = set()
 
     def _layer_curvature(self, ld: LayerData) -> Any:
-        if self._rows_allowed() and ld.kind == "affine":
+        if self._rows_allowed() and ld.kind == "affine" and not ld.layout:
             return kron_rows_from_layer(ld, self.kfac_type, self.bias)
         return kron_factors_from_layer(ld, self.kfac_type, self.bias)
 
@@ -521,7 +521,7 @@ class EkfacGradientMaker(KfacGradientMaker):
         fresh_all = {
             name: _scalings(_ekfac_from(replace_eig(self.ekfac[name]), ld))
             for name, ld in data.items()
-            if name in self.ekfac and ld.kind == "affine"
+            if name in self.ekfac and ld.kind == "affine" and not ld.layout
         }
         new_curv, fresh_all = self._reduce_curvature(
             ({name: self._layer_curvature(ld) for name, ld in data.items()}, fresh_all)
@@ -663,7 +663,7 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
         data = self._capture_pass()
         names, items, others = [], [], {}
         for name, ld in data.items():
-            if ld.kind == "affine" and ld.a.shape[1] == 1:
+            if ld.kind == "affine" and ld.a.shape[1] == 1 and not ld.layout and ld.has_weight:
                 N, _, T, d = ld.a.shape
                 g = ld.g * ld.weights.sqrt().to(ld.g.dtype).reshape(-1, 1, 1, 1, 1)
                 g_rows = g.reshape(-1, g.shape[-1])
