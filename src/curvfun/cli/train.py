@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -281,13 +282,15 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        detail = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln.split("`")[0]]
-        if "weights_only" in text or detail:
-            why = (f"it holds Python objects beyond tensors, numbers, strings and containers "
-                   f"({detail[0] if detail else 'not loadable with weights_only=True'}); curvfun's own checkpoints "
-                   "never do, and unpickling such a file could run code it carries")
+        culprit = re.search(r"GLOBAL ([\w.]+)", text)
+        if culprit:
+            why = (f"it refers to the Python object {culprit.group(1)}, not only to tensors, numbers, strings and "
+                   "containers; curvfun's own checkpoints never do, and unpickling such a file could run code it "
+                   "carries")
         else:
-            why = f"it is not a readable torch file ({type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else ''})"
+            unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            detail = unpickler.group(1).strip() if unpickler else (text.strip().splitlines() or [""])[0]
+            why = f"it is not a readable torch file ({type(exc).__name__}: {detail})"
         raise CliError(f"refusing to load checkpoint {path}: {why}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CliError(f"{path} is not a curvfun checkpoint (format {CHECKPOINT_FORMAT})")
