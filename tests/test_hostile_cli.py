@@ -143,6 +143,35 @@ def test_resuming_a_folder_whose_checkpoints_belong_to_another_run(tmp_path, cap
     assert (x / "checkpoints" / "step_000006.pt").exists()
 
 
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    """Ctrl-C at step 7 (checkpoints every 2), a half-written checkpoint left by a kill -9, then
+    `train --resume FOLDER`: same parameters and metrics.csv as the uninterrupted run."""
+    common = ["train", "--optimizer", "adam", "--steps", "10", "--checkpoint-every", "2", *QUIET]
+    assert run([*common, "--out", str(tmp_path / "full")], capsys)[0] == 0
+    real, calls = T.train_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(T, "train_step", interrupted)
+    part = tmp_path / "part"
+    rc, _, err = run([*common, "--out", str(part)], capsys)
+    assert rc == 130 and f"interrupted; continue from the latest checkpoint with `curvfun train --resume {part}`" in err
+    (part / "checkpoints" / "step_000008.pt.tmp").write_bytes(b"PK\x03\x04 half a zip")  # killed mid-write
+    monkeypatch.setattr(T, "train_step", real)
+    rc, out, err = run(["train", "--resume", str(part), *QUIET], capsys)
+    assert rc == 0 and "at step 6" in out, err
+    a, b = (torch.load(d / "checkpoints" / "step_000010.pt", weights_only=True) for d in (tmp_path / "full", part))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    def columns(d):
+        rows = [r.split(",") for r in (d / "metrics.csv").read_text().splitlines()]
+        return [[c for i, c in enumerate(r) if rows[0][i] != "time_s"] for r in rows]
+    assert columns(tmp_path / "full") == columns(part)
+
+
 # ----------------------------------------------------------------------------- compare: nothing finished is lost
 
 def test_compare_interrupted_keeps_finished_optimizers_and_resume_runs_the_rest(tmp_path, capsys, monkeypatch):
