@@ -5,7 +5,6 @@ damaged checkpoints and a data-parallel peer that dies. Each case asserts what t
 from __future__ import annotations
 
 import builtins
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -231,7 +230,8 @@ def test_bad_values_and_unwritable_folders_get_a_message(tmp_path, capsys):
         (["--model-arg", "hidden=abc"],
          "model_args 'hidden' of model 'mlp' must be a list of positive integers, got 'abc' (e.g. --model-arg "
          "hidden=[128])"),
-        (["--model-arg", "hidden=[0]"], "model_args 'hidden' of model 'mlp' must be a list of positive integers, got [0]"),
+        (["--model-arg", "hidden=[0]"],
+         "model_args 'hidden' of model 'mlp' must be a list of positive integers, got [0]"),
         (["--hp", "lr=abc"], "hyper-parameter 'lr' of optimizer 'sgd' must be a number, got 'abc' (its default: 0.1)"),
         (["--hp", "lrate=0.1"], "unknown hyper-parameter 'lrate' for optimizer 'sgd'; valid: lr, momentum"),
         (["--out", "/etc/passwd/x"],
