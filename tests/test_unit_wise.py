@@ -211,6 +211,69 @@ def test_conv2d_unit_blocks_equal_dense_restriction(case, N, bias, fisher_type, 
         close(curvfun.ggn(model, params, x, y, shape="unit")["0"].blocks, got["0"].blocks, "ggn(shape='unit')")
 
 
+class Family(nn.Module):
+    """One layer of the registry's families between a fixed input map and a head."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.layer = {
+            "conv1d": lambda: nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2),
+            "conv3d": lambda: nn.Conv3d(2, 3, 2),
+            "conv_transpose2d": lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2),
+            "groupnorm": lambda: nn.GroupNorm(2, 4),
+            "attention": lambda: nn.MultiheadAttention(4, 2, batch_first=True),
+        }[kind]()
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        z = self.layer(x, x, x, need_weights=False)[0] if self.kind == "attention" else self.layer(x)
+        return self.head(torch.tanh(z).flatten(1))
+
+
+_FAMILY_INPUTS = {"conv1d": (2, 5), "conv3d": (2, 3, 3, 3), "conv_transpose2d": (4, 3, 3), "groupnorm": (4, 3, 2),
+                  "attention": (3, 4)}
+
+
+def _unit_of_entries(kind, m, keys):
+    """The unit of every entry of the layer's trainable parameters (in ``keys`` order, row-major)."""
+    out = []
+    for k in keys:
+        p = getattr(m, k)
+        idx = torch.arange(p.numel()).reshape(p.shape)
+        if k.endswith("bias") or kind == "groupnorm":
+            out.append(idx.reshape(-1))
+        elif kind == "conv_transpose2d":  # [C_in, C_out/G, kh, kw]: unit (group of c_in) · C_out/G + j
+            cin, cog = p.shape[:2]
+            ci = torch.arange(cin).reshape(-1, 1, 1, 1).expand(p.shape)
+            j = torch.arange(cog).reshape(1, -1, 1, 1).expand(p.shape)
+            out.append((ci // (cin // m.groups) * cog + j).reshape(-1))
+        else:  # the output unit is the first dim
+            out.append(torch.arange(p.shape[0]).repeat_interleave(p[0].numel()))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", list(_FAMILY_INPUTS))
+def test_other_registered_layers_unit_blocks_equal_dense_restriction(kind):
+    """Conv1d (groups, stride, padding), Conv3d, ConvTranspose2d (groups, stride: the unit's row of the
+    weight matrix, mapped back to the stored layout), GroupNorm and the packed attention projection:
+    fisher(shape="unit").to_dense() is the dense exact Fisher with the entries of different units
+    removed, in the parameters' own order; ggn(shape="unit") agrees."""
+    torch.manual_seed(0)
+    model = Family(kind)
+    x, y = _batch(_FAMILY_INPUTS[kind], 3, 3, "cross_entropy", 0)
+    model(x)  # materialise the lazy head
+    m = model.layer
+    keys = ["in_proj_weight", "in_proj_bias"] if kind == "attention" else ["weight", "bias"]
+    params = {f"layer.{k}": getattr(m, k) for k in keys}
+    Fm = dense_layer_curvature(model, m, x, y, "cross_entropy", "exact", keys)
+    unit = _unit_of_entries(kind, m, keys)
+    expected = Fm * (unit.unsqueeze(0) == unit.unsqueeze(1))
+    f = curvfun.fisher(model, params, x, y, fisher_type="exact", shape="unit")["layer"]
+    close(f.to_dense(include_bias=True), expected, f"{kind}: unit blocks in parameter order")
+    close(curvfun.ggn(model, params, x, y, shape="unit")["layer"].blocks, f.blocks, f"{kind}: ggn(shape='unit')")
+
+
 # --- frozen weight / frozen bias --------------------------------------------------------------------
 
 
@@ -338,7 +401,7 @@ def test_unit_wise_from_layer_rejects_a_capture_without_gradients_and_other_laye
     with pytest.raises(ValueError, match="unit-wise blocks need a capture with output gradients"):
         unit_wise_from_layer(layer_data(cap.layers["0"]))
     cap = capture(model, dict(model.named_parameters()), x, torch.randn(4, 2, 3), loss="mse", fisher_type="emp")
-    with pytest.raises(ValueError, match=r"no unit-wise blocks for a Embedding \(layer kind 'embedding'\)"):
+    with pytest.raises(ValueError, match=r"no unit-wise blocks for a Embedding \(layer family .embedding.\)"):
         unit_wise_from_layer(layer_data(cap.layers["0"], cap.weights))
 
 

@@ -15,8 +15,9 @@ Dense ``[P, P]`` matrices are indexed in the insertion order of ``params``, each
 flattened row-major. ``shape="block"`` gives a dict module-name -> ``[P_m, P_m]`` (module
 name: the parameter name up to its last '.', ``""`` for the root); ``shape="diag"`` a dict
 like ``params``; ``shape="unit"`` a dict module-name -> :class:`~curvfun.kron.UnitWiseFactor`
-(per output unit of a Linear / Conv2d / LayerNorm / BatchNorm, the exact block over its
-incoming weights and bias; see :mod:`curvfun.unit_wise`; parameters of other modules raise).
+(per output unit of an affine layer -- Linear, convolution, attention projection -- or a norm
+layer, the exact block over its incoming weights and bias; see :mod:`curvfun.unit_wise`;
+parameters of other modules raise).
 The dense routes build per-sample Jacobians (memory N·outputs·P): they are meant for small
 models; use the ``*_vp`` products, the Hutchinson estimators or :func:`curvfun.kfac` beyond that.
 """
@@ -180,9 +181,10 @@ def _fisher_unit(model, params, inputs, targets, loss, fisher_type, n_mc_samples
     """``fisher(..., shape="unit")`` from one capture (no Jacobian)."""
     unit_wise_modules(model, params)  # raises for modules without unit-wise blocks
     cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
-    if cap.unsupported:  # captured, but not per sample
+    if cap.unsupported:  # not captured exactly (used outside their forward, not batched)
         names = ", ".join(f"{n or '<root>'} ({why})" for n, (why, _) in cap.unsupported.items())
-        raise ValueError(f"shape='unit' needs per-sample layer data; not available for: {names}. Use shape='block'.")
+        raise ValueError(f"fisher(shape='unit') needs each layer's captured data; not available for: {names}. "
+                         f"Use shape='block', or ggn / hessian with shape='unit' (dense, exact for any model).")
     with full_precision():
         return {n: unit_wise_from_layer(layer_data(rec, cap.weights)) for n, rec in cap.layers.items()}
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["check_params", "model_fn", "call_model", "has_train_mode_batchnorm", "as_tuple"]
+__all__ = ["check_params", "model_fn", "call_model", "has_train_mode_batchnorm", "as_tuple", "twice_differentiable"]
 
 
 def as_tuple(inputs: Any) -> tuple:
@@ -84,3 +84,12 @@ def has_train_mode_batchnorm(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
     ]
+
+
+def twice_differentiable():
+    """A context in which ``F.scaled_dot_product_attention`` takes its composite (math) kernel:
+    the fused CPU/CUDA kernels have neither forward-mode derivatives nor double backward, which
+    Hessian / GGN products (``jvp``, ``jvp`` of ``grad``) need. Same numbers, more memory."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .capture import Capture, capture
 from .layers import LayerData, layer_data
+from .layers.affine import layout_permutation, matrix_as_weight, weight_as_matrix
 from .precision import full_precision
 
 __all__ = [
@@ -343,22 +344,24 @@ class EKFACFactor:
         """Q_B [(Q_Bᵀ G Q_A) ⊙ S] Q_Aᵀ (divided by S + λ for the damped inverse)."""
         QA, QB = _groups(self.QA), _groups(self.QB)
         G = QA.shape[0]
+        out = {}
+        if self.has_bias and not self.folded and grad.get("bias") is not None:
+            b = grad["bias"].reshape(G, -1, 1)
+            rb = QB.transpose(-1, -2) @ b
+            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
+        if grad.get("weight") is None:  # the weight is frozen: the bias block alone
+            return out
         W = grad["weight"]
         Wm = _weight_matrix(W, G)
         if self.folded:
             Wm = torch.cat([Wm, grad["bias"].reshape(G, -1, 1)], -1)
         rot = QB.transpose(-1, -2) @ Wm @ QA
         res = QB @ (rot * self._scale(self.S)) @ QA.transpose(-1, -2)
-        out = {}
         if self.folded:
             out["weight"] = res[..., :-1].reshape(W.shape)
             out["bias"] = res[..., -1].reshape(grad["bias"].shape)
             return out
         out["weight"] = res.reshape(W.shape)
-        if self.has_bias and grad.get("bias") is not None:
-            b = grad["bias"].reshape(G, -1, 1)
-            rb = QB.transpose(-1, -2) @ b
-            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
         return out
 
     def damped_inverse(self, damping: float) -> "EKFACFactor":
@@ -556,6 +559,64 @@ class DiagFactor:
 _register(DiagFactor)
 
 
+@dataclass(frozen=True)
+class RelaidFactor:
+    """A factor of an affine layer whose weight is stored in another layout than its
+    ``[G·d_out, d_in]`` matrix (a transposed convolution: see
+    :func:`curvfun.layers.affine.weight_as_matrix`). ``inner`` is the factor on the matrix; this
+    wrapper maps gradients in and out (a permutation, no arithmetic) and delegates the rest."""
+
+    inner: Any
+    weight_shape: tuple = ()
+    layout: str = ""
+    groups: int = 1
+
+    _tensor_fields = ("inner",)
+    _static_fields = ("weight_shape", "layout", "groups")
+
+    def _wrap(self, inner: Any) -> "RelaidFactor":
+        return replace(self, inner=inner)
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        g = dict(grad)
+        if g.get("weight") is not None:
+            M = weight_as_matrix(g["weight"], self.groups, self.layout)
+            g["weight"] = M.reshape(-1, M.shape[-1])
+        out = self.inner.matvec(g)
+        if "weight" in out:
+            o = out["weight"].shape[0] // self.groups
+            out["weight"] = matrix_as_weight(out["weight"].reshape(self.groups, o, -1), self.weight_shape, self.layout)
+        return out
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        """The inner dense block in the parameters' own order ``[vec_r(W); b]``."""
+        M = self.inner.to_dense(include_bias)
+        perm = layout_permutation(self.weight_shape, self.groups, self.layout)
+        order = torch.arange(M.shape[0])
+        order[: perm.numel()] = torch.argsort(perm)
+        return M[order][:, order]
+
+    def damped_inverse(self, *args, **kwargs) -> "RelaidFactor":
+        return self._wrap(self.inner.damped_inverse(*args, **kwargs))
+
+    def damping(self, *args, **kwargs):
+        return self.inner.damping(*args, **kwargs)
+
+    def eigh(self) -> "RelaidFactor":
+        return self._wrap(self.inner.eigh())
+
+    def ekfac(self, data: LayerData) -> "RelaidFactor":
+        return self._wrap(self.inner.ekfac(data))
+
+    def __getattr__(self, name: str) -> Any:  # A, B, A_inv, ... of the inner factor
+        if name.startswith("_") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+_register(RelaidFactor)
+
+
 # --- factors from captured data ----------------------------------------------------------
 
 
@@ -618,10 +679,15 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
         raise ValueError("K-FAC needs a capture with output gradients (fisher_type 'emp', 'mc' or 'exact')")
     m, N = data.module, data.batch_size
     g = _weighted(data.g, data.weights)
-    if data.kind in ("linear", "conv2d"):
+    if data.kind == "affine":
         (am, a_count), (gm, g_count) = factor_rows(data, kfac_type, bias)
-        folded = bias == "folded" and data.has_bias
-        return KronFactor(_gram(am) / a_count, _gram(gm) / g_count, tuple(m.weight.shape), data.has_bias, folded)
+        folded = bias == "folded" and data.has_bias and data.has_weight
+        G = data.a.shape[1]
+        if data.layout:
+            mat_shape = (G * data.g.shape[-1], data.a.shape[-1])
+            inner = KronFactor(_gram(am) / a_count, _gram(gm) / g_count, mat_shape, data.has_bias, folded)
+            return RelaidFactor(inner, data.weight_shape, data.layout, G)
+        return KronFactor(_gram(am) / a_count, _gram(gm) / g_count, data.weight_shape, data.has_bias, folded)
     if data.kind == "embedding":
         ids = data.a  # [N, T]
         valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -636,7 +702,7 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
         u.append(g.sum(2))
     U = torch.stack(u, -1)  # [K, N, C, p]
     blocks = torch.einsum("kncp,kncq->cpq", U, U) / N
-    return UnitWiseFactor(blocks, tuple(m.weight.shape), data.has_bias)
+    return UnitWiseFactor(blocks, data.weight_shape, data.has_bias)
 
 
 def _warn_unsupported(cap: Capture, on_unsupported: str) -> None:
@@ -687,7 +753,7 @@ def kfac(
     if form == "auto":
         from .kron_rows import kron_rows_from_layer
 
-        make = lambda ld: (kron_rows_from_layer(ld, kfac_type, bias) if ld.kind in ("linear", "conv2d")  # noqa: E731
+        make = lambda ld: (kron_rows_from_layer(ld, kfac_type, bias) if ld.kind == "affine" and not ld.layout  # noqa: E731
                            else kron_factors_from_layer(ld, kfac_type, bias))
     else:
         make = lambda ld: kron_factors_from_layer(ld, kfac_type, bias)  # noqa: E731

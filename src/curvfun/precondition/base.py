@@ -66,6 +66,7 @@ from .config import (
     resolve_schedule,
 )
 from ..precision import autocast_as, autocast_state, full_precision
+from ..layers.registry import handler_for
 from .dummy import DummyObject, contains_dummy, default_logits_dummy, replace_dummies, replay
 
 __all__ = [
@@ -602,6 +603,36 @@ def assign_modules(
 # ==============================================================================================
 
 
+def model_structure_signature(model: nn.Module) -> tuple:
+    """Which modules hold which parameters, and which are trainable: compared each step to
+    detect a changed model. O(#modules + #parameters), no tensor work."""
+    return tuple(
+        (name, id(m), tuple((k, id(p), p.requires_grad) for k, p in m.named_parameters(recurse=False)))
+        for name, m in unwrap_model(model).named_modules()
+    )
+
+
+def describe_structure_change(old: tuple, new: tuple) -> str:
+    """The modules added / removed / replaced and the parameters frozen / unfrozen, in words."""
+    before, after = {n: (i, ps) for n, i, ps in old}, {n: (i, ps) for n, i, ps in new}
+    parts = []
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    replaced = [n for n in after if n in before and after[n][0] != before[n][0]]
+    frozen, unfrozen = [], []
+    for n in after:
+        if n in before and n not in replaced:
+            was = {k: g for k, _, g in before[n][1]}
+            for k, _, g in after[n][1]:
+                if k in was and was[k] != g:
+                    (unfrozen if g else frozen).append(f"{n}.{k}" if n else k)
+    for what, names in (("added", added), ("removed", removed), ("replaced", replaced), ("frozen", frozen),
+                        ("unfrozen", unfrozen)):
+        if names:
+            parts.append(f"{what}: {names}")
+    return "; ".join(parts) or "parameters re-registered"
+
+
 def _tensor_finite(t: Tensor) -> bool:
     """One reduction instead of isfinite's passes: the sum is finite only if every entry is (a NaN
     or Inf entry makes it NaN or Inf); a non-finite sum may be an overflow of huge finite entries,
@@ -707,6 +738,11 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     _supported_classes: tuple[type, ...] | None = None
     _state_attributes: tuple[str, ...] = ()
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)  # to rebuild the assignment when the model changes
+        return self
+
     def __init__(
         self,
         model: nn.Module,
@@ -765,11 +801,9 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self.plain_modules: dict[str, str] = a.plain
         self.plain_parameters: dict[str, str] = a.plain_parameters
         self._param_owner = {
-            id(p): (name, local)
-            for name, m in a.preconditioned.items()
-            for local, p in m.named_parameters(recurse=False)
-            if p.requires_grad
+            id(p): (name, role) for name in a.preconditioned for role, p in self.module_params(name).items()
         }
+        self._structure = model_structure_signature(self.model)
         if a.unmatched_ignores:
             names = [n for n, _ in unwrap_model(self.model).named_modules() if n][:20]
             warnings.warn(
@@ -779,11 +813,36 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
                 stacklevel=3,
             )
 
+    def setup_model_call(self, model_fn: Callable, *args: Any, **kwargs: Any) -> DummyObject:
+        """As :meth:`GradientMaker.setup_model_call`; first, when the model's modules or trainable
+        parameters changed since the assignment (a layer added, removed or replaced, a parameter
+        frozen or unfrozen), the maker is rebuilt on the model as it is now (same arguments, same
+        step count and random state), with a warning naming what changed: every layer's curvature
+        restarts at its next update (plain gradient until then)."""
+        now = model_structure_signature(self.model)
+        if now != self._structure:
+            self._rebuild(describe_structure_change(self._structure, now))
+        return super().setup_model_call(model_fn, *args, **kwargs)
+
+    def _rebuild(self, change: str) -> None:
+        step, rng = self.state["step"], self.generator.get_state()
+        args, kwargs = self._init_args
+        warnings.warn(f"{type(self).__name__}: the model changed since the maker was built ({change}); layers "
+                      f"re-assigned, curvature restarts at the next update", UserWarning, stacklevel=3)
+        type(self).__init__(self, *args, **kwargs)
+        self.state["step"] = step
+        self.generator.set_state(rng)
+
     def module_params(self, name: str) -> dict[str, nn.Parameter]:
-        """The trainable parameters of preconditioned layer ``name`` (local name -> parameter)."""
+        """The trainable parameters of preconditioned layer ``name`` by their role in the layer
+        registry (``"weight"`` / ``"bias"``; MultiheadAttention's ``in_proj_weight`` is its
+        ``"weight"``), or by local name for a module the registry does not serve."""
         if name not in self.preconditioned_modules:
             raise KeyError(f"{name!r} is not a preconditioned module; these are: {list(self.preconditioned_modules)}")
-        return {k: p for k, p in self.preconditioned_modules[name].named_parameters(recurse=False) if p.requires_grad}
+        m = self.preconditioned_modules[name]
+        h = handler_for(m)
+        return {(h.role_of(k) if h is not None else None) or k: p
+                for k, p in m.named_parameters(recurse=False) if p.requires_grad}
 
     def module_name_of(self, param: Tensor) -> tuple[str, str] | None:
         """``(layer name, local name)`` of a preconditioned parameter, matched by identity; None for

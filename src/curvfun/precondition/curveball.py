@@ -45,11 +45,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..functional import twice_differentiable
 from ..losses import Likelihood, get_likelihood
 from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
 
 __all__ = ["CurveBallGradientMaker", "output_hessian_vp", "solve_rho_beta", "curveball_update"]
+
+
+def jvp_by_double_vjp(f, primals: dict[str, Tensor], tangent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(f(θ), J v)`` by reverse mode twice: ``J v = ∂/∂u ⟨Jᵀu, v⟩`` at any u (the map is linear
+    in u). For models with ops that have no forward-mode rule; about 2x a jvp's cost."""
+    with torch.enable_grad():
+        leaves = {k: p.detach().requires_grad_() for k, p in primals.items()}
+        out = f(leaves)
+        u = torch.zeros_like(out, requires_grad=True)
+        keys = list(leaves)
+        vjps = torch.autograd.grad(out, [leaves[k] for k in keys], u, create_graph=True, allow_unused=True)
+        dot = sum((g * tangent[k]).sum() for g, k in zip(vjps, keys) if g is not None)
+        if not isinstance(dot, Tensor) or not dot.requires_grad:
+            return out.detach(), torch.zeros_like(out)
+        (jv,) = torch.autograd.grad(dot, u)
+    return out.detach(), jv
 
 
 def output_hessian_vp(likelihood: Likelihood, output: Tensor, u: Tensor) -> Tensor:
@@ -169,7 +186,11 @@ class CurveBallGradientMaker(PreconditionedGradientMaker):
         def f(params):
             return self.logits_from_output(self.model_output_at(params))
 
-        return torch.func.jvp(f, (primals,), (tangent,))
+        with twice_differentiable():
+            try:
+                return torch.func.jvp(f, (primals,), (tangent,))
+            except NotImplementedError:  # an op without a forward-mode rule
+                return jvp_by_double_vjp(f, primals, tangent)
 
     def update_curvature(self) -> None:
         lam = self.config.damping

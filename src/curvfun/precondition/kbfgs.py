@@ -155,9 +155,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 leaves = eps_leaves(records)
                 grads = torch.autograd.grad(loss0, leaves, allow_unused=True) if leaves else []
             for name, data in records_to_data(records, 1.0, list(grads)).items():
-                key = self._keys[name]
-                w0 = self.snapshot[key["weight"]]
-                b0 = self.snapshot[key["bias"]] if "bias" in key else None
+                w0, b0 = self._weight_and_bias(name, self.snapshot)
                 before[name] = self._layer_stats(data, w0, b0, second_moment=False)
         with record_layers(infos) as records:
             self.forward()
@@ -168,8 +166,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         pending = {}
         need_A = not (self.minibatch_hessian_action and self.H_a)
         for name, data in records_to_data(records, 1.0).items():
-            ps = self.module_params(name)
-            w, b = ps["weight"].detach(), (ps["bias"].detach() if "bias" in ps else None)
+            w, b = self._weight_and_bias(name)
             st = self._layer_stats(data, w, b, second_moment=need_A)
             entry = {"a_mean": st["a_mean"], "T": torch.tensor(st["T"])}
             if "A_batch" in st:
@@ -187,6 +184,20 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         self.pending_fresh = True
         self.snapshot = {k: p.detach().clone() for k, p in unwrap_model(self.model).named_parameters() if p.requires_grad}
         del out
+
+    def _weight_and_bias(self, name: str, snapshot: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """The layer's weight and bias (detached) for its pre-activations: from ``snapshot`` where
+        it holds them (trainable ones), else the module's own (a frozen weight or bias)."""
+        m = self.preconditioned_modules[name]
+        key = self._keys[name]
+        out = []
+        for local in ("weight", "bias"):
+            if snapshot is not None and local in key:
+                out.append(snapshot[key[local]])
+            else:
+                p = getattr(m, local, None)
+                out.append(None if p is None else p.detach())
+        return out[0], out[1]
 
     @property
     def _keys(self) -> dict[str, dict[str, str]]:
@@ -239,7 +250,11 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             if H_a is None or H_g is None:
                 continue
             ps = self.module_params(name)
-            w, b = ps["weight"], ps.get("bias")
+            w, b = ps.get("weight"), ps.get("bias")
+            if w is None:  # frozen weight: the bias by its own block H_g
+                if b is not None and b.grad is not None:
+                    b.grad.copy_(H_g @ b.grad)
+                continue
             if w.grad is None:
                 continue
             Gw, gb = kbfgs_precondition(H_g, H_a, w.grad.reshape(w.shape[0], -1), None if b is None else b.grad)

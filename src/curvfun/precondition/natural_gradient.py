@@ -154,7 +154,7 @@ for _cls, _kids, _meta in ((DenseBlock, ("F", "inv"), ()), (RowsBlock, ("U", "ch
 class _CurvatureMaker(PreconditionedGradientMaker):
     """Shared plumbing: arguments, the capture pass, EMA, inverses and precondition()."""
 
-    _kinds: tuple[str, ...] = ("linear", "conv2d", "embedding", "layernorm", "batchnorm")
+    _kinds: tuple[str, ...] = ("affine", "embedding", "norm")
     _state_attributes = ("curvature", "inverses")
 
     def __init__(
@@ -186,7 +186,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         self.inverses: dict[str, Any] = {}
         super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self._infos = {
-            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" for k in self.module_params(name)})
+            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" if name else k for k in self.module_params(name)})
             for name, m in self.preconditioned_modules.items()
         }
 
@@ -203,6 +203,15 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         with record_layers(self._infos, detach=lambda n, x: n in cands and self._rows_grad_would_pay(n, x)) as recorded:
             self.forward()
         records = dict(recorded)  # the curvature's; the backward needs every recorded layer
+        for name, rec in recorded.items():
+            if rec.uncaptured is not None or not rec.inputs:
+                records.pop(name)
+                why = rec.uncaptured or ("not called through its own forward in this pass (its parameters, if "
+                                         "used, are read directly, e.g. by a parent module)")
+                if name not in self._unbatched_warned:
+                    self._unbatched_warned.add(name)
+                    warnings.warn(f"{type(self).__name__}: layer {name!r} was {why}; it keeps the plain gradient",
+                                  UserWarning, stacklevel=4)
         out = self.logits if isinstance(self.logits, Tensor) else self.model_output
         first = out if isinstance(out, Tensor) else next(
             (t for t in optree.tree_leaves(out) if isinstance(t, Tensor)), None)
@@ -398,7 +407,7 @@ class KfacGradientMaker(_CurvatureMaker):
         self._rows_seen: set[str] = set()
 
     def _layer_curvature(self, ld: LayerData) -> Any:
-        if self._rows_allowed() and ld.kind in ("linear", "conv2d"):
+        if self._rows_allowed() and ld.kind == "affine" and not ld.layout:
             return kron_rows_from_layer(ld, self.kfac_type, self.bias)
         return kron_factors_from_layer(ld, self.kfac_type, self.bias)
 
@@ -419,7 +428,7 @@ class KfacGradientMaker(_CurvatureMaker):
         if not (self._data_space_capable and self.data_space == "auto") or cfd.is_distributed():
             return {}
         return {n: i for n, i in self._infos.items()
-                if i.kind == "linear" and "weight" in i.keys and rows_route_module(i.module)}
+                if isinstance(i.module, nn.Linear) and "weight" in i.keys and rows_route_module(i.module)}
 
     def _rows_grad_would_pay(self, name: str, x: Tensor) -> bool:
         """Detach the layer's own parameters for this call (its input ``x``) iff its rows pay."""
@@ -513,7 +522,7 @@ class EkfacGradientMaker(KfacGradientMaker):
         fresh_all = {
             name: _scalings(_ekfac_from(replace_eig(self.ekfac[name]), ld))
             for name, ld in data.items()
-            if name in self.ekfac and ld.kind in ("linear", "conv2d")
+            if name in self.ekfac and ld.kind == "affine" and not ld.layout
         }
         new_curv, fresh_all = self._reduce_curvature(
             ({name: self._layer_curvature(ld) for name, ld in data.items()}, fresh_all)
@@ -655,7 +664,7 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
         data = self._capture_pass()
         names, items, others = [], [], {}
         for name, ld in data.items():
-            if ld.kind in ("linear", "conv2d") and ld.a.shape[1] == 1:
+            if ld.kind == "affine" and ld.a.shape[1] == 1 and not ld.layout and ld.has_weight:
                 N, _, T, d = ld.a.shape
                 g = ld.g * ld.weights.sqrt().to(ld.g.dtype).reshape(-1, 1, 1, 1, 1)
                 g_rows = g.reshape(-1, g.shape[-1])
@@ -703,9 +712,10 @@ class DiagNaturalGradientMaker(_CurvatureMaker):
 
 
 class UnitWiseNaturalGradientMaker(_CurvatureMaker):
-    """Unit-wise natural gradient (ASDL's ``SHAPE_UNIT_WISE``): for every output unit c of a
-    Linear / Conv2d (its fan-in row ``W[c].reshape(-1)``, d = C_in/groups·kh·kw entries, and its
-    bias ``b[c]``) and every channel of a LayerNorm / BatchNorm ((γ_c, β_c)), the exact Fisher block
+    """Unit-wise natural gradient (ASDL's ``SHAPE_UNIT_WISE``): for every output unit c of an
+    affine layer (Linear, convolutions, attention projections: its fan-in row ``W[c].reshape(-1)``,
+    d = C_in/groups·Π kernel entries, and its bias ``b[c]``) and every channel of a norm layer
+    ((γ_c, β_c)), the exact Fisher block
 
         F_c = (1/N) Σ_k w_k Σ_n u_kn,c u_kn,cᵀ,   u_kn,c = Σ_t ĝ_kn,t,c · [a_n,t; 1]
 

@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..functional import twice_differentiable
+
 from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
 
@@ -152,7 +154,8 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
     def compute_hessian(self) -> Tensor:
         """The dense Hessian of the registered loss at the current parameters, ``[P, P]``."""
         flat = torch.cat([p.detach().reshape(-1) for p in self._params])
-        return dense_hessian(self._flat_loss(), flat, self.hessian_chunk_size)
+        with twice_differentiable():
+            return dense_hessian(self._flat_loss(), flat, self.hessian_chunk_size)
 
     # --- the maker --------------------------------------------------------------------------
     def update_curvature(self) -> None:

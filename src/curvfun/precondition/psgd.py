@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..functional import twice_differentiable
+
 from ..psgd_math import psgd_precondition, psgd_update
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
@@ -124,7 +126,7 @@ class KronPsgdGradientMaker(PreconditionedGradientMaker):
             g, (loss, out) = torch.func.grad_and_value(loss_and_output, has_aux=True)(p)
             return g, (loss, out)
 
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable():
             grads, hvp, (loss, out) = torch.func.jvp(grad_with_aux, (primals,), (tangents,), has_aux=True)
         with torch.no_grad():
             for k, p in named.items():
