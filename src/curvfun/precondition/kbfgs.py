@@ -39,7 +39,7 @@ Differences from ASDL 0.1 (``asdl/precondition/kbfgs.py``):
 * With ``ema_decay=-1`` (the config default) A is the latest batch's; ASDL computes
   ``A·(1 - (-1)) + (-1)·A_new``, i.e. 2A − A_new, so it needs an explicit ``ema_decay``.
 * The mini-batch Hessian action divides by N·T (ASDL's sums over the batch without dividing).
-* Conv2d with ``groups > 1`` is left plain (reported as unsupported).
+* Convolutions with ``groups > 1`` are left plain (reported as unsupported).
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
     _local_curvature = True
 
-    _supported_classes = (nn.Linear, nn.Conv2d)
     _state_attributes = ("A", "H_a", "H_g", "snapshot", "pending", "pending_fresh")
 
     def __init__(
@@ -113,7 +112,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         reason = linear_or_conv_reason(module)
-        if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
+        if reason is None and getattr(module, "groups", 1) != 1:
             return f"unsupported layer class Conv2d with groups={module.groups} (K-BFGS needs groups=1)"
         return reason
 

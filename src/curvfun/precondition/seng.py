@@ -29,7 +29,7 @@ and products are scaled to be unbiased (c, not c²); the bias column goes throug
 with the inputs (ASDL appends ones after truncating); the sketch comes from the maker's seeded
 generator (ASDL's ``torch.randperm`` uses the global stream); ``config.data_size`` need not be
 set (ASDL raises without it) since N is the batch size; the loss keeps its own reduction (ASDL
-forces ``'sum'`` and divides afterwards). Conv2d with ``groups > 1`` keeps the plain gradient.
+forces ``'sum'`` and divides afterwards). Convolutions with ``groups > 1`` keep the plain gradient.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         reason = linear_or_conv_reason(module)
-        if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
+        if reason is None and getattr(module, "groups", 1) != 1:
             return f"unsupported layer class Conv2d with groups={module.groups} (SENG needs groups=1)"
         if reason is None and not module.weight.requires_grad:
             return "frozen weight"
