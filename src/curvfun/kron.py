@@ -450,8 +450,9 @@ class UnitWiseFactor:
     """Per-unit blocks ``[C, p, p]``: for each output unit c the exact curvature block over the
     unit's parameters ``[W[c].reshape(-1); b[c]]`` (its d fan-in weights, then its bias).
 
-    Linear / Conv2d: W[c] is the unit's row (``[d_in]``, or ``[C_in/groups, kh, kw]`` read
-    row-major), d = its numel. LayerNorm / BatchNorm: d = 1 (γ_c, β_c). p = d + 1, or d without a
+    Affine layers (Linear, convolutions, attention projections): W[c] is the unit's row (``[d_in]``,
+    or ``[C_in/groups, *kernel]`` read row-major), d = its numel; a transposed convolution's factor
+    is on its weight matrix, wrapped in a :class:`RelaidFactor`. Norm layers: d = 1 (γ_c, β_c). p = d + 1, or d without a
     bias (``has_bias``), or 1 when only the bias is trainable (``has_weight=False``).
     ``bias_shape``: the bias's shape where it is not ``(C,)`` (a LayerNorm over several dims).
     ``to_dense`` is in the parameter order ``[vec_row-major(W); b]``. ``matvec`` and
