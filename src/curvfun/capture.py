@@ -445,6 +445,7 @@ def capture(
     n_mc_samples: int = 1,
     generator: torch.Generator | None = None,
     on_unsupported: str = "ignore",
+    columns: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> Capture:
     """One forward pass (+ backward for the requested columns) recording every supported
     module's inputs and per-sample output-gradients.
@@ -453,7 +454,8 @@ def capture(
     ``on_unsupported``: ``"ignore"`` | ``"warn"`` | ``"raise"`` for modules that own entries
     of ``params`` but are not one of :data:`SUPPORTED_LAYERS` (their parameters get no
     record). Cost: one forward, plus one backward per column (see module docstring), with
-    no parameter-gradient work.
+    no parameter-gradient work. ``columns``: ``output -> (cotangents [K, *output.shape], weights
+    [K])`` used instead of ``fisher_type``'s columns (e.g. one per output entry for Jacobians).
     """
     if fisher_type not in FISHER_TYPES + ("none",):
         raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
@@ -488,7 +490,10 @@ def capture(
                 lik.check(output, targets)
             if fisher_type == "emp":
                 losses = lik.per_sample(output, targets) if targets is not None else None
-            cot, weights = output_grad_columns(output, lik, fisher_type, targets, n_mc_samples, generator)
+            if columns is not None:
+                cot, weights = columns(output.detach())
+            else:
+                cot, weights = output_grad_columns(output, lik, fisher_type, targets, n_mc_samples, generator)
             names = [n for n, r in records.items() for _ in r.eps]
             leaves = [e for r in records.values() for e in r.eps]
             for rec in records.values():

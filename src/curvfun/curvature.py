@@ -1,40 +1,45 @@
-"""Fisher, GGN and Hessian of the mean loss: dense, block, diagonal and matrix-free.
+"""Fisher, GGN and Hessian: dense, block, diagonal and matrix-free.
 
-Conventions (GUIDE): L = (1/N) Σ_n ℓ_n and every matrix is the curvature of the mean,
+Conventions (GUIDE): per-sample losses ℓ_n, and every matrix is the curvature of the reduced
+loss ``factor · Σ_n ℓ_n``: ``reduction="mean"`` (default, factor 1/N, L = (1/N) Σ_n ℓ_n),
+``"sum"`` (factor 1), or a ``torch.nn`` loss module's own (see :mod:`curvfun.reduction`).
+Written for the mean:
 
 * ``fisher_type="emp"``:   F = (1/N) Σ_n g_n g_nᵀ,  g_n = ∇_θ ℓ_n;
 * ``fisher_type="mc"``:    F = (1/(N·M)) Σ_{n,m} g_nm g_nmᵀ, g_nm the gradient of the NLL at
   a target drawn from the model's predictive distribution;
 * ``fisher_type="exact"``: F = (1/N) Σ_n J_nᵀ S_n S_nᵀ J_n with S_n Sᵀ_n the Hessian of the
   NLL w.r.t. the output (the likelihood's closed form; equals the GGN for these losses);
-* GGN = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n with the output Hessian taken by autograd (so it also
-  works for a plain loss callable and is an independent route to the exact Fisher);
+* GGN = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n (a loss callable: the output Hessian by autograd);
 * Hessian = ∇²_θ L by autograd.
 
-Dense ``[P, P]`` matrices are indexed in the insertion order of ``params``, each leaf
-flattened row-major. ``shape="block"`` gives a dict module-name -> ``[P_m, P_m]`` (module
-name: the parameter name up to its last '.', ``""`` for the root); ``shape="diag"`` a dict
-like ``params``; ``shape="unit"`` a dict module-name -> :class:`~curvfun.kron.UnitWiseFactor`
-(per output unit of an affine layer -- Linear, convolution, attention projection -- or a norm
-layer, the exact block over its incoming weights and bias; see :mod:`curvfun.unit_wise`;
-parameters of other modules raise).
-The dense routes build per-sample Jacobians (memory N·outputs·P): they are meant for small
-models; use the ``*_vp`` products, the Hutchinson estimators or :func:`curvfun.kfac` beyond that.
+Dense ``[P, P]`` matrices are indexed in the insertion order of ``params`` (the order of
+``model.named_parameters()`` when built from it; :func:`curvfun.tree.ravel` uses the same
+order), each leaf flattened row-major. ``shape="block"`` gives a dict module-name ->
+``[P_m, P_m]`` (module name: the parameter name up to its last '.', ``""`` for the root);
+``shape="diag"`` a dict like ``params``; ``shape="unit"`` a dict module-name ->
+:class:`~curvfun.kron.UnitWiseFactor` (per output unit of an affine layer -- Linear,
+convolution, attention projection -- or a norm layer, the exact block over its incoming
+weights and bias; see :mod:`curvfun.unit_wise`; parameters of other modules raise).
+Fisher and GGN come from the rows of :mod:`curvfun.rows` (linear in N, memory K·N·P for full
+and block, no rows at all for the diagonal of registered layers); requests above the dense
+limit of :mod:`curvfun.memory` are refused before allocating.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .capture import FISHER_TYPES, check_batch, output_grad_columns
+from .capture import FISHER_TYPES, capture, check_batch, output_grad_columns
 from .functional import call_model, check_params
-from .grads import _check_like, jacobian, per_sample_grads
-from .losses import get_likelihood
-from .capture import capture
+from .grads import _check_like, per_sample_grads
+from .memory import check_square
+from .reduction import loss_value, resolve_loss
+from .rows import (column_rows, diag_from_capture, flat, hessian_sqrt_columns, module_indices,
+                   output_hessian_columns, rows_shaped, unflat)
 from .layers import layer_data
 from .precision import full_precision
 from .unit_wise import unit_wise_from_dense, unit_wise_from_layer, unit_wise_modules
@@ -49,6 +54,7 @@ __all__ = [
     "hutchinson_diag",
     "hutchinson_trace",
     "top_eigenvalues",
+    "ggn_rows",
     "SHAPES",
 ]
 
@@ -65,71 +71,39 @@ def _check_fisher_type(fisher_type: str) -> None:
         raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
 
 
-def _flat_rows(tree: Mapping[str, Tensor], params: Mapping[str, Tensor], lead: int) -> Tensor:
-    """Concatenate leaves ``[*lead_dims, *param.shape]`` into ``[*lead_dims, P]`` (params order)."""
-    first = tree[next(iter(params))]
-    lead_shape = first.shape[:lead]
-    return torch.cat([tree[k].reshape(*lead_shape, -1) for k in params], -1)
-
-
-def _unflat(vec: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out, i = {}, 0
-    for k, p in params.items():
-        n = p.numel()
-        out[k] = vec[..., i : i + n].reshape(vec.shape[:-1] + p.shape)
-        i += n
-    return out
-
-
-def _module_of(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else ""
-
-
-def _module_indices(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Module name -> indices of its parameters in the flat (params-order) vector."""
-    offsets: dict[str, list[Tensor]] = {}
-    i = 0
-    for k, p in params.items():
-        offsets.setdefault(_module_of(k), []).append(torch.arange(i, i + p.numel()))
-        i += p.numel()
-    return {m: torch.cat(idx) for m, idx in offsets.items()}
-
-
-def _shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], N: int, shape: str):
-    """From rows ``[K, R, P]`` with column weights ``[K]``: (1/N) Σ_k w_k rowsᵀ rows, shaped."""
-    rows = rows * weights.sqrt().reshape(-1, 1, 1).to(rows.dtype)
-    rows = rows.reshape(-1, rows.shape[-1])
-    if shape == "full":
-        M = rows.T @ rows / N
-        return (M + M.T) / 2
-    if shape == "diag":
-        return _unflat(rows.pow(2).sum(0) / N, params)
-    blocks: dict[str, Tensor] = {}
-    for m, idx in _module_indices(params).items():
-        sub = rows[:, idx]
-        M = sub.T @ sub / N
-        blocks[m] = (M + M.T) / 2
-    return blocks
-
-
-def _canonical_jacobian(model, params, inputs, lik) -> tuple[Tensor, Tensor]:
-    """Output ``[N, T, C]`` (canonical layout) and Jacobian rows ``[N, T, C, P]``."""
-    detached = {k: v.detach() for k, v in params.items()}
-    out = call_model(model, detached, inputs)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}; curvfun needs a tensor output")
-    J = jacobian(model, params, inputs)
-    N = out.shape[0]
-    canon = lik.canonical_output(out)
-    C = canon.shape[-1]
-    Jf = _flat_rows(J, params, out.ndim).reshape(N, -1, C, sum(p.numel() for p in params.values()))
-    return canon.reshape(N, -1, C), Jf
-
-
-def _setup(model, params, inputs, targets, loss):
+def _setup(model, params, inputs, targets, loss, reduction=None):
     params = check_params(model, params)
     N = check_batch(inputs, targets)
-    return params, N, get_likelihood(loss)
+    lik, factor = resolve_loss(loss, reduction)
+    return params, N, lik, factor
+
+
+def _finish(result, factor: float, out: Tensor, loss, lik, fac, targets, return_output: bool):
+    """Multiply by ``factor`` and, when asked, return ``(result, output, loss)``."""
+    if isinstance(result, Tensor):
+        result = result * factor
+    elif isinstance(result, dict) and all(isinstance(v, Tensor) for v in result.values()):
+        result = {k: v * factor for k, v in result.items()}
+    if not return_output:
+        return result
+    with torch.no_grad():
+        value = loss_value(loss, lik, fac, out, targets) if targets is not None else None
+    return result, out, value
+
+
+def _columns(lik, fisher_type: str, targets, n_mc_samples: int, generator):
+    if fisher_type == "exact":
+        return hessian_sqrt_columns(lik, targets)
+    return lambda out: output_grad_columns(out, lik, fisher_type, targets, n_mc_samples, generator)
+
+
+def _rows_curvature(model, params, inputs, targets, lik, columns, shape: str, what: str):
+    """Σ_k w_k Σ_n r_kn r_knᵀ (the sum over samples) shaped, and the output."""
+    if shape == "diag":
+        return diag_from_capture(model, params, inputs, targets, lik, columns, 1.0)
+    check_square(f"{what}(shape={shape!r})", params, shape, f"pass shape='diag', use {what}_vp or curvfun.kfac")
+    rows, w, out = column_rows(model, params, inputs, targets, lik, columns, what=what)
+    return rows_shaped(flat(rows, params, 2), w, params, 1.0, shape), out
 
 
 def fisher(
@@ -142,39 +116,51 @@ def fisher(
     shape: str = "full",
     n_mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    reduction: str | None = None,
+    return_output: bool = False,
 ):
-    """The Fisher of the mean loss (see the module docstring for the three types and shapes).
+    """The Fisher (see the module docstring for the three types, shapes and ``reduction``).
 
-    Cost: the Jacobian (N·T·C backward passes, N·T·C·P memory) for ``exact``/``mc``; the
-    per-sample gradients (one captured pass, N·P memory) for ``emp``. ``shape="unit"`` forms no
-    Jacobian: one captured pass (one backward per column) and O(K·N·C·(T·d + d²)) per layer
-    (:func:`curvfun.unit_wise.unit_wise_from_layer`).
+    Rows route (:mod:`curvfun.rows`): one capture with K columns (exact: the output Hessian's
+    square root, K = outputs per sample; mc: ``n_mc_samples``; emp: 1), per layer the columns'
+    per-sample gradients R ``[K·N, P_layer]`` and RᵀR; linear in N. ``shape="diag"`` forms no
+    rows: per layer Σ_k w_k Σ_n (∇ℓ_nk)² from the capture (a Linear: (ĝ²)ᵀ(a²)), O(K·N·P)
+    time and O(N·P_layer) memory at most. ``shape="unit"``: one capture, O(K·N·C·(T·d + d²))
+    per layer (:func:`curvfun.unit_wise.unit_wise_from_layer`). ``return_output=True``:
+    ``(fisher, output, loss)`` with the reduced loss.
     """
     _check_fisher_type(fisher_type)
     _check_shape(shape)
-    params, N, lik = _setup(model, params, inputs, targets, loss)
+    params, N, lik, fac = _setup(model, params, inputs, targets, loss, reduction)
     if fisher_type != "emp" and not lik.is_likelihood:
         lik.sample(None)  # raises the explanatory error
     if shape == "unit":
-        return _fisher_unit(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
-    if fisher_type == "emp":
-        G = per_sample_grads(model, params, inputs, targets, lik)
-        rows = _flat_rows(G, params, 1).unsqueeze(0)
-        w = torch.ones(1, dtype=rows.dtype, device=rows.device)
-        return _shaped(rows, w, params, N, shape)
-    if targets is not None:
-        lik.check(call_model(model, {k: v.detach() for k, v in params.items()}, inputs), targets)
-    out, J = _canonical_jacobian(model, params, inputs, lik)
-    if fisher_type == "exact":
-        mask_t = targets.reshape(N, -1) if hasattr(lik, "mask") and targets is not None else None
-        S = lik.hessian_sqrt(out, mask_t)  # [N, T, C, K]
-        rows = torch.einsum("ntcp,ntck->kntp", J, S).reshape(S.shape[-1], -1, J.shape[-1])
-        w = torch.ones(S.shape[-1], dtype=rows.dtype, device=rows.device)
-        return _shaped(rows, w, params, N, shape)
-    mask_t = targets.reshape(N, -1) if hasattr(lik, "mask") and targets is not None else None
-    cot, w = output_grad_columns(out, lik, "mc", mask_t, n_mc_samples, generator)
-    rows = torch.einsum("ntcp,kntc->knp", J, cot.reshape(-1, *out.shape))
-    return _shaped(rows, w, params, N, shape)
+        res = _fisher_unit(model, params, inputs, targets, lik, fisher_type, n_mc_samples, generator)
+        return _unit_scaled(res, fac, model, params, inputs, targets, loss, lik, return_output)
+    if fisher_type == "emp" and targets is None:
+        raise ValueError("fisher_type='emp' needs the data targets")
+    if fisher_type == "emp" and shape != "diag":
+        check_square(f"fisher(shape={shape!r})", params, shape, "pass shape='diag', use fisher_vp or curvfun.kfac")
+        G, out = per_sample_grads(model, params, inputs, targets, lik, return_output=True)
+        rows = flat(G, params, 1).unsqueeze(0)
+        res = rows_shaped(rows, torch.ones(1, dtype=rows.dtype), params, 1.0, shape)
+    else:
+        res, out = _rows_curvature(model, params, inputs, targets, lik,
+                                   _columns(lik, fisher_type, targets, n_mc_samples, generator), shape, "fisher")
+    return _finish(res, fac(out, targets), out, loss, lik, fac, targets, return_output)
+
+
+def _unit_scaled(res, fac, model, params, inputs, targets, loss, lik, return_output):
+    """Unit-wise blocks are of the mean; other reductions are refused."""
+    with torch.no_grad():
+        out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
+    if abs(fac(out, targets) * out.shape[0] - 1.0) > 1e-12:
+        raise ValueError("shape='unit' gives the blocks of the mean loss only; use reduction='mean' "
+                         "(scale the blocks' matrices yourself for another reduction)")
+    if not return_output:
+        return res
+    with torch.no_grad():
+        return res, out, loss_value(loss, lik, fac, out, targets) if targets is not None else None
 
 
 def _fisher_unit(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator) -> dict:
@@ -189,21 +175,6 @@ def _fisher_unit(model, params, inputs, targets, loss, fisher_type, n_mc_samples
         return {n: unit_wise_from_layer(layer_data(rec, cap.weights)) for n, rec in cap.layers.items()}
 
 
-def _output_hessians(lik, out: Tensor, targets: Tensor) -> Tensor:
-    """∇²_f ℓ_n for every sample by autograd: ``[N, O, O]`` with O = T·C."""
-    N = out.shape[0]
-    O = out[0].numel()
-
-    def loss_one(o, y):
-        return lik.per_sample_unchecked(o.unsqueeze(0), y.unsqueeze(0))[0]
-
-    try:
-        H = torch.func.vmap(torch.func.hessian(loss_one))(out.detach(), targets)
-    except Exception:  # a loss callable that vmap cannot batch: loop
-        H = torch.stack([torch.func.hessian(loss_one)(out[n].detach(), targets[n]) for n in range(N)])
-    return H.reshape(N, O, O)
-
-
 def ggn(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -211,36 +182,75 @@ def ggn(
     targets: Tensor,
     loss: Any = "cross_entropy",
     shape: str = "full",
+    reduction: str | None = None,
+    return_output: bool = False,
 ):
-    """GGN = (1/N) Σ_n J_nᵀ H_n J_n, H_n = ∇²_f ℓ_n by autograd (any loss, callables too).
-    ``shape="unit"``: the unit-wise sub-blocks of that dense matrix."""
+    """GGN = factor · Σ_n J_nᵀ H_n J_n, H_n = ∇²_f ℓ_n (factor 1/N for the mean, see
+    :mod:`curvfun.reduction`). Rows route (:mod:`curvfun.rows`): the likelihoods' closed-form
+    square root of H_n (equal to the exact Fisher), or for a loss callable H_n by autograd and
+    its eigendecomposition (indefinite H_n allowed). ``shape="diag"`` forms no rows (see
+    :func:`fisher`). ``shape="unit"``: the unit-wise sub-blocks of the dense matrix.
+    ``return_output=True``: ``(ggn, output, loss)``."""
     _check_shape(shape)
-    params, N, lik = _setup(model, params, inputs, targets, loss)
-    units = unit_wise_modules(model, params) if shape == "unit" else None
-    detached = {k: v.detach() for k, v in params.items()}
-    out = call_model(model, detached, inputs)
-    lik.check(out, targets)
-    H = _output_hessians(lik, out, targets)  # [N, O, O]
-    J = jacobian(model, params, inputs)
-    Jf = _flat_rows(J, params, out.ndim).reshape(N, H.shape[-1], -1)  # [N, O, P]
-    M = torch.einsum("nop,noq,nqr->pr", Jf, H, Jf) / N
-    if units is not None:
-        return unit_wise_from_dense((M + M.T) / 2, params, units)
-    return _reshape_dense((M + M.T) / 2, params, shape)
+    params, N, lik, fac = _setup(model, params, inputs, targets, loss, reduction)
+    if targets is None:
+        raise ValueError("ggn needs the data targets (the output Hessian may depend on them)")
+    columns = hessian_sqrt_columns(lik, targets) if lik.is_likelihood else output_hessian_columns(lik, targets)
+    if shape == "unit":
+        units = unit_wise_modules(model, params)
+        M, out = _rows_curvature(model, params, inputs, targets, lik, columns, "full", "ggn")
+        res = unit_wise_from_dense(M * fac(out, targets), params, units)
+        return _finish(res, 1.0, out, loss, lik, fac, targets, return_output)
+    res, out = _rows_curvature(model, params, inputs, targets, lik, columns, shape, "ggn")
+    return _finish(res, fac(out, targets), out, loss, lik, fac, targets, return_output)
+
+
+def ggn_rows(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Tensor | None = None,
+    loss: Any = "cross_entropy",
+    fisher_type: str = "exact",
+    n_mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    flatten: bool = False,
+) -> tuple[Any, Tensor]:
+    """Rows ``r_kn = J_nᵀ c_kn`` and column weights ``w`` ``[K]`` with
+    GGN / Fisher of the sum = Σ_k w_k Σ_n r_kn r_knᵀ (divide by N for the mean).
+
+    ``fisher_type="exact"``: c_kn the columns of the output Hessian's square root (GGN = exact
+    Fisher for curvfun's likelihoods; for a loss callable, of H_n by autograd, with weights -1
+    for an indefinite part); ``"mc"``: sampled NLL gradients (weights 1/M); ``"emp"``: the data
+    loss gradient. Rows: a dict like ``params`` with leaves ``[K, N, *shape]``, or with
+    ``flatten=True`` one ``[K, N, P]`` tensor (params order). Memory K·N·P (checked against
+    :mod:`curvfun.memory`'s limit); time one capture and one GEMM per layer."""
+    _check_fisher_type(fisher_type)
+    params, N, lik, _ = _setup(model, params, inputs, targets, loss)
+    if fisher_type == "exact" and not lik.is_likelihood:
+        columns = output_hessian_columns(lik, targets)
+    else:
+        if fisher_type != "emp" and not lik.is_likelihood:
+            lik.sample(None)
+        if fisher_type == "emp" and targets is None:
+            raise ValueError("fisher_type='emp' needs the data targets")
+        columns = _columns(lik, fisher_type, targets, n_mc_samples, generator)
+    rows, w, _ = column_rows(model, params, inputs, targets, lik, columns, what="ggn_rows")
+    return (flat(rows, params, 2) if flatten else rows), w
 
 
 def _reshape_dense(M: Tensor, params: Mapping[str, Tensor], shape: str):
     if shape == "full":
         return M
     if shape == "diag":
-        return _unflat(torch.diagonal(M).clone(), params)
-    return {m: M[ix][:, ix] for m, ix in _module_indices(params).items()}
+        return unflat(torch.diagonal(M).clone(), params)
+    return {m: M[ix][:, ix] for m, ix in module_indices(params).items()}
 
 
 def _mean_loss_fn(model, params, inputs, targets, lik) -> Callable[[Tensor], Tensor]:
-    def f(flat: Tensor) -> Tensor:
-        out = call_model(model, _unflat(flat, params), inputs)
-        return lik.per_sample(out, targets).mean()
+    def f(flat_: Tensor) -> Tensor:
+        out = call_model(model, unflat(flat_, params), inputs)
+        return lik.per_sample(out, targets).sum()
 
     return f
 
@@ -252,16 +262,21 @@ def hessian(
     targets: Tensor,
     loss: Any = "cross_entropy",
     shape: str = "full",
+    reduction: str | None = None,
+    return_output: bool = False,
 ):
-    """∇²_θ L of the mean loss by autograd (reverse-over-reverse). Cost O(P) backward passes."""
+    """∇²_θ of the reduced loss by autograd (reverse-over-reverse). Cost O(P) backward passes."""
     _check_shape(shape)
-    params, N, lik = _setup(model, params, inputs, targets, loss)
+    params, N, lik, fac = _setup(model, params, inputs, targets, loss, reduction)
     units = unit_wise_modules(model, params) if shape == "unit" else None
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    H = torch.func.jacrev(torch.func.grad(_mean_loss_fn(model, params, inputs, targets, lik)))(flat)
-    if units is not None:
-        return unit_wise_from_dense((H + H.T) / 2, params, units)
-    return _reshape_dense((H + H.T) / 2, params, shape)
+    check_square(f"hessian(shape={shape!r})", params, "full", "use hessian_vp, hutchinson_diag or top_eigenvalues")
+    flat_ = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    with torch.no_grad():
+        out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
+    H = torch.func.jacrev(torch.func.grad(_mean_loss_fn(model, params, inputs, targets, lik)))(flat_)
+    H = (H + H.T) / 2 * fac(out, targets)
+    res = unit_wise_from_dense(H, params, units) if units is not None else _reshape_dense(H, params, shape)
+    return _finish(res, 1.0, out, loss, lik, fac, targets, return_output)
 
 
 # --- matrix-free products ----------------------------------------------------------
@@ -271,14 +286,16 @@ def _out_fn(model, inputs):
     return lambda p: call_model(model, p, inputs)
 
 
-def hessian_vp(model, params, inputs, targets, vector, loss: Any = "cross_entropy") -> dict[str, Tensor]:
-    """H v (forward-over-reverse). Cost ≈ 2-3 forward+backward passes."""
-    params, N, lik = _setup(model, params, inputs, targets, loss)
+def hessian_vp(model, params, inputs, targets, vector, loss: Any = "cross_entropy",
+               reduction: str | None = None) -> dict[str, Tensor]:
+    """H v of the reduced loss (forward-over-reverse). Cost ≈ 2-3 forward+backward passes."""
+    params, N, lik, fac = _setup(model, params, inputs, targets, loss, reduction)
     _check_like(params, vector, "vector")
     detached = {k: v.detach() for k, v in params.items()}
 
     def L(p):
-        return lik.per_sample(call_model(model, p, inputs), targets).mean()
+        out = call_model(model, p, inputs)
+        return lik.per_sample(out, targets).sum() * fac(out, targets)
 
     _, hv = torch.func.jvp(torch.func.grad(L), (detached,), ({k: vector[k] for k in params},))
     return hv
@@ -291,9 +308,11 @@ def _jvp_vjp(model, params, inputs, vector):
     return out, Jv, (lambda u: vjp_fn(u)[0])
 
 
-def ggn_vp(model, params, inputs, targets, vector, loss: Any = "cross_entropy") -> dict[str, Tensor]:
-    """G v = (1/N) Jᵀ H (J v): one jvp, one output-space Hessian-vector product, one vjp."""
-    params, N, lik = _setup(model, params, inputs, targets, loss)
+def ggn_vp(model, params, inputs, targets, vector, loss: Any = "cross_entropy",
+           reduction: str | None = None) -> dict[str, Tensor]:
+    """G v = factor · Jᵀ H (J v) (factor 1/N for the mean): one jvp, one output-space
+    Hessian-vector product, one vjp."""
+    params, N, lik, fac = _setup(model, params, inputs, targets, loss, reduction)
     _check_like(params, vector, "vector")
     out, Jv, vjp_fn = _jvp_vjp(model, params, inputs, vector)
 
@@ -301,7 +320,8 @@ def ggn_vp(model, params, inputs, targets, vector, loss: Any = "cross_entropy") 
         return torch.func.grad(lambda o_: lik.per_sample(o_, targets).sum())(o)
 
     _, HJv = torch.func.jvp(g, (out.detach(),), (Jv,))
-    return {k: v / N for k, v in vjp_fn(HJv).items()}
+    f = fac(out, targets)
+    return {k: v * f for k, v in vjp_fn(HJv).items()}
 
 
 def fisher_vp(
@@ -314,12 +334,13 @@ def fisher_vp(
     fisher_type: str = "exact",
     n_mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    reduction: str | None = None,
 ) -> dict[str, Tensor]:
     """F v without forming F: u = J v (forward mode), then per sample
     ``exact``: S Sᵀ u; ``mc``/``emp``: Σ_k w_k r_k (r_kᵀ u) with r the NLL gradients at
-    sampled / data targets; then Jᵀ(·)/N. Cost: one jvp + one vjp."""
+    sampled / data targets; then factor · Jᵀ(·) (factor 1/N for the mean). Cost: one jvp + one vjp."""
     _check_fisher_type(fisher_type)
-    params, N, lik = _setup(model, params, inputs, targets, loss)
+    params, N, lik, fac = _setup(model, params, inputs, targets, loss, reduction)
     _check_like(params, vector, "vector")
     if fisher_type != "emp" and not lik.is_likelihood:
         lik.sample(None)
@@ -339,7 +360,8 @@ def fisher_vp(
         R = R.reshape(-1, *canon.shape)
         s = (R * u.unsqueeze(0)).reshape(R.shape[0], N, -1).sum(-1)  # [K, N]
         cot = torch.einsum("k,kn,kn...->n...", wk.to(R.dtype), s, R)
-    return {k: v / N for k, v in vjp_fn(cot.reshape(out.shape)).items()}
+    f = fac(out, targets)
+    return {k: v * f for k, v in vjp_fn(cot.reshape(out.shape)).items()}
 
 
 # --- stochastic estimators and eigenvalues -------------------------------------------
@@ -401,7 +423,7 @@ def top_eigenvalues(
     ref = like[keys[0]]
 
     def mv(x: Tensor) -> Tensor:
-        out = matvec(_unflat(x, like))
+        out = matvec(unflat(x, like))
         return torch.cat([out[q].reshape(-1) for q in keys])
 
     x0 = torch.randn(P, generator=generator, dtype=ref.dtype, device=ref.device)
@@ -451,4 +473,4 @@ def top_eigenvalues(
         vals, vecs = ev[order], X @ U[:, order]
     else:
         raise ValueError(f"unknown method {method!r}; expected 'lanczos' or 'power'")
-    return vals, [_unflat(vecs[:, i], like) for i in range(k)]
+    return vals, [unflat(vecs[:, i], like) for i in range(k)]

@@ -25,6 +25,8 @@ from .layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norm
 from .layers.affine import prefers_materialising
 from .layers.registry import LayerHandler
 from .losses import get_likelihood
+from .rows import flat, jacobian_rows
+from .tree import tree_map
 
 __all__ = ["per_sample_grads", "per_sample_grad_norms", "jacobian", "jvp", "vjp"]
 
@@ -89,6 +91,8 @@ def per_sample_grads(
     targets: Tensor,
     loss: Any = "cross_entropy",
     out: Mapping[str, Tensor] | None = None,
+    create_graph: bool = False,
+    return_output: bool = False,
 ) -> dict[str, Tensor]:
     """∇_θ ℓ_n for every sample: a dict like ``params`` whose leaves have a leading ``[N]``.
 
@@ -96,15 +100,22 @@ def per_sample_grads(
     preallocated ``[N, *shape]`` buffers (reused across steps, they avoid writing N·P floats
     into fresh pages, the dominant cost for wide layers). Cost: one forward, one backward
     without weight-gradient work, and one batched outer product per layer, O(N·T·P).
+    ``create_graph=True``: ``vmap`` of ``grad`` on the parameters and inputs as given, keeping
+    the autograd graph to them. ``return_output=True``: ``(grads, output)``.
     """
     params = check_params(model, params)
     N = check_batch(inputs, targets)
     _no_train_batchnorm(model, "a per-sample gradient")
     lik = get_likelihood(loss)
+    if create_graph:
+        res, output = _graph_grads(model, params, inputs, targets, lik)
+        return (res, output) if return_output else res
     infos, unsupported = supported_modules(model, params)
     result: dict[str, Tensor] = {}
+    output = None
     if infos:
         cap = capture(model, params, inputs, targets, lik, fisher_type="emp")
+        output = cap.output
         unsupported = {**unsupported, **cap.unsupported}  # incl. layers called without the batch dim
         seen: dict[str, int] = {}
         for name, rec in cap.layers.items():
@@ -133,7 +144,25 @@ def per_sample_grads(
             if k in out and v.data_ptr() != out[k].data_ptr():
                 out[k].copy_(v)
                 result[k] = out[k]
-    return {k: result[k] for k in params}
+    res = {k: result[k] for k in params}
+    if not return_output:
+        return res
+    if output is None:
+        with torch.no_grad():
+            output = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
+    return res, output
+
+
+def _graph_grads(model, params, inputs, targets, lik):
+    """Per-sample gradients by ``vmap`` of ``grad``, differentiable w.r.t. params and inputs."""
+    lik.check(call_model(model, {k: v.detach() for k, v in params.items()}, inputs), targets)
+
+    def one(p, x, y):
+        out = call_model(model, p, tree_map(lambda t: t.unsqueeze(0), x))
+        return lik.per_sample_unchecked(out, y.unsqueeze(0))[0], out
+
+    g, out = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))(dict(params), inputs, targets)
+    return g, out.squeeze(1)
 
 
 def per_sample_grad_norms(
@@ -187,14 +216,41 @@ def per_sample_grad_norms(
     return sq.sqrt()
 
 
-def jacobian(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> dict[str, Tensor]:
-    """∂f(x_n)/∂θ for the batch: a dict like ``params`` with leaves
-    ``[N, *output.shape[1:], *param.shape]``. Reverse mode, one backward per output entry
-    of the batch (vectorised by ``torch.func.jacrev``)."""
+def jacobian(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, flatten: bool = False,
+             create_graph: bool = False, return_output: bool = False):
+    """Per-sample Jacobians ∂f(x_n)/∂θ: a dict like ``params`` with leaves
+    ``[N, *output.shape[1:], *param.shape]``, or with ``flatten=True`` one ``[N, O, P]`` tensor
+    (O = entries of a sample's output, P in params order).
+
+    Rows route (:mod:`curvfun.rows`): one capture with one output-gradient column per output
+    entry o (``e_o`` at every sample at once: sample n's output depends on sample n only), per
+    registered layer one GEMM; other parameters by ``vmap`` over samples of ``jacrev``. Cost
+    linear in N: one forward, O batched backwards, O(O·N·P) for the products; memory N·O·P
+    (checked against :mod:`curvfun.memory`'s limit). ``create_graph=True``: the exact route
+    (``vmap`` of ``jacrev``) on the parameters and inputs as given, so the result keeps the
+    autograd graph to them (for backpropagating through a predictive). ``return_output=True``:
+    ``(jacobian, output)``."""
     params = check_params(model, params)
-    check_batch(inputs, None)
-    detached = {k: v.detach() for k, v in params.items()}
-    return torch.func.jacrev(lambda p: call_model(model, p, inputs))(detached)
+    N = check_batch(inputs, None)
+    if create_graph:
+        J, out = _graph_jacobian(model, params, inputs)
+    else:
+        J, out = jacobian_rows(model, params, inputs)  # [N, O, *shape]
+    if flatten:
+        res = flat(J, params, 2)
+    else:
+        res = {k: J[k].reshape(N, *out.shape[1:], *params[k].shape) for k in params}
+    return (res, out) if return_output else res
+
+
+def _graph_jacobian(model, params, inputs):
+    """``vmap`` over samples of ``jacrev`` with the graph kept to ``params`` and ``inputs``."""
+    def one(p, x):
+        out = call_model(model, p, tree_map(lambda t: t.unsqueeze(0), x))
+        return out.reshape(-1), out
+
+    J, out = vmap(torch.func.jacrev(one, has_aux=True), in_dims=(None, 0))(dict(params), inputs)
+    return J, out.squeeze(1)
 
 
 def jvp(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, tangent: Mapping[str, Tensor]) -> Tensor:
