@@ -31,6 +31,7 @@ from .capture import FISHER_TYPES, check_batch, output_grad_columns
 from .functional import call_model, check_params
 from .grads import _check_like, jacobian, per_sample_grads
 from .losses import get_likelihood
+from .memory import check_square
 
 __all__ = [
     "fisher",
@@ -144,6 +145,8 @@ def fisher(
     _check_fisher_type(fisher_type)
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    if shape != "diag":
+        check_square(f"fisher(shape={shape!r})", params, shape, "pass shape='diag', use fisher_vp or curvfun.kfac")
     if fisher_type != "emp" and not lik.is_likelihood:
         lik.sample(None)  # raises the explanatory error
     if fisher_type == "emp":
@@ -192,6 +195,7 @@ def ggn(
     """GGN = (1/N) Σ_n J_nᵀ H_n J_n, H_n = ∇²_f ℓ_n by autograd (any loss, callables too)."""
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    check_square(f"ggn(shape={shape!r})", params, "full", "use ggn_vp, hutchinson_diag or curvfun.kfac")
     detached = {k: v.detach() for k, v in params.items()}
     out = call_model(model, detached, inputs)
     lik.check(out, targets)
@@ -229,6 +233,7 @@ def hessian(
     """∇²_θ L of the mean loss by autograd (reverse-over-reverse). Cost O(P) backward passes."""
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    check_square(f"hessian(shape={shape!r})", params, "full", "use hessian_vp, hutchinson_diag or top_eigenvalues")
     flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
     H = torch.func.jacrev(torch.func.grad(_mean_loss_fn(model, params, inputs, targets, lik)))(flat)
     return _reshape_dense((H + H.T) / 2, params, shape)
