@@ -840,10 +840,6 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         model change. Default: none."""
         return []
 
-    def setup_model_call(self, model_fn: Callable, *args: Any, **kwargs: Any) -> DummyObject:
-        guards.check_model_call(self, model_fn)
-        return super().setup_model_call(model_fn, *args, **kwargs)
-
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         """Why this maker cannot precondition ``module`` (None: it can). Default: not an instance of
         ``_supported_classes``."""
@@ -876,7 +872,9 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         parameters changed since the assignment (a layer added, removed or replaced, a parameter
         frozen or unfrozen), the maker is rebuilt on the model as it is now (same arguments, same
         step count and random state), with a warning naming what changed: every layer's curvature
-        restarts at its next update (plain gradient until then)."""
+        restarts at its next update (plain gradient until then). A module that neither is, contains
+        nor belongs to the maker's model is refused (:func:`~curvfun.precondition.guards.check_model_call`)."""
+        guards.check_model_call(self, model_fn)
         now = model_structure_signature(self.model)
         if now != self._structure:
             self._rebuild(describe_structure_change(self._structure, now))

@@ -76,10 +76,24 @@ def check_step(maker: Any) -> None:
         maker._check_config(maker.config)
         check_dense_requests(maker)
         if _ignore_key(key) != _ignore_key(maker._guard_config):
-            maker._rebuild("config.ignore_modules changed")
+            _rebuild_keeping_calls(maker, "config.ignore_modules changed")
     if settings_key(maker) != maker._guard_settings:
         maker._check_settings()
     snapshot(maker)
+
+
+#: what the registered model and loss calls consist of (kept across a rebuild within a step)
+_CALL_ATTRIBUTES = ("_model_fn", "_model_args", "_model_kwargs", "_loss_fn", "_loss_fn_args", "_loss_fn_kwargs",
+                    "_dummy_loss", "_dummy_logits", "_pass_count")
+
+
+def _rebuild_keeping_calls(maker: Any, change: str) -> None:
+    """The maker's own rebuild (layers re-assigned, curvature restarting) in the middle of a step,
+    with the registered calls kept."""
+    calls = {name: getattr(maker, name) for name in _CALL_ATTRIBUTES}
+    maker._rebuild(change)
+    for name, value in calls.items():
+        setattr(maker, name, value)
 
 
 def snapshot(maker: Any) -> None:
