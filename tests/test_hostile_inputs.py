@@ -318,7 +318,8 @@ def test_a_replaced_config_object_is_validated():
     x, t = batch()
     quiet_step(gm, model, x, t)
     gm.config = {"damping": 1e-3}
-    with pytest.raises(TypeError, match=r"KfacGradientMaker.config must be a curvfun.precondition.PreconditioningConfig"):
+    with pytest.raises(TypeError, match=r"KfacGradientMaker.config must be a curvfun.precondition."
+                                        r"PreconditioningConfig"):
         quiet_step(gm, model, x, t)
 
 
@@ -335,7 +336,8 @@ def _replace(model, index):
     return new
 
 
-CHANGED = r"{}: the model changed since the maker was built \({}\); layers re-assigned, curvature restarts at the next update"
+CHANGED = (r"{}: the model changed since the maker was built \({}\); layers re-assigned, curvature restarts at the "
+           r"next update")
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
@@ -561,7 +563,8 @@ def test_kronecker_shape_check_on_conv_layers():
 
     def net():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        return nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
+                             nn.Linear(2 * 3 * 3, 3))
 
     model = net()
     x, t = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Likelihood", "CrossEntropy", "MSE", "BCEWithLogits", "CallableLoss", "get_likelihood", "LOSSES", "swapped_arguments"]
+__all__ = ["Likelihood", "CrossEntropy", "MSE", "BCEWithLogits", "CallableLoss", "get_likelihood", "LOSSES",
+           "swapped_arguments"]
 
 
 class Likelihood:
@@ -105,7 +106,9 @@ def swapped_arguments(output, target, output_name: str = "the first argument", t
         return None
     if output.dtype.is_floating_point or output.is_complex():
         return None
-    also = f" while {target_name} is {target.dtype} of shape {tuple(target.shape)}" if target.dtype.is_floating_point else ""
+    also = ""
+    if target.dtype.is_floating_point:
+        also = f" while {target_name} is {target.dtype} of shape {tuple(target.shape)}"
     return (
         f"{output_name} has integer dtype {output.dtype} (shape {tuple(output.shape)}){also}: were the output and "
         f"the targets swapped? Model outputs are floating point, class-index targets integer: {fix}"

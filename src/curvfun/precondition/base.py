@@ -755,7 +755,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     * an edited ``config`` field (or a new config object) is validated with the config's own message
       (``PreconditioningConfig.validate``) and the maker's constraints (:meth:`_check_config`); an
       edited own setting (``_settings``, e.g. Shampoo's ``block_size``) by :meth:`_check_settings`;
-      an edited ``ignore_modules`` rebuilds the assignment as a changed model does (below);
+      an edited ``ignore_modules`` rebuilds the maker as a changed model does (:meth:`setup_model_call`);
     * ``setup_model_call`` with a module that neither is, contains nor belongs to the maker's model
       raises :class:`~curvfun.precondition.guards.ModelChangedError` (a plain function or lambda
       cannot be checked): its curvature would be another model's;

@@ -751,7 +751,8 @@ class _BlockMaker(_CurvatureMaker):
         full = isinstance(self, FullNaturalGradientMaker)
         P = sum(sizes.values()) if full else max(sizes.values())
         p0 = next(iter(self.module_params(next(iter(sizes))).values()))
-        what = f"{type(self).__name__} with EMA (ema_decay={self.config.ema_decay})" + ("" if full else " (largest layer)")
+        what = f"{type(self).__name__} with EMA (ema_decay={self.config.ema_decay})"
+        what += "" if full else " (largest layer)"
         return [(what, (P, P), p0.dtype, p0.device,
                  "use ema_decay=-1 (rows, never P x P), KfacGradientMaker, or config.ignore_modules")]
 

@@ -149,7 +149,7 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
         if not params:
             return []
         P = sum(p.numel() for p in params)
-        return [(f"NewtonGradientMaker's dense Hessian", (P, P), params[0].dtype, params[0].device,
+        return [("NewtonGradientMaker's dense Hessian", (P, P), params[0].dtype, params[0].device,
                  "restrict it with config.ignore_modules or use a matrix-free method (CurveBallGradientMaker, "
                  "KfacGradientMaker)")]
 
