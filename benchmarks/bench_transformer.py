@@ -13,6 +13,7 @@ from torch import nn
 
 import curvfun
 from common import median_time, setup, table
+from curvfun.capture import CaptureFallbackWarning
 from curvfun.precondition import KfacGradientMaker, PreconditioningConfig
 
 VOCAB, D, HEADS, T, N = 512, 256, 4, 64, 32
@@ -50,7 +51,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     t_plain = median_time(plain)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", curvfun.capture.CaptureFallbackWarning)
+        warnings.simplefilter("error", CaptureFallbackWarning)
         t_fac = median_time(lambda: curvfun.kfac(model, params, x, y, fisher_type="mc", generator=gen,
                                                  on_unsupported="ignore"))
         t_auto = median_time(lambda: curvfun.kfac(model, params, x, y, fisher_type="mc", generator=gen,

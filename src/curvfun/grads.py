@@ -20,13 +20,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .capture import capture, check_batch, supported_modules
-from .functional import as_tuple, call_model, check_params, has_train_mode_batchnorm
+from .functional import as_tuple, call_model, check_out, check_params, has_train_mode_batchnorm
 from .layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norms
 from .layers.affine import prefers_materialising
 from .layers.registry import LayerHandler
 from .losses import get_likelihood
 from .rows import flat, jacobian_rows
 from .tree import tree_map
+from .memory import check_jacobian_size, check_per_sample_size
 
 __all__ = ["per_sample_grads", "per_sample_grad_norms", "jacobian", "jvp", "vjp"]
 
@@ -105,6 +106,8 @@ def per_sample_grads(
     """
     params = check_params(model, params)
     N = check_batch(inputs, targets)
+    check_out(out, params, N)
+    check_per_sample_size("per_sample_grads", params, N)
     _no_train_batchnorm(model, "a per-sample gradient")
     lik = get_likelihood(loss)
     if create_graph:
@@ -233,6 +236,7 @@ def jacobian(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, flatte
     params = check_params(model, params)
     N = check_batch(inputs, None)
     if create_graph:
+        check_jacobian_size(model, {k: v.detach() for k, v in params.items()}, inputs, N)
         J, out = _graph_jacobian(model, params, inputs)
     else:
         J, out = jacobian_rows(model, params, inputs)  # [N, O, *shape]

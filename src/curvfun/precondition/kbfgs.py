@@ -59,6 +59,13 @@ from .config import PreconditioningConfig
 __all__ = ["KronBfgsGradientMaker"]
 
 
+def _check_kbfgs_args(mu1, minibatch_hessian_action) -> None:
+    if isinstance(mu1, bool) or not isinstance(mu1, (int, float)) or not 0 < mu1 < 1:
+        raise ValueError(f"mu1 (Powell's damping threshold) must be in (0, 1), got {mu1!r}")
+    if not isinstance(minibatch_hessian_action, bool):
+        raise TypeError(f"minibatch_hessian_action must be a bool, got {minibatch_hessian_action!r}")
+
+
 class KronBfgsGradientMaker(PreconditionedGradientMaker):
     """K-BFGS with Powell and Levenberg-Marquardt damping (see the module docstring).
 
@@ -75,6 +82,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("A", "H_a", "H_g", "snapshot", "pending", "pending_fresh")
+    _settings = ("mu1", "minibatch_hessian_action")
 
     def __init__(
         self,
@@ -85,18 +93,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if isinstance(mu1, bool) or not isinstance(mu1, (int, float)) or not 0 < mu1 < 1:
-            raise ValueError(f"mu1 (Powell's damping threshold) must be in (0, 1), got {mu1!r}")
-        if not isinstance(minibatch_hessian_action, bool):
-            raise TypeError(f"minibatch_hessian_action must be a bool, got {minibatch_hessian_action!r}")
-        if isinstance(config, PreconditioningConfig):
-            config.validate()
-            if not config.damping > 0:
-                raise ValueError(
-                    f"KronBfgsGradientMaker needs damping > 0 (the Levenberg-Marquardt damping of the B side "
-                    f"and the Tikhonov damping of A), got damping={config.damping}"
-                )
-        elif config is None:
+        _check_kbfgs_args(mu1, minibatch_hessian_action)
+        if config is None:
             config = PreconditioningConfig(damping=1e-3)
         super().__init__(model, config, seed=seed)
         self.minibatch_hessian_action = minibatch_hessian_action
@@ -109,6 +107,16 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         #: layer -> data of the latest curvature step: A_batch, a_mean, positions T, (s, y) or absent
         self.pending: dict[str, dict[str, Tensor]] = {}
         self.pending_fresh = False
+
+    def _check_settings(self) -> None:
+        _check_kbfgs_args(self.mu1, self.minibatch_hessian_action)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if not config.damping > 0:
+            raise ValueError(
+                f"KronBfgsGradientMaker needs damping > 0 (the Levenberg-Marquardt damping of the B side "
+                f"and the Tikhonov damping of A), got damping={config.damping}"
+            )
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         reason = linear_or_conv_reason(module)

@@ -276,7 +276,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
     def _invert(self, name: str, fn) -> None:
         try:
             new = fn()
-        except (NotPositiveDefiniteError, ValueError, RuntimeError):
+        except (NotPositiveDefiniteError, torch.linalg.LinAlgError):  # numerical only: argument errors propagate
             new = {"nonfinite": torch.tensor(float("nan"))}
         self.inverses[name] = self._install_if_finite(name, new, self.inverses.get(name), "inverse")
 
@@ -576,7 +576,7 @@ class EkfacGradientMaker(KfacGradientMaker):
                     self.ekfac[name] = ek
                     self._invert(name, lambda e=ek: e.damped_inverse(self.config.damping))
                 else:
-                    self._invert(name, lambda: (_ for _ in ()).throw(ValueError("eigh failed")))
+                    self._invert(name, lambda: (_ for _ in ()).throw(NotPositiveDefiniteError("eigh failed")))
             else:
                 others[name] = lambda f=f: f.damped_inverse(self.config.damping)
         self._invert_all(others)
@@ -645,11 +645,6 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be a positive integer, got {power_iters!r}")
-        if config is not None and config.ema_decay != NO_EMA:
-            raise ValueError(
-                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
-                "set config.ema_decay=-1"
-            )
         self.rank, self.power_iters = rank, power_iters
         self.lowrank: dict[str, LowRankKron] = {}
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, "expand", "separate",
@@ -657,6 +652,13 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
         #: the power iteration's random draws: the same stream on every rank
         self.power_generator = torch.Generator(device=self.device)
         self.power_generator.manual_seed(self.seed % 2**63)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if config.ema_decay != NO_EMA:
+            raise ValueError(
+                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
+                "set config.ema_decay=-1"
+            )
 
     def update_curvature(self) -> None:
         from ..lowrank import LowRankRows, lowrank_kron_many
@@ -748,6 +750,21 @@ class _BlockMaker(_CurvatureMaker):
             return {n: RowsBlock(cfd.all_gather_rows(U, "curvature", self.step) / math.sqrt(ws))
                     for n, U in rows.items()}
         return self._reduce_curvature({n: DenseBlock(U.T @ U) for n, U in rows.items()})
+
+    def _dense_requests(self) -> list:
+        """With EMA the dense blocks are P x P (per layer, or over all layers for the full maker)."""
+        if self._decay == NO_EMA:
+            return []
+        sizes = {n: sum(p.numel() for p in self.module_params(n).values()) for n in self.preconditioned_modules}
+        if not sizes:
+            return []
+        full = isinstance(self, FullNaturalGradientMaker)
+        P = sum(sizes.values()) if full else max(sizes.values())
+        p0 = next(iter(self.module_params(next(iter(sizes))).values()))
+        what = f"{type(self).__name__} with EMA (ema_decay={self.config.ema_decay})"
+        what += "" if full else " (largest layer)"
+        return [(what, (P, P), p0.dtype, p0.device,
+                 "use ema_decay=-1 (rows, never P x P), KfacGradientMaker, or config.ignore_modules")]
 
     def _install_block(self, name: str, new: Any) -> None:
         old = self.curvature.get(name)

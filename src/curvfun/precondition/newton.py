@@ -70,6 +70,15 @@ def newton_direction(solver: dict[str, Tensor], g: Tensor) -> Tensor:
     return torch.linalg.lu_solve(solver["LU"], solver["pivots"], g.unsqueeze(1)).squeeze(1)
 
 
+def _check_newton_args(abs_eigenvalues, max_params, hessian_chunk_size) -> None:
+    if not isinstance(abs_eigenvalues, bool):
+        raise TypeError(f"abs_eigenvalues must be a bool, got {abs_eigenvalues!r}")
+    if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
+        raise ValueError(f"max_params must be a positive int, got {max_params!r}")
+    if hessian_chunk_size is not None and (not isinstance(hessian_chunk_size, int) or hessian_chunk_size < 1):
+        raise ValueError(f"hessian_chunk_size must be a positive int or None, got {hessian_chunk_size!r}")
+
+
 class NewtonGradientMaker(PreconditionedGradientMaker):
     """Damped dense Newton (module docstring), in ASDL's interface::
 
@@ -96,6 +105,7 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("hessian", "solver")
+    _settings = ("abs_eigenvalues", "max_params", "hessian_chunk_size")
 
     def __init__(
         self,
@@ -107,12 +117,7 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(abs_eigenvalues, bool):
-            raise TypeError(f"abs_eigenvalues must be a bool, got {abs_eigenvalues!r}")
-        if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
-            raise ValueError(f"max_params must be a positive int, got {max_params!r}")
-        if hessian_chunk_size is not None and (not isinstance(hessian_chunk_size, int) or hessian_chunk_size < 1):
-            raise ValueError(f"hessian_chunk_size must be a positive int or None, got {hessian_chunk_size!r}")
+        _check_newton_args(abs_eigenvalues, max_params, hessian_chunk_size)
         super().__init__(model, config, seed=seed)
         damping = self.config.damping
         if not (damping >= 0 and math.isfinite(damping)):
@@ -135,6 +140,18 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
             )
         self.hessian: Tensor | None = None
         self.solver: dict[str, Tensor] | None = None
+
+    def _check_settings(self) -> None:
+        _check_newton_args(self.abs_eigenvalues, self.max_params, self.hessian_chunk_size)
+
+    def _dense_requests(self) -> list:
+        params = [p for n in self.preconditioned_modules for p in self.module_params(n).values()]
+        if not params:
+            return []
+        P = sum(p.numel() for p in params)
+        return [("NewtonGradientMaker's dense Hessian", (P, P), params[0].dtype, params[0].device,
+                 "restrict it with config.ignore_modules or use a matrix-free method (CurveBallGradientMaker, "
+                 "KfacGradientMaker)")]
 
     # --- pure pieces bound to the registered calls -----------------------------------------------
     def _flat_loss(self) -> Callable[[Tensor], Tensor]:

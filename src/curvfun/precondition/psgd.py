@@ -48,6 +48,15 @@ def _layer_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Ten
     return W if bias is None else torch.cat([W, bias.reshape(-1, 1)], 1)
 
 
+def _check_psgd_args(precond_lr, init_scale) -> None:
+    if isinstance(precond_lr, bool) or not isinstance(precond_lr, (int, float)) or not (0 < precond_lr <= 1):
+        raise ValueError(
+            f"precond_lr must be in (0, 1] (the factor update's step relative to its largest change), got {precond_lr!r}"
+        )
+    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (0 < init_scale < float("inf")):
+        raise ValueError(f"init_scale must be a finite number > 0 (factors start at init_scale·I), got {init_scale!r}")
+
+
 class KronPsgdGradientMaker(PreconditionedGradientMaker):
     """Kronecker-factored PSGD for Linear and Conv2d layers (see the module docstring).
 
@@ -65,6 +74,7 @@ class KronPsgdGradientMaker(PreconditionedGradientMaker):
 
     _supported_classes = (nn.Linear, nn.Conv2d)
     _state_attributes = ("factors", "pairs", "pairs_fresh")
+    _settings = ("precond_lr", "init_scale")
 
     def __init__(
         self,
@@ -75,12 +85,7 @@ class KronPsgdGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if isinstance(precond_lr, bool) or not isinstance(precond_lr, (int, float)) or not (0 < precond_lr <= 1):
-            raise ValueError(
-                f"precond_lr must be in (0, 1] (the factor update's step relative to its largest change), got {precond_lr!r}"
-            )
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (0 < init_scale < float("inf")):
-            raise ValueError(f"init_scale must be a finite number > 0 (factors start at init_scale·I), got {init_scale!r}")
+        _check_psgd_args(precond_lr, init_scale)
         super().__init__(model, config, seed=seed)
         self.precond_lr = float(precond_lr)
         self.init_scale = float(init_scale)
@@ -96,6 +101,9 @@ class KronPsgdGradientMaker(PreconditionedGradientMaker):
         #: layer name -> [dX, dG] of the latest probe, and whether it is still unused
         self.pairs: dict[str, list[Tensor]] = {}
         self.pairs_fresh = False
+
+    def _check_settings(self) -> None:
+        _check_psgd_args(self.precond_lr, self.init_scale)
 
     def _weight_bias(self, name: str) -> tuple[Tensor | None, Tensor | None]:
         ps = self.module_params(name)
