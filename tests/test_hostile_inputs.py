@@ -134,7 +134,7 @@ def test_fisher_full_on_a_big_layer_is_refused_before_allocating():
 @pytest.mark.parametrize("fn,kw,what", [
     ("fisher", {"shape": "full"}, "fisher(shape='full')"),
     ("fisher", {"shape": "block"}, "fisher(shape='block')"),
-    ("ggn", {"shape": "diag"}, "ggn(shape='diag')"),
+    ("ggn", {"shape": "full"}, "ggn(shape='full')"),
     ("hessian", {"shape": "block"}, "hessian(shape='block')"),
 ])
 def test_dense_requests_follow_the_limit(fn, kw, what):

@@ -128,6 +128,12 @@ def _captured(model, params, inputs, targets, lik, columns: Callable):
     return cap, rest
 
 
+def _check_rows(what: str, K: int, N: int, P: int, like: Tensor, sample_major: bool) -> None:
+    shape = (N, K, P) if sample_major else (K, N, P)
+    check_dense_size(what, shape, like.dtype, like.device,
+                     instead="use shape='diag', jvp / vjp, the *_vp products or curvfun.kfac")
+
+
 def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, columns: Callable,
                 sample_major: bool = False, what: str = "rows") -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Rows of the columns ``columns(output) -> (cot [K, *output.shape], weights [K])``: a dict like
@@ -139,8 +145,7 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
     P = sum(p.numel() for p in params.values())
     if cap is not None:
         out, weights = cap.output, cap.weights
-        check_dense_size(what, (weights.shape[0], out.shape[0], P), first.dtype, first.device,
-                         instead="use shape='diag', the *_vp products or curvfun.kfac")
+        _check_rows(what, weights.shape[0], out.shape[0], P, first, sample_major)
         for rec in cap.layers.values():
             for role, r in layer_rows(layer_data(rec), sample_major).items():
                 key = rec.info.keys[role]
@@ -150,8 +155,7 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
         with torch.no_grad():
             out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
         cot, weights = columns(out)
-        check_dense_size(what, (weights.shape[0], out.shape[0], P), first.dtype, first.device,
-                         instead="use shape='diag', the *_vp products or curvfun.kfac")
+        _check_rows(what, weights.shape[0], out.shape[0], P, first, sample_major)
     if rest:
         if cot is None:
             cot, _ = columns(out)
