@@ -2,8 +2,10 @@
 
 Parameters are any pytree of tensors; ``dict(model.named_parameters())`` is the common
 case. Every helper here is pure: it returns new tensors and never mutates its arguments.
-Leaves are visited in optree's canonical order (sorted dict keys), which is also the order
-of :func:`ravel`.
+Leaves are visited in **insertion order** of dicts (for ``dict(model.named_parameters())``:
+``model.parameters()`` order), the one flat order of curvfun: :func:`ravel`, :func:`tree_leaves`
+and the dense ``[P, P]`` matrices of :mod:`curvfun.curvature` agree, so
+``ravel(diag)[0] == torch.diagonal(full)``.
 """
 
 from __future__ import annotations
@@ -38,8 +40,15 @@ def tree_map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
     return optree.tree_map(fn, tree, *rest)
 
 
+def _flatten(tree: PyTree):
+    """``optree.tree_flatten`` with dicts in insertion order (namespace ``"curvfun"``)."""
+    with optree.dict_insertion_ordered(True, namespace="curvfun"):
+        return optree.tree_flatten(tree, namespace="curvfun")
+
+
 def tree_leaves(tree: PyTree) -> list[Tensor]:
-    return optree.tree_leaves(tree)
+    """The leaves in curvfun's order (dicts in insertion order)."""
+    return _flatten(tree)[0]
 
 
 def tree_add(x: PyTree, y: PyTree) -> PyTree:
@@ -95,11 +104,12 @@ def ravel(tree: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
     """Flatten a pytree of tensors into one vector.
 
     Returns ``(flat, unravel_fn)`` with ``unravel_fn(flat)`` rebuilding the pytree (same
-    shapes, structure, dtypes). Leaves are concatenated in optree order, each leaf in
+    shapes, structure, dtypes). Leaves are concatenated in curvfun's order (dicts in insertion
+    order, the order of the dense matrices), each leaf in
     row-major (``Tensor.reshape(-1)``) order. Leading batch dims are not supported here; use
     :func:`unravel` with ``batch_dims`` for stacked vectors.
     """
-    leaves, spec = optree.tree_flatten(tree)
+    leaves, spec = _flatten(tree)
     shapes = [t.shape for t in leaves]
     dtypes = [t.dtype for t in leaves]
     if leaves:
