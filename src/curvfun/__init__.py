@@ -18,6 +18,7 @@ from .curvature import (
     fisher,
     fisher_vp,
     ggn,
+    ggn_rows,
     ggn_vp,
     hessian,
     hessian_vp,
@@ -25,6 +26,7 @@ from .curvature import (
     hutchinson_trace,
     top_eigenvalues,
 )
+from .dataset import accumulate, kfac_lists, scale_factor
 from .grads import jacobian, jvp, per_sample_grad_norms, per_sample_grads, vjp
 from .kron import (
     DiagFactor,
@@ -68,6 +70,10 @@ __all__ = [
     "vjp",
     "fisher",
     "ggn",
+    "ggn_rows",
+    "accumulate",
+    "kfac_lists",
+    "scale_factor",
     "hessian",
     "fisher_vp",
     "ggn_vp",

@@ -428,8 +428,11 @@ EMPTY_BATCH = (
 
 
 def check_batch(inputs: Any, targets: Tensor | None) -> int:
-    """Batch size N of ``inputs`` (first tensor's leading dim), checked against ``targets``."""
-    first = next((t for t in as_tuple(inputs) if isinstance(t, Tensor)), None)
+    """Batch size N of ``inputs`` (first tensor's leading dim; tuples and dicts of tensors are
+    searched as pytrees), checked against ``targets``."""
+    import optree
+
+    first = next((t for t in optree.tree_leaves(as_tuple(inputs)) if isinstance(t, Tensor)), None)
     if first is None or first.ndim == 0:
         raise ValueError("inputs must be a tensor (or a tuple of tensors) with a leading batch dimension")
     N = first.shape[0]

@@ -38,6 +38,13 @@ def check_params(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Te
         )
     if len(params) == 0:
         raise ValueError("params is empty: pass dict(model.named_parameters()) or a non-empty subset of it")
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable f(params, *inputs); got {type(model).__name__}")
+        bad = [k for k, v in params.items() if not isinstance(v, Tensor)]
+        if bad:
+            raise TypeError(f"params[{bad[0]!r}] must be a tensor, got {type(params[bad[0]]).__name__}")
+        return dict(params)
     known = dict(model.named_parameters(remove_duplicate=False))
     for name, value in params.items():
         if name not in known:
@@ -89,7 +96,10 @@ def _buffers(model: nn.Module) -> dict[str, Tensor]:
 
 
 def call_model(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, buffers: dict | None = None) -> Any:
-    """``model(*inputs)`` evaluated at ``params`` (a pure call: buffers are copies)."""
+    """``model(*inputs)`` evaluated at ``params`` (a pure call: buffers are copies); a plain
+    callable model is called as ``model(params, *inputs)``."""
+    if not isinstance(model, nn.Module):
+        return model(dict(params), *as_tuple(inputs))
     bufs = _buffers(model) if buffers is None else buffers
     # parameters left out of ``params`` are held fixed: pass them detached, so that results
     # never hang on the model's own autograd graph
@@ -107,6 +117,8 @@ def model_fn(model: nn.Module, inputs: Any = None) -> Callable:
 
 def has_train_mode_batchnorm(model: nn.Module) -> list[str]:
     """Names of BatchNorm modules in train mode (their outputs mix samples of a batch)."""
+    if not isinstance(model, nn.Module):
+        return []
     return [
         name
         for name, m in model.named_modules()

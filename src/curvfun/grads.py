@@ -44,14 +44,17 @@ def _no_train_batchnorm(model: nn.Module, what: str) -> None:
 def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
     """vmap(grad) per-sample gradients for ``keys`` only (the others held fixed); a per-sample
     loop of ``grad`` where the model cannot be vmapped. Inputs are split along their first dim."""
-    own = dict(model.named_parameters())
+    own = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
     fixed = {k: v.detach() for k, v in {**own, **params}.items() if k not in keys}
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()} if own or isinstance(model, nn.Module) else {}
     args = as_tuple(inputs)
 
     def loss_one(sub, x, y):
-        xs = tuple(t.unsqueeze(0) for t in x)
-        out = functional_call(model, ({**fixed, **sub}, buffers), xs, tie_weights=True, strict=False)
+        xs = tree_map(lambda t: t.unsqueeze(0), x)
+        if isinstance(model, nn.Module):
+            out = functional_call(model, ({**fixed, **sub}, buffers), xs, tie_weights=True, strict=False)
+        else:
+            out = model({**fixed, **sub}, *xs)
         return lik.per_sample_unchecked(out, y.unsqueeze(0))[0]
 
     lik.check(call_model(model, {k: v.detach() for k, v in params.items()}, inputs), targets)
@@ -61,8 +64,15 @@ def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
     except RuntimeError:
         # a module without a batching rule, or one that writes in place into a tensor it made
         # itself (nn.LSTM / GRU / RNN initial states): one gradient per sample instead, same numbers
-        per = [grad(loss_one)(sub, tuple(t[n] for t in args), targets[n]) for n in range(targets.shape[0])]
+        per = [grad(loss_one)(sub, tree_map(lambda t, n=n: t[n], args), targets[n]) for n in range(targets.shape[0])]
         return {k: torch.stack([g[k] for g in per]) for k in keys}
+
+
+def _modules(model, params):
+    """:func:`curvfun.capture.supported_modules`; a plain callable model has none (exact fallback)."""
+    if isinstance(model, nn.Module):
+        return supported_modules(model, params)
+    return {}, {"": ("a plain callable", list(params))}
 
 
 def _record_grads(rec, bufs: dict | None = None) -> dict[str, Tensor]:
@@ -113,7 +123,7 @@ def per_sample_grads(
     if create_graph:
         res, output = _graph_grads(model, params, inputs, targets, lik)
         return (res, output) if return_output else res
-    infos, unsupported = supported_modules(model, params)
+    infos, unsupported = _modules(model, params)
     result: dict[str, Tensor] = {}
     output = None
     if infos:
@@ -186,7 +196,7 @@ def per_sample_grad_norms(
     N = check_batch(inputs, targets)
     _no_train_batchnorm(model, "a per-sample gradient norm")
     lik = get_likelihood(loss)
-    infos, unsupported = supported_modules(model, params)
+    infos, unsupported = _modules(model, params)
     # a parameter shared by several modules has cross terms: materialise it
     owners: dict[str, int] = {}
     for info in infos.values():

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture, capture
+from .functional import call_model
 from .layers import LayerData, layer_data
 from .layers.affine import layout_permutation, matrix_as_weight, weight_as_matrix
 from .precision import full_precision
@@ -732,8 +733,13 @@ def kfac(
     generator: torch.Generator | None = None,
     on_unsupported: str = "warn",
     form: str = "dense",
+    reduction: str | None = None,
 ) -> dict[str, Any]:
     """K-FAC factors of every supported module owning entries of ``params``.
+
+    ``reduction``: ``"mean"`` (default; the factors below) or ``"sum"``, or a ``torch.nn`` loss
+    module's own (see :mod:`curvfun.reduction`): B is multiplied by N·factor, so that A⊗B
+    approximates the curvature of that reduced loss.
 
     Returns ``{module name (as in model.named_modules()): factor}`` with :class:`KronFactor`
     for Linear / Conv2d, :class:`EmbeddingFactor`, :class:`UnitWiseFactor` for LayerNorm /
@@ -749,8 +755,17 @@ def kfac(
     """
     if form not in ("dense", "auto"):
         raise ValueError(f"unknown form {form!r}; expected 'dense' (matrices) or 'auto' (rows where 2R <= d)")
-    data = _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples,
+    from .dataset import scale_factor
+    from .reduction import resolve_loss
+
+    lik, fac = resolve_loss(loss, reduction)
+    data = _layer_data_of(model, params, inputs, targets, lik, fisher_type, kfac_type, bias, n_mc_samples,
                           generator, on_unsupported)
+    s = 1.0
+    if reduction is not None or isinstance(loss, nn.Module):
+        with torch.no_grad():
+            out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
+        s = out.shape[0] * fac(out, targets)
     if form == "auto":
         from .kron_rows import kron_rows_from_layer
 
@@ -759,7 +774,8 @@ def kfac(
     else:
         make = lambda ld: kron_factors_from_layer(ld, kfac_type, bias)  # noqa: E731
     with full_precision():  # the model ran under the caller's autocast; the factors never do
-        return {name: make(ld) for name, ld in data.items()}
+        fs = {name: make(ld) for name, ld in data.items()}
+    return fs if s == 1.0 else {name: scale_factor(f, s) for name, f in fs.items()}
 
 
 def _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples, generator,
