@@ -115,6 +115,21 @@ def _fallback_jacobian(model, params: Mapping[str, Tensor], keys: list[str], inp
         return {k: torch.stack([j[k] for j in per]) for k in keys}
 
 
+def _fallback_rows(model, params, keys: list[str], inputs, out: Tensor, columns: Callable, sample_major: bool,
+                   cot: Tensor | None = None) -> dict[str, Tensor]:
+    """Rows of ``keys`` by the exact fallback: per-sample Jacobians contracted with the columns."""
+    if cot is None:
+        cot, _ = columns(out)
+    N, O = out.shape[0], out[0].numel()
+    first = params[keys[0]]
+    check_dense_size("the exact fallback's per-sample Jacobian", (N, O, sum(params[k].numel() for k in keys)),
+                     first.dtype, first.device, instead="register the layers (curvfun.layers.register_layer)")
+    J = _fallback_jacobian(model, params, keys, inputs)
+    C = cot.reshape(cot.shape[0], N, O).to(first.dtype)
+    spec = "kno,no...->nk..." if sample_major else "kno,no...->kn..."
+    return {k: torch.einsum(spec, C, J[k]) for k in keys}
+
+
 def _captured(model, params, inputs, targets, lik, columns: Callable):
     """Capture with custom columns; returns (capture or None, [unsupported keys])."""
     if not isinstance(model, nn.Module):
@@ -128,6 +143,19 @@ def _captured(model, params, inputs, targets, lik, columns: Callable):
     return cap, rest
 
 
+def _once(columns: Callable) -> Callable:
+    """``columns`` evaluated once (MC columns are random: the capture and the fallback must see the
+    same draws)."""
+    memo: list = []
+
+    def cached(out: Tensor):
+        if not memo:
+            memo.append(columns(out))
+        return memo[0]
+
+    return cached
+
+
 def _check_rows(what: str, K: int, N: int, P: int, like: Tensor, sample_major: bool) -> None:
     shape = (N, K, P) if sample_major else (K, N, P)
     check_dense_size(what, shape, like.dtype, like.device,
@@ -139,6 +167,7 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
     """Rows of the columns ``columns(output) -> (cot [K, *output.shape], weights [K])``: a dict like
     ``params`` with leaves ``[K, N, *shape]`` (``[N, K, *shape]`` when ``sample_major``), the weights
     and the (detached) output. Registered layers from the capture, the rest by the exact fallback."""
+    columns = _once(columns)
     cap, rest = _captured(model, params, inputs, targets, lik, columns)
     result: dict[str, Tensor] = {}
     first = next(iter(params.values()))
@@ -157,17 +186,7 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
         cot, weights = columns(out)
         _check_rows(what, weights.shape[0], out.shape[0], P, first, sample_major)
     if rest:
-        if cot is None:
-            cot, _ = columns(out)
-        N, O = out.shape[0], out[0].numel()
-        first = params[rest[0]]
-        check_dense_size("the exact fallback's per-sample Jacobian", (N, O, sum(params[k].numel() for k in rest)),
-                         first.dtype, first.device, instead="register the layers (curvfun.layers.register_layer)")
-        J = _fallback_jacobian(model, params, rest, inputs)
-        C = cot.reshape(cot.shape[0], N, O).to(first.dtype)
-        spec = "kno,no...->nk..." if sample_major else "kno,no...->kn..."
-        for k in rest:
-            result[k] = torch.einsum(spec, C, J[k])
+        result.update(_fallback_rows(model, params, rest, inputs, out, columns, sample_major, cot))
     K, N = weights.shape[0], out.shape[0]
     for k, p in params.items():  # registered layers never called: zero rows
         if k not in result:
@@ -265,6 +284,7 @@ def diag_from_capture(model, params: Mapping[str, Tensor], inputs: Any, targets,
     """``scale · Σ_k w_k Σ_n r_kn²`` per parameter without forming rows of more than one layer and
     one column at a time: registered layers by :func:`curvfun.layers.layer_diag_fisher` (affine
     T = 1: ``Σ_k w_k (g_k²)ᵀ(a²)``), the rest by the exact fallback's rows. Returns it and the output."""
+    columns = _once(columns)
     cap, rest = _captured(model, params, inputs, targets, lik, columns)
     result: dict[str, Tensor] = {}
     if cap is not None:
@@ -285,11 +305,9 @@ def diag_from_capture(model, params: Mapping[str, Tensor], inputs: Any, targets,
     else:
         with torch.no_grad():
             out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
-    if rest:  # a tied parameter's row is the sum over its modules: rows of those keys only
-        sub = {k: params[k] for k in params if k in rest}
-        rows, w, _ = column_rows(model, sub, inputs, targets, lik, columns)
-        for k in sub:
-            r = rows[k]
+    if rest:  # unregistered, or tied (its row is the sum over its modules): the exact fallback
+        for k, r in _fallback_rows(model, params, rest, inputs, out, columns, False).items():
+            w = columns(out)[1] if cap is None else cap.weights
             result[k] = (r.pow(2) * w.to(r.dtype).reshape(-1, *[1] * (r.ndim - 1))).sum((0, 1)) * scale
     for k, p in params.items():
         if k not in result:
