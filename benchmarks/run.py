@@ -23,6 +23,7 @@ SECTIONS = {
     "distributed": "bench_distributed",
     "transformer": "bench_transformer",
     "guards": "bench_guards",
+    "rows": "bench_rows",
 }
 
 

@@ -63,12 +63,11 @@ def _affine_rows(ld, sample_major: bool) -> dict[str, Tensor]:
     lead = (N, K) if sample_major else (K, N)
     res = {}
     if ld.has_weight:
-        spec = "kngto,ngtd->nkgod" if sample_major else "kngto,ngtd->kngod"
-        if a.shape[2] == 1:
-            spec = spec.replace("t", "")
-            M = torch.einsum(spec, g[:, :, :, 0], a[:, :, 0])
+        if a.shape[2] == 1:  # an outer product per sample and column: one broadcast multiply
+            gk = g[:, :, :, 0].transpose(0, 1) if sample_major else g[:, :, :, 0]  # [L1, L2, G, o]
+            M = gk.unsqueeze(-1) * a[:, :, 0].unsqueeze(0 if not sample_major else 1).unsqueeze(-2)
         else:
-            M = torch.einsum(spec, g, a)
+            M = torch.einsum("kngto,ngtd->nkgod" if sample_major else "kngto,ngtd->kngod", g, a)
         res["weight"] = affine.matrix_as_weight(M, ld.weight_shape, ld.layout, lead=2)
     if ld.has_bias:
         b = g.sum(3).reshape(K, N, -1)
