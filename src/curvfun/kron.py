@@ -38,6 +38,14 @@ from torch import Tensor, nn
 
 from .capture import Capture, capture
 from .layers import LayerData, layer_data
+from .linalg import (
+    MIN_DAMPING,
+    NotPositiveDefiniteError,
+    check_damping,
+    damped_cholesky_inverse,
+    damping_from_traces,
+    pi_damping,
+)
 from .layers.affine import layout_permutation, matrix_as_weight, weight_as_matrix
 from .precision import full_precision
 
@@ -61,11 +69,6 @@ __all__ = [
 
 KFAC_TYPES = ("expand", "reduce")
 BIAS_MODES = ("separate", "folded")
-MIN_DAMPING = 1e-7
-
-
-class NotPositiveDefiniteError(ValueError):
-    """A damped factor has no Cholesky factorisation, even in float64."""
 
 
 def _register(cls):
@@ -83,60 +86,6 @@ def _register(cls):
 
 
 # --- pure helpers ---------------------------------------------------------------------
-
-
-def damping_from_traces(trace_a: Tensor, dim_a: int, trace_b: Tensor, dim_b: int, damping: float,
-                        heuristic: str = "pi") -> tuple[Tensor, Tensor]:
-    """(δ_A, δ_B) of the GUIDE's π-damped factored Tikhonov from the factors' traces (tensors,
-    any batch shape): π = sqrt((tr A/dim A)/(tr B/dim B)), δ_A = sqrt(λ)·π, δ_B = sqrt(λ)/π,
-    δ_A = δ_B = sqrt(λ) when π is 0 or not finite or ``heuristic="none"``; each at least 1e-7.
-    The one implementation of the formula (K-FAC and low-rank K-FAC both call it). O(1)."""
-    if heuristic not in ("pi", "none"):
-        raise ValueError(f"unknown damping heuristic {heuristic!r}; expected 'pi' or 'none'")
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-    root = math.sqrt(damping)
-    if heuristic == "none":
-        pi = torch.ones_like(trace_b)
-    else:
-        pi = torch.sqrt((trace_a / dim_a) / (trace_b / dim_b))
-        pi = torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
-    return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
-
-
-def pi_damping(A: Tensor, B: Tensor, damping: float, heuristic: str = "pi", a_diag: bool = False):
-    """(δ_A, δ_B) for factors A, B (batched over a leading group dim; ``a_diag``: A given as its
-    diagonal): :func:`damping_from_traces` of their traces."""
-    trA = A.sum(-1) if a_diag else torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
-    trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1)
-    return damping_from_traces(trA, A.shape[-1], trB, B.shape[-1], damping, heuristic)
-
-
-def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "factor") -> Tensor:
-    """(M + δI)^{-1} via Cholesky (batched over leading dims; half precision computed in float32),
-    retried in float64 if needed; returned in M's dtype."""
-    d = M.shape[-1]
-    eye = torch.eye(d, dtype=M.dtype, device=M.device)
-    delta = torch.as_tensor(delta, dtype=M.dtype, device=M.device)
-    # float16 / bfloat16 factors are inverted in float32 (no half-precision Cholesky on the CPU, and
-    # too few digits for a damped inverse anyway), then float64 on failure
-    first = M.dtype if torch.finfo(M.dtype).bits >= 32 else torch.float32
-    for dtype in (first, torch.float64):
-        Md = (M.to(dtype) + delta.to(dtype)[..., None, None] * eye.to(dtype))
-        L, info = torch.linalg.cholesky_ex(Md)
-        # a NaN / Inf anywhere in row i of L reaches L_ii = sqrt(M_ii - Σ_k L_ik²): the diagonal
-        # tells, and one host sync covers both tests
-        if bool((info == 0).all() & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()):
-            # L^{-1} by one triangular solve, then L^{-T} L^{-1} by one GEMM: symmetric by
-            # construction and ~3x faster than torch.cholesky_inverse on CPU
-            Linv = torch.linalg.solve_triangular(L, eye.to(dtype).expand_as(L), upper=False)
-            return (Linv.transpose(-1, -2) @ Linv).to(M.dtype)
-        if dtype == torch.float64:
-            break
-    raise NotPositiveDefiniteError(
-        f"the damped {what} is not positive definite (or not finite) even in float64; "
-        f"increase the damping or check the captured data for NaN/Inf"
-    )
 
 
 def _groups(X: Tensor) -> Tensor:
@@ -366,8 +315,7 @@ class EKFACFactor:
 
     def damped_inverse(self, damping: float) -> "EKFACFactor":
         """(Q diag(S) Qᵀ + λI)^{-1} = Q diag(1/(S+λ)) Qᵀ: exact inverse of the damped EKFAC."""
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        check_damping(damping)
         if self.inverse:
             raise ValueError("this EKFAC factor is already an inverse")
         return replace(self, inverse=True, delta=max(float(damping), MIN_DAMPING))
@@ -495,8 +443,7 @@ class UnitWiseFactor:
 
     def damped_inverse(self, damping: float, heuristic: str = "none") -> "UnitWiseFactor":
         """(block_c + λI)^{-1} per unit (plain Tikhonov: unit-wise blocks have no π)."""
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        check_damping(damping)
         inv = damped_cholesky_inverse(self.blocks, max(float(damping), MIN_DAMPING), "unit-wise block")
         return replace(self, blocks=inv)
 
@@ -548,8 +495,7 @@ class DiagFactor:
         return {k: grad[k] * v for k, v in self.values.items() if k in grad}
 
     def damped_inverse(self, damping: float, heuristic: str = "none") -> "DiagFactor":
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        check_damping(damping)
         lam = max(float(damping), MIN_DAMPING)
         return DiagFactor({k: 1.0 / (v + lam) for k, v in self.values.items()}, True)
 

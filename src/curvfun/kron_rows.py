@@ -28,16 +28,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .kron import (
-    KronInverse,
-    KronFactor,
-    _layer_dense,
-    _register,
-    damped_cholesky_inverse,
-    damping_from_traces,
-    factor_rows,
-)
+from .kron import KronFactor, KronInverse, _layer_dense, _register, factor_rows
 from .layers import LayerData
+from .linalg import damped_cholesky_inverse, damping_from_traces, woodbury_core
 
 __all__ = ["KronRowsFactor", "KronRowsInverse", "prefer_rows", "kron_rows_from_layer", "woodbury_core",
            "gradient_from_rows", "preconditioned_gradient_from_rows", "rows_gradient_pays"]
@@ -47,15 +40,6 @@ def prefer_rows(rows: int, dim: int) -> bool:
     """Whether a side of ``rows`` rows and width ``dim`` is cheaper as rows: 2R ≤ d (then the
     Woodbury apply, 2·o·d·R, is at most the dense apply o·d², and the refresh O(R²d) ≪ O(d³))."""
     return 2 * rows <= dim
-
-
-def woodbury_core(Y: Tensor, delta: Tensor, gram: Tensor | None = None) -> Tensor:
-    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for rows Y ``[R, d]``: one R x R Gram (or ``gram`` = Y Yᵀ when
-    already formed), its damped Cholesky inverse (:func:`curvfun.kron.damped_cholesky_inverse`,
-    retried in float64) and one GEMM. O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ: two
-    GEMMs through the R rows."""
-    gram = Y @ Y.T if gram is None else gram
-    return damped_cholesky_inverse(gram, delta, "R x R Woodbury core of a K-FAC factor") @ Y
 
 
 def _two_sided(grad: Mapping[str, Tensor], left, right, folded: bool) -> dict[str, Tensor]:

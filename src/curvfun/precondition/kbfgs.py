@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..capture import record_layers
 from ..kbfgs_math import bfgs_inverse_update, hessian_action_pair, kbfgs_precondition, powell_lm_damping
-from ..kron import damped_cholesky_inverse
+from ..linalg import damped_cholesky_inverse
 from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, records_to_data
 from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig

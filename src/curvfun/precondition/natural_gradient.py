@@ -49,10 +49,8 @@ from ..kron import (
     KFAC_TYPES,
     EKFACFactor,
     KronFactor,
-    NotPositiveDefiniteError,
     DiagFactor,
     _ekfac_from,
-    damped_cholesky_inverse,
     kron_factors_from_layer,
 )
 from ..kron_rows import (
@@ -63,6 +61,7 @@ from ..kron_rows import (
     rows_gradient_pays,
 )
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
+from ..linalg import NotPositiveDefiniteError, damped_cholesky_inverse, ema
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
 from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
@@ -87,14 +86,6 @@ __all__ = [
 
 #: ASDL's names -> curvfun's
 FISHER_TYPES = {"fisher_exact": "exact", "fisher_mc": "mc", "fisher_emp": "emp"}
-
-
-def ema(old: Any, new: Any, decay: float) -> Any:
-    """``(1 − decay)·old + decay·new`` leafwise over factor objects (``decay`` = weight of the new);
-    ``old`` None or ``decay`` = -1 (no EMA) returns ``new``."""
-    if old is None or decay == NO_EMA:
-        return new
-    return optree.tree_map(lambda o, n: o.mul(1 - decay).add_(n, alpha=decay), old, new, namespace="curvfun")
 
 
 # --- dense / low-rank blocks for layer-wise and full natural gradient -------------------------
