@@ -541,7 +541,7 @@ def test_bad_arguments_raise_with_a_clear_message(fn, kw, match):
 
 def test_kron_factors_from_layer_validates_its_modes():
     from curvfun.capture import capture
-    from curvfun.kron import kron_factors_from_layer
+    from curvfun.kron_math import kron_factors_from_layer
     from curvfun.layers import layer_data
 
     model, params, x, y = _small()

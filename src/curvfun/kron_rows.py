@@ -28,7 +28,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .kron import KronFactor, KronInverse, _layer_dense, _register, factor_rows
+from .kron import KronFactor, KronInverse, _layer_dense, _register
+from .kron_math import gram, factor_rows, kron_factors_from_layer
 from .layers import LayerData
 from .linalg import damped_cholesky_inverse, damping_from_traces, woodbury_core
 
@@ -210,16 +211,14 @@ def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str =
     so (default :func:`prefer_rows`), else dense; a plain :class:`~curvfun.kron.KronFactor` when no
     side is (or the layer has groups). Same matrices as :func:`curvfun.kron.kron_factors_from_layer`.
     Cost: O(R·d) per rows side (a scaled copy), O(R·d²) per dense side."""
-    from .kron import _gram, kron_factors_from_layer
-
     if data.kind != "affine":
         raise ValueError(f"K-FAC rows exist for affine layers (Linear, convolutions) only, got a {data.kind} layer")
     (am, ca), (gm, cb) = factor_rows(data, kfac_type, bias)
     if am.ndim != 2:  # grouped convolution: block-diagonal over groups, always dense
         return kron_factors_from_layer(data, kfac_type, bias)
     a_rows, b_rows = prefer(am.shape[0], am.shape[1]), prefer(gm.shape[0], gm.shape[1])
-    A = am * (1.0 / ca) ** 0.5 if a_rows else _gram(am) / ca
-    B = gm * (1.0 / cb) ** 0.5 if b_rows else _gram(gm) / cb
+    A = am * (1.0 / ca) ** 0.5 if a_rows else gram(am) / ca
+    B = gm * (1.0 / cb) ** 0.5 if b_rows else gram(gm) / cb
     folded = bias == "folded" and data.has_bias
     if not (a_rows or b_rows):
         return KronFactor(A, B, data.weight_shape, data.has_bias, folded)

@@ -51,8 +51,8 @@ from ..kron import (
     KronFactor,
     DiagFactor,
     _ekfac_from,
-    kron_factors_from_layer,
 )
+from ..kron_math import kron_factors_from_layer
 from ..kron_rows import (
     KronRowsInverse,
     gradient_from_rows,
