@@ -26,6 +26,13 @@ computes B as Q_l⁻¹ dX Q_r⁻ᵀ — its port of Li's code to ``torch.linalg.
 the ``transpose=True`` of the original ``torch.triangular_solve`` calls — which is Q⁻¹·dX rather
 than Q⁻ᵀ·dX; the two agree only while Q_l and Q_r are diagonal. This module follows Li's
 definition (B = Q⁻ᵀ dX).
+
+Full-matrix PSGD (:func:`psgd_full_update`, :func:`psgd_full_precondition`) fits one dense
+upper-triangular Q (P x P over the flattened parameters) to a pair of vectors (dx, dg) with the
+same criterion: a = Q dg, b = Q⁻ᵀ dx, ∇ = triu(a aᵀ − b bᵀ), Q ← Q − μ/(max|∇| + tiny) · ∇ Q;
+the preconditioned gradient is Qᵀ Q g. Cost O(P²) memory, O(P²) for the triangular solve and
+O(P³) for the product ∇ Q (∇ is rank two before ``triu``). ASDL 0.1's ``PsgdGradientMaker``
+applies the same rule (its b is Q⁻ᵀ dx, as in Li's code).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["psgd_balance", "psgd_update", "psgd_precondition"]
+__all__ = ["psgd_balance", "psgd_update", "psgd_precondition", "psgd_full_update", "psgd_full_precondition"]
 
 TINY = 1.2e-38
 
@@ -66,3 +73,22 @@ def psgd_update(Ql: Tensor, Qr: Tensor, dX: Tensor, dG: Tensor, step: float, tin
 def psgd_precondition(Ql: Tensor, Qr: Tensor, G: Tensor) -> Tensor:
     """``Q_lᵀ Q_l G Q_rᵀ Q_r``."""
     return torch.linalg.multi_dot([Ql.T, Ql, G, Qr.T, Qr])
+
+
+def psgd_full_update(Q: Tensor, dx: Tensor, dg: Tensor, step: float, tiny: float = TINY) -> Tensor:
+    """One full-matrix PSGD update of the upper-triangular Q (P x P) from a pair of vectors
+    (dx, dg) of length P (see the module docstring); returns a new Q, the inputs are not modified."""
+    if Q.ndim != 2 or Q.shape[0] != Q.shape[1] or dx.shape != (Q.shape[0],) or dg.shape != dx.shape:
+        raise ValueError(
+            f"psgd_full_update: Q {tuple(Q.shape)} must be square (P x P) and dx {tuple(dx.shape)}, "
+            f"dg {tuple(dg.shape)} vectors of length P"
+        )
+    a = Q @ dg
+    b = torch.linalg.solve_triangular(Q.T, dx.unsqueeze(1), upper=False).squeeze(1)  # Q^{-T} dx
+    grad = torch.triu(torch.outer(a, a) - torch.outer(b, b))
+    return Q - step / (grad.abs().max() + tiny) * (grad @ Q)
+
+
+def psgd_full_precondition(Q: Tensor, g: Tensor) -> Tensor:
+    """``Qᵀ Q g`` for a vector g."""
+    return Q.T @ (Q @ g)

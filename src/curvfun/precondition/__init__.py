@@ -85,10 +85,10 @@ from .curveball import CurveBallGradientMaker  # noqa: E402
 
 __all__ += ["NewtonGradientMaker", "CurveBallGradientMaker"]
 from .shampoo import ShampooGradientMaker  # noqa: E402
-from .psgd import KronPsgdGradientMaker  # noqa: E402
+from .psgd import KronPsgdGradientMaker, PsgdGradientMaker  # noqa: E402
 from .kbfgs import KronBfgsGradientMaker  # noqa: E402
 from .seng import SengGradientMaker  # noqa: E402
 from .smw import SmwEmpNaturalGradientMaker  # noqa: E402
 
-__all__ += ["ShampooGradientMaker", "KronPsgdGradientMaker", "KronBfgsGradientMaker", "SengGradientMaker",
+__all__ += ["ShampooGradientMaker", "KronPsgdGradientMaker", "PsgdGradientMaker", "KronBfgsGradientMaker", "SengGradientMaker",
             "SmwEmpNaturalGradientMaker"]
