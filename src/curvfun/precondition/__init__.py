@@ -92,3 +92,7 @@ from .smw import SmwEmpNaturalGradientMaker  # noqa: E402
 
 __all__ += ["ShampooGradientMaker", "KronPsgdGradientMaker", "PsgdGradientMaker", "KronBfgsGradientMaker", "SengGradientMaker",
             "SmwEmpNaturalGradientMaker"]
+from .asdl_names import *  # noqa: F401,F403,E402
+from .asdl_names import __all__ as _asdl_all  # noqa: E402
+
+__all__ += list(_asdl_all)

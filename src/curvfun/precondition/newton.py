@@ -17,7 +17,9 @@ Differences from ASDL 0.1's ``NewtonGradientMaker``: it takes its own ``NewtonGr
 (``damping``, ``absolute``) and factorises the Hessian on every step; this one takes the shared
 :class:`PreconditioningConfig` (``damping``, schedules, ``ema_decay``, ``ignore_modules``), keeps
 the factorisation between preconditioner refreshes, checks the model's size up front, and keeps
-the last good solver when a new one is not finite.
+the last good solver when a new one is not finite. ASDL's ``NewtonGradientConfig`` is accepted too
+(:class:`curvfun.precondition.NewtonGradientConfig`, a ``PreconditioningConfig``): its ``absolute``
+sets ``abs_eigenvalues``.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
     ) -> None:
         if not isinstance(abs_eigenvalues, bool):
             raise TypeError(f"abs_eigenvalues must be a bool, got {abs_eigenvalues!r}")
+        abs_eigenvalues = abs_eigenvalues or getattr(config, "absolute", False)  # ASDL's NewtonGradientConfig
         if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
             raise ValueError(f"max_params must be a positive int, got {max_params!r}")
         if hessian_chunk_size is not None and (not isinstance(hessian_chunk_size, int) or hessian_chunk_size < 1):
