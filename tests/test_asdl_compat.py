@@ -274,3 +274,431 @@ def test_script_against_asdl(run):
         torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-5, atol=1e-6)
     else:
         assert abs(ours[-1] - theirs[-1]) <= 0.1 * abs(theirs[-1]), (ours[-1], theirs[-1])
+
+
+# ================================================================================================
+# (c) the new names against dense float64 references (plain autograd)
+# ================================================================================================
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def small_batch(loss="cross_entropy", n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    t = torch.randint(0, 3, (n,), generator=g) if loss == "cross_entropy" else torch.randn(n, 3, generator=g)
+    return x, t
+
+
+def per_sample_loss(out, t, loss):
+    return F.cross_entropy(out, t, reduction="sum") if loss == "cross_entropy" else 0.5 * (out - t).pow(2).sum()
+
+
+def dense_rows(model, x, t, loss):
+    """Per-sample gradients ∇ℓ_n by a loop of autograd calls, ``[N, P]`` (named_parameters order)."""
+    ps = list(model.parameters())
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        per_sample_loss(model(x[i:i + 1]), t[i:i + 1], loss), ps)]) for i in range(len(x))])
+
+
+def dense_exact_fisher(model, x, loss):
+    """(1/N) Σ_n J_nᵀ H_n J_n with J_n by autograd row by row, H_n = diag(p) − ppᵀ or I."""
+    ps = list(model.parameters())
+    out = 0
+    for i in range(len(x)):
+        f = model(x[i:i + 1])[0]
+        J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[c], ps, retain_graph=True)])
+                         for c in range(f.numel())])
+        if loss == "cross_entropy":
+            p = f.softmax(0).detach()
+            H = torch.diag(p) - torch.outer(p, p)
+        else:
+            H = torch.eye(f.numel())
+        out = out + J.T @ H @ J
+    return out / len(x)
+
+
+def dense_fisher(model, x, t, loss, fisher_type):
+    if fisher_type == "fisher_emp":
+        R = dense_rows(model, x, t, loss)
+        return R.T @ R / len(x)
+    return dense_exact_fisher(model, x, loss)
+
+
+def offsets(model):
+    out, i = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = slice(i, i + p.numel())
+        i += p.numel()
+    return out
+
+
+def test_constants():
+    want = dict(LOSS_CROSS_ENTROPY="cross_entropy", LOSS_MSE="mse", FISHER_EXACT="fisher_exact",
+                FISHER_MC="fisher_mc", FISHER_EMP="fisher_emp", SHAPE_FULL="full", SHAPE_LAYER_WISE="layer_wise",
+                SHAPE_KRON="kron", SHAPE_UNIT_WISE="unit_wise", SHAPE_DIAG="diag")
+    for k, v in want.items():
+        assert getattr(cprec, k) == v and getattr(casdl, k) == v
+    assert cprec.SHAPE_KFE == "kfe"
+
+
+def test_constants_equal_asdl():
+    asdl = _asdl()
+    for k in ("LOSS_CROSS_ENTROPY", "LOSS_MSE", "FISHER_EXACT", "FISHER_MC", "FISHER_EMP", "SHAPE_FULL",
+              "SHAPE_LAYER_WISE", "SHAPE_KRON", "SHAPE_KFE", "SHAPE_UNIT_WISE", "SHAPE_DIAG"):
+        assert getattr(cprec, k) == getattr(asdl, k)
+
+
+def mlp_step(gm, model, x, t, loss_fn=F.cross_entropy):
+    model.zero_grad()
+    y = gm.setup_model_call(model, x)
+    gm.setup_loss_call(loss_fn, y, t)
+    gm.forward_and_backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def test_newton_config_absolute_equals_dense():
+    c = cprec.NewtonGradientConfig(0.5, True)
+    assert (c.damping, c.absolute) == (0.5, True) and isinstance(c, cprec.PreconditioningConfig)
+    assert cprec.NewtonGradientConfig().damping == 1e-8 and cprec.NewtonGradientConfig().absolute is False
+    model = small_mlp()
+    x, t = small_batch()
+    ps = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+    sizes = [p.numel() for p in ps]
+
+    def loss_of(v):
+        chunks = [c.reshape(p.shape) for c, p in zip(torch.split(v, sizes), ps)]
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()],
+                                                                          chunks)), (x,)), t)
+
+    H = torch.autograd.functional.hessian(loss_of, flat)
+    L, Q = torch.linalg.eigh(H)
+    gflat = torch.func.grad(loss_of)(flat)
+    want = Q @ ((Q.T @ gflat) / (L.abs() + 0.5))
+    g = mlp_step(cprec.NewtonGradientMaker(model, cprec.NewtonGradientConfig(damping=0.5, absolute=True)), model, x, t)
+    assert torch.allclose(g, want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="NewtonGradientConfig.absolute must be a bool"):
+        cprec.NewtonGradientConfig(absolute="yes")
+
+
+def test_smw_config_equals_dense():
+    with pytest.raises(TypeError, match="data_size"):
+        cprec.SmwEmpNaturalGradientConfig()
+    c = cprec.SmwEmpNaturalGradientConfig(5)
+    assert (c.data_size, c.damping) == (5, 1e-5)
+    model = small_mlp()
+    x, t = small_batch()
+    R = dense_rows(model, x, t, "cross_entropy")
+    want = torch.linalg.solve(R.T @ R / 5 + 0.1 * torch.eye(R.shape[1]), R.mean(0))
+    g = mlp_step(cprec.SmwEmpNaturalGradientMaker(model, cprec.SmwEmpNaturalGradientConfig(5, 0.1)), model, x, t)
+    assert torch.allclose(g, want, rtol=1e-9, atol=1e-12)
+
+
+def test_curveball_config():
+    c = cprec.CurveBallGradientConfig()
+    assert c.damping == 1e-7 and isinstance(c, cprec.PreconditioningConfig)
+    assert (cprec.CurveBallGradientConfig.momentum, cprec.CurveBallGradientConfig.momentum_decay) == (0.9, 1.0)
+    with pytest.raises(TypeError, match="momentum"):
+        cprec.CurveBallGradientConfig(momentum=0.5)  # a class attribute, not a field (as in ASDL)
+    gm = cprec.CurveBallGradientMaker(small_mlp(), cprec.CurveBallGradientConfig(damping=1e-3))
+    assert gm.config.damping == 1e-3
+
+
+@pytest.mark.parametrize("shape, cls", [("full", "FullNaturalGradientMaker"), ("layer_wise", "LayerWiseNaturalGradientMaker"),
+                                        ("kron", "KfacGradientMaker"), ("kfe", "EkfacGradientMaker"),
+                                        ("unit_wise", "UnitWiseNaturalGradientMaker"), ("diag", "DiagNaturalGradientMaker")])
+def test_natural_gradient_maker_dispatch(shape, cls):
+    gm = cprec.NaturalGradientMaker(small_mlp(), cprec.PreconditioningConfig(), cprec.FISHER_EMP, [shape])
+    assert type(gm).__name__ == cls and isinstance(gm, cprec.NaturalGradientMaker)
+    assert gm.fisher_type == "fisher_emp"
+    assert not isinstance(cprec.GradientMaker(small_mlp()), cprec.NaturalGradientMaker)
+
+
+def test_natural_gradient_maker_diag_equals_dense():
+    model = small_mlp()
+    x, t = small_batch()
+    R = dense_rows(model, x, t, "cross_entropy")
+    want = R.mean(0) / ((R ** 2).mean(0) + 0.1)
+    gm = cprec.NaturalGradientMaker(model, cprec.PreconditioningConfig(damping=0.1), fisher_type=cprec.FISHER_EMP,
+                                    fisher_shape=cprec.SHAPE_DIAG)
+    assert torch.allclose(mlp_step(gm, model, x, t), want, rtol=1e-9, atol=1e-12)
+
+
+def test_natural_gradient_maker_errors():
+    m = small_mlp()
+    with pytest.raises(NotImplementedError, match="scale=2 is not supported"):
+        cprec.NaturalGradientMaker(m, None, scale=2)
+    with pytest.raises(NotImplementedError, match="var=0.5 is not supported"):
+        cprec.NaturalGradientMaker(m, None, var=0.5)
+    with pytest.raises(NotImplementedError, match="module_partitions is not supported"):
+        cprec.NaturalGradientMaker(m, None, module_partitions=[[m]])
+    with pytest.raises(NotImplementedError, match="per-module shape assignments"):
+        cprec.NaturalGradientMaker(m, None, fisher_shape=[(nn.Linear, "kron"), "diag"])
+    with pytest.raises(ValueError, match="unknown fisher_shape 'block'"):
+        cprec.NaturalGradientMaker(m, None, fisher_shape="block")
+
+
+def test_get_update_schedule_by_hand():
+    T, F_ = True, False
+    assert cprec.get_update_schedule(6) == [T] * 6
+    assert cprec.get_update_schedule(10, 0.3) == [T, F_, F_, T, F_, F_, T, F_, F_, F_]
+    # 2 warm-up steps, then every floor(8 / 3) = 2nd step until 5 refreshes in all
+    assert cprec.get_update_schedule(10, 0.5, 0.2) == [T, T, T, F_, T, F_, T, F_, F_, F_]
+    assert cprec.get_update_schedule(6, 0.5, interval_type="step") == [T, T, T, F_, F_, F_]
+    # linear: gaps 1, 1 + d, 1 + 2d with d = floor(2(S - n)/(n(n - 1))) = floor(2·7/6) = 2
+    assert cprec.get_update_schedule(10, 0.4, interval_type="linear") == [T, T, F_, F_, T, F_, F_, F_, F_, T]
+    # fewer than three updates (ASDL divides by zero) and reverse
+    assert cprec.get_update_schedule(5, 0.2, interval_type="linear") == [T, F_, F_, F_, F_]
+    assert cprec.get_update_schedule(5, 0.4, interval_type="linear", reverse=True) == [F_, F_, F_, T, T]
+    with pytest.raises(ValueError, match="update_ratio has to be in"):
+        cprec.get_update_schedule(10, 1.5)
+    with pytest.raises(ValueError, match="num_warmup_steps cannot be larger"):
+        cprec.get_update_schedule(10, 0.1, 0.5)
+    with pytest.raises(ValueError, match="Invalid interval_type"):
+        cprec.get_update_schedule(10, interval_type="cosine")
+    with pytest.raises(ValueError, match="num_total_steps has to be a positive int"):
+        cprec.get_update_schedule(0)
+
+
+def test_get_update_schedule_equals_asdl():
+    asdl = _asdl()
+    compared = 0
+    for T in (1, 2, 5, 10, 17, 40):
+        for ur in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+            for wr in (0.0, 0.1, 0.2):
+                for kind in ("constant", "step", "linear"):
+                    try:
+                        theirs = asdl.get_update_schedule(T, ur, wr, kind)
+                    except (ValueError, ZeroDivisionError):
+                        continue
+                    assert cprec.get_update_schedule(T, ur, wr, kind) == theirs, (T, ur, wr, kind)
+                    compared += 1
+    assert compared > 150
+
+
+# --- curvfun.asdl ----------------------------------------------------------------------------------
+
+
+def fisher_maker_run(lib, model, x, t, fisher_type, shapes, loss="cross_entropy", **cfg):
+    config = lib.FisherConfig(fisher_type=fisher_type, fisher_shapes=shapes, loss_type=loss, **cfg)
+    fm = lib.get_fisher_maker(model, config)
+    y = fm.setup_model_call(model, x)
+    fm.setup_loss_call(F.cross_entropy if loss == "cross_entropy" else F.mse_loss, y, t)
+    return fm, fm.forward_and_backward()
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_exact"])
+def test_fisher_maker_shapes_equal_dense(fisher_type, loss):
+    model = small_mlp()
+    x, t = small_batch(loss)
+    D = dense_fisher(model, x, t, loss, fisher_type)
+    off = offsets(model)
+    fisher_maker_run(casdl, model, x, t, fisher_type, ["full", "layer_wise", "unit_wise", "diag", "kron"], loss)
+    assert torch.allclose(model.fisher.data, D, rtol=1e-10, atol=1e-13)
+    for name in ("0", "2"):
+        layer = getattr(model, name) if hasattr(model, name) else model[int(name)]
+        w, b = off[f"{name}.weight"], off[f"{name}.bias"]
+        idx = torch.cat([torch.arange(w.start, w.stop), torch.arange(b.start, b.stop)])
+        block = D[idx][:, idx]
+        sym = layer.fisher
+        assert torch.allclose(sym.data, block, rtol=1e-10, atol=1e-13)
+        assert torch.allclose(sym.diag.weight, D.diagonal()[w].reshape(layer.weight.shape), rtol=1e-10, atol=1e-13)
+        assert torch.allclose(sym.diag.bias, D.diagonal()[b], rtol=1e-10, atol=1e-13)
+        out, fan_in = layer.weight.shape
+        for i in range(out):
+            ui = torch.cat([torch.arange(w.start + i * fan_in, w.start + (i + 1) * fan_in), torch.tensor([b.start + i])])
+            assert torch.allclose(sym.unit.data[i], D[ui][:, ui], rtol=1e-10, atol=1e-13)
+        assert sym.kron.A.shape == (fan_in, fan_in) and sym.kron.B.shape == (out, out)
+    # K-FAC factors against their definition (emp): A = mean a aᵀ, B = mean ĝ ĝᵀ of the last layer
+    if fisher_type == "fisher_emp":
+        a = torch.tanh(model[0](x)).detach().requires_grad_(False)
+        z = model[2](a).detach().requires_grad_()
+        gz = torch.autograd.grad(sum(per_sample_loss(z[i:i + 1], t[i:i + 1], loss) for i in range(5)), z)[0]
+        assert torch.allclose(model[2].fisher.kron.A, a.T @ a / 5, rtol=1e-10, atol=1e-13)
+        assert torch.allclose(model[2].fisher.kron.B, gz.T @ gz / 5, rtol=1e-10, atol=1e-13)
+
+
+def test_fisher_maker_scaling_accumulate_and_loss():
+    model = small_mlp()
+    x, t = small_batch()
+    D = dense_fisher(model, x, t, "cross_entropy", "fisher_emp")
+    fm, (y, loss) = fisher_maker_run(casdl, model, x, t, "fisher_emp", "full", data_size=10, scale=3.0)
+    assert torch.allclose(model.fisher.data, D * 5 / 10 * 3, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(loss, F.cross_entropy(model(x), t)) and torch.allclose(y, model(x))
+    fm.forward_and_backward(accumulate=True, calc_loss_grad=True)
+    assert torch.allclose(model.fisher.data, 2 * D * 5 / 10 * 3, rtol=1e-10, atol=1e-13)
+    want = torch.autograd.grad(F.cross_entropy(model(x), t), list(model.parameters()))
+    assert all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), want))
+    fm.zero_fisher()
+    assert not hasattr(model, "fisher")
+
+
+def test_fisher_maker_mc_seed_and_ignore_modules():
+    model = small_mlp()
+    x, t = small_batch()
+    fisher_maker_run(casdl, model, x, t, "fisher_mc", "diag", seed=3, n_mc_samples=4, ignore_modules=[model[0]])
+    first = model[2].fisher.diag.weight.clone()
+    assert not hasattr(model[0], "fisher")
+    fisher_maker_run(casdl, model, x, t, "fisher_mc", "diag", seed=3, n_mc_samples=4, ignore_modules=[model[0]])
+    assert torch.equal(model[2].fisher.diag.weight, first)
+
+
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_exact"])
+def test_fisher_maker_equals_asdl(fisher_type):
+    asdl = _asdl()
+    for shape in ("full", "layer_wise", "kron", "unit_wise", "diag"):
+        got = {}
+        for name, lib in (("curvfun", casdl), ("asdl", asdl)):
+            model = small_mlp()
+            x, t = small_batch()
+            fisher_maker_run(lib, model, x, t, fisher_type, [shape], data_size=5)
+            holder = model if shape == "full" else model[2]
+            sym = holder.fisher
+            got[name] = {"full": lambda: sym.data, "layer_wise": lambda: sym.data, "unit_wise": lambda: sym.unit.data,
+                         "kron": lambda: torch.cat([sym.kron.A.flatten(), sym.kron.B.flatten()]),
+                         "diag": lambda: torch.cat([sym.diag.weight.flatten(), sym.diag.bias])}[shape]()
+        assert torch.allclose(got["curvfun"], got["asdl"], rtol=1e-10, atol=1e-14), shape
+
+
+def test_fisher_maker_errors():
+    m = small_mlp()
+    with pytest.raises(TypeError, match="config must be a curvfun.asdl.FisherConfig"):
+        casdl.get_fisher_maker(m, {"fisher_type": "fisher_emp"})
+    with pytest.raises(ValueError, match="unknown fisher_type 'emp'"):
+        casdl.get_fisher_maker(m, casdl.FisherConfig("emp", ["full"]))
+    with pytest.raises(ValueError, match="each must be one of"):
+        casdl.get_fisher_maker(m, casdl.FisherConfig("fisher_emp", ["block"]))
+    with pytest.raises(ValueError, match="needs loss_type"):
+        casdl.get_fisher_maker(m, casdl.FisherConfig("fisher_mc", ["full"]))
+    x, t = small_batch()
+    fm = casdl.get_fisher_maker(m, casdl.FisherConfig("fisher_emp", ["full"], loss_type="cross_entropy"))
+    y = fm.setup_model_call(m, x)
+    fm.setup_loss_call(F.cross_entropy, y, t)
+    with pytest.raises(NotImplementedError, match="fvp / vec / calc_inv / damping are not supported"):
+        fm.forward_and_backward(fvp=True)
+    with pytest.raises(ValueError, match="data_size must be a positive int"):
+        fm.forward_and_backward(data_size=0)
+    fm2 = casdl.get_fisher_maker(m, casdl.FisherConfig("fisher_emp", ["full"], loss_type="cross_entropy"))
+    fm2.setup_model_call(lambda z: m(z), x)
+    with pytest.raises(NotImplementedError, match=r"setup_model_call\(model, x\)"):
+        fm2.forward_and_backward()
+
+
+def test_fisher_maker_emp_without_loss_type_uses_the_registered_loss():
+    """loss_type None: per-sample gradients of the registered loss (F.mse_loss: ‖f − y‖², twice ½‖·‖²)."""
+    model = small_mlp()
+    x, t = small_batch("mse")
+    config = casdl.FisherConfig("fisher_emp", ["full"])
+    fm = casdl.get_fisher_maker(model, config)
+    y = fm.setup_model_call(model, x)
+    fm.setup_loss_call(F.mse_loss, y, t)
+    fm.forward_and_backward()
+    assert torch.allclose(model.fisher.data, 4 * dense_fisher(model, x, t, "mse", "fisher_emp"), rtol=1e-10, atol=1e-13)
+
+
+def test_fisher_for_cross_entropy_and_mse():
+    model = small_mlp()
+    x, t = small_batch()
+    casdl.fisher_for_cross_entropy(model, "fisher_emp", ["full", "diag"], inputs=x, targets=t)
+    D = dense_fisher(model, x, t, "cross_entropy", "fisher_emp")
+    assert torch.allclose(model.fisher_emp.data, D, rtol=1e-10, atol=1e-13)
+    first = model.fisher_emp.data.clone()
+    loader = [(x[:2], t[:2]), (x[2:], t[2:])]  # the average over the loader's samples
+    casdl.fisher_for_cross_entropy(model, "fisher_emp", "full", data_loader=loader)
+    assert torch.allclose(model.fisher_emp.data, first, rtol=1e-10, atol=1e-13)
+    casdl.fisher_for_mse(model, "fisher_exact", "layer_wise", inputs=x, data_average=False)
+    De = dense_fisher(model, x, None, "mse", "fisher_exact") * 5
+    sl = offsets(model)
+    idx = torch.arange(sl["2.weight"].start, sl["2.bias"].stop)
+    assert torch.allclose(model[2].fisher_exact.data, De[idx][:, idx], rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="give inputs"):
+        casdl.fisher_for_cross_entropy(model, "fisher_emp", "full")
+    with pytest.raises(ValueError, match="the empirical Fisher needs targets"):
+        casdl.fisher_for_cross_entropy(model, "fisher_emp", "full", inputs=x)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.fc = nn.Linear(12, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_unit_wise_fisher_routes_agree_with_dense():
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, t = torch.randn(4, 2, 3, 3), torch.randint(0, 3, (4,))
+    R = dense_rows(model, x, t, "cross_entropy")
+    D = R.T @ R / 4
+    sl = offsets(model)
+    Gw = R[:, sl["conv.weight"]].reshape(4, 3, 2, 2, 2)
+    Gb = R[:, sl["conv.bias"]]
+    blocks = casdl.unit_wise_fisher(Gw, Gb)
+    idx = torch.arange(sl["conv.weight"].start, sl["conv.bias"].stop)
+    assert torch.allclose(blocks, casdl.unit_wise_from_block(D[idx][:, idx], 3, True), rtol=1e-10, atol=1e-13)
+    for i in range(3):
+        ui = torch.cat([torch.arange(i * 8, (i + 1) * 8), torch.tensor([24 + i])])
+        assert torch.allclose(blocks[i], D[ui][:, ui], rtol=1e-10, atol=1e-13)
+    fc = casdl.unit_wise_fisher(R[:, sl["fc.weight"]].reshape(4, 3, 12))
+    j = torch.arange(sl["fc.weight"].start, sl["fc.weight"].stop)
+    assert torch.allclose(fc, casdl.unit_wise_from_block(D[j][:, j], 3, False), rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="grad_bias must be"):
+        casdl.unit_wise_fisher(Gw, Gb[:, :2])
+    with pytest.raises(ValueError, match="cannot hold 5 units"):
+        casdl.unit_wise_from_block(D[idx][:, idx], 5, True)
+
+
+def test_batch_gradient_equals_per_sample_autograd():
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, t = torch.randn(4, 2, 3, 3), torch.randint(0, 3, (4,))
+    R = dense_rows(model, x, t, "cross_entropy")
+    G, out = casdl.batch_gradient(model, lambda: F.cross_entropy(model(x), t, reduction="sum").backward(),
+                                  return_outputs=True)
+    assert out is None and torch.allclose(G, R, rtol=1e-10, atol=1e-13)
+    with pytest.raises(RuntimeError, match="did not back-propagate"):
+        casdl.batch_gradient(model, lambda: model(x))
+
+
+def test_batch_gradient_equals_asdl():
+    asdl = _asdl()
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, t = torch.randn(4, 2, 3, 3), torch.randint(0, 3, (4,))
+    ours = casdl.batch_gradient(model, lambda: F.cross_entropy(model(x), t, reduction="sum").backward())
+    theirs = asdl.batch_gradient(model, lambda: F.cross_entropy(model(x), t, reduction="sum").backward())
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-13)
+
+
+def test_hessian_eigenvalues_equal_dense():
+    """The two of largest magnitude (-1.84, 1.07; the third is 0.64) by power iteration."""
+    model = small_mlp()
+    x, t = small_batch()
+    x = 3 * x
+    ps = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+
+    def loss_of(v):
+        chunks = [c.reshape(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in ps]), ps)]
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, chunks)), (x,)), t)
+
+    ev = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
+    top = ev[ev.abs().argsort(descending=True)][:2].sort(descending=True).values
+    vals, vecs = casdl.hessian_eigenvalues(model, F.cross_entropy, x, t, top_n=2, max_iters=300, tol=1e-9, seed=0)
+    assert torch.allclose(torch.tensor(vals), top, rtol=1e-6) and set(vecs[0]) == set(names)
+    vals2, _ = casdl.hessian_eigenvalues(model, F.cross_entropy, data_loader=[(x[:2], t[:2]), (x[2:], t[2:])],
+                                         top_n=2, max_iters=300, tol=1e-9, seed=0)
+    assert torch.allclose(torch.tensor(vals2), top, rtol=1e-6)
+    with pytest.raises(ValueError, match="top_n must be a positive int"):
+        casdl.hessian_eigenvalues(model, F.cross_entropy, x, t, top_n=0)
+    with pytest.raises(ValueError, match="either inputs"):
+        casdl.hessian_eigenvalues(model, F.cross_entropy, x, t, data_loader=[(x, t)])

@@ -492,28 +492,30 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Te
     """The ``top_n`` eigenvalues of largest magnitude of the Hessian of ``loss_fn(model(x), t)``
     (averaged over the loader's batches weighted by their sizes) by block power iteration
     (:func:`curvfun.top_eigenvalues`, ``method='power'``) with Hessian-vector products by
-    ``torch.func`` (forward-over-reverse). Returns ``(eigenvalues, eigenvectors)`` sorted
+    double backward through one retained graph per batch. Returns ``(eigenvalues, eigenvectors)`` sorted
     descending, eigenvectors as dicts like ``model.named_parameters()`` (ASDL: ParamVectors).
     Cost per iteration: top_n Hessian-vector products per batch."""
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
         raise ValueError(f"top_n must be a positive int, got {top_n!r}")
     batches = _batches(inputs, targets, data_loader)
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    buffers = dict(model.named_buffers())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     total = sum(x.shape[0] for x, _ in batches)
+    # one double-backward graph per batch, reused by every product (retain_graph)
+    with torch.enable_grad():
+        grads = [torch.autograd.grad(loss_fn(model(x), t), list(params.values()), create_graph=True)
+                 for x, t in batches]
 
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {k: torch.zeros_like(p) for k, p in params.items()}
-        for x, t in batches:
-            def loss_of(p):
-                return loss_fn(torch.func.functional_call(model, (p, buffers), (x,)), t)
-            _, hv = torch.func.jvp(torch.func.grad(loss_of), (params,), (v,))
-            for k in out:
-                out[k] = out[k] + hv[k] * (x.shape[0] / total)
+        for (x, _), g in zip(batches, grads):
+            hv = torch.autograd.grad(g, list(params.values()), [v[k] for k in params], retain_graph=True)
+            for k, h in zip(params, hv):
+                out[k] = out[k] + h.detach() * (x.shape[0] / total)
         return out
 
     gen = _generator(seed, next(iter(params.values())))
-    vals, vecs = top_eigenvalues(hvp, params, k=top_n, method="power", iters=max_iters, tol=tol, generator=gen)
+    like = {k: p.detach() for k, p in params.items()}
+    vals, vecs = top_eigenvalues(hvp, like, k=top_n, method="power", iters=max_iters, tol=tol, generator=gen)
     return [float(v) for v in vals], vecs
 
 
