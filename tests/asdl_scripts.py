@@ -53,6 +53,17 @@ def _digits_batches(steps: int, batch_size: int, seed: int, image: bool = False)
     return out
 
 
+def _mnist_makers(asdl, model, config, fisher_type):
+    """The options train_cpu.py and train.py share (``fisher_type`` overrides K-FAC's default)."""
+    kw = {} if fisher_type is None else {"fisher_type": fisher_type}
+    return {"kfac": lambda: asdl.KfacGradientMaker(model, config, **kw),
+            "smw_ngd": lambda: asdl.SmwEmpNaturalGradientMaker(model, config),
+            "full_psgd": lambda: asdl.PsgdGradientMaker(model, config),
+            "kron_psgd": lambda: asdl.KronPsgdGradientMaker(model, config),
+            "kbfgs": lambda: asdl.KronBfgsGradientMaker(model, config),
+            "seng": lambda: asdl.SengGradientMaker(model, config)}
+
+
 def run_train_cpu(asdl, optim: str, epochs: int = 2, seed: int = 0, fisher_type: str | None = None):
     """``train_cpu.py``: MLP 5-4-4-3 on Gaussian inputs with all-zero labels, batch 32, 10 steps per
     epoch, SGD (lr 0.1, weight decay 5e-4), ``PreconditioningConfig(data_size=32, damping=1.)``."""
@@ -64,14 +75,8 @@ def run_train_cpu(asdl, optim: str, epochs: int = 2, seed: int = 0, fisher_type:
     ts = torch.zeros(batch_size * num_iters, dtype=torch.long)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=5e-4)
     config = asdl.PreconditioningConfig(data_size=batch_size, damping=1.0)
-    kw = {} if fisher_type is None else {"fisher_type": fisher_type}
-    makers = {"kfac": lambda: asdl.KfacGradientMaker(model, config, **kw),
-              "smw_ngd": lambda: asdl.SmwEmpNaturalGradientMaker(model, config),
-              "full_psgd": lambda: asdl.PsgdGradientMaker(model, config),
-              "kron_psgd": lambda: asdl.KronPsgdGradientMaker(model, config),
-              "kbfgs": lambda: asdl.KronBfgsGradientMaker(model, config),
-              "seng": lambda: asdl.SengGradientMaker(model, config),
-              "shampoo": lambda: asdl.ShampooGradientMaker(model, config)}
+    makers = _mnist_makers(asdl, model, config, fisher_type)
+    makers["shampoo"] = lambda: asdl.ShampooGradientMaker(model, config)
     if optim not in makers:
         raise ValueError(f"Invalid optim: {optim}")
     grad_maker = makers[optim]()
@@ -105,13 +110,7 @@ def run_train(asdl, optim: str, steps: int = 15, seed: int = 0, lr: float = 0.1,
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=0)
     config = asdl.PreconditioningConfig(data_size=batch_size, damping=damping)
-    kw = {} if fisher_type is None else {"fisher_type": fisher_type}
-    makers = {"kfac": lambda: asdl.KfacGradientMaker(model, config, **kw),
-              "smw_ngd": lambda: asdl.SmwEmpNaturalGradientMaker(model, config),
-              "full_psgd": lambda: asdl.PsgdGradientMaker(model, config),
-              "kron_psgd": lambda: asdl.KronPsgdGradientMaker(model, config),
-              "kbfgs": lambda: asdl.KronBfgsGradientMaker(model, config),
-              "seng": lambda: asdl.SengGradientMaker(model, config)}
+    makers = _mnist_makers(asdl, model, config, fisher_type)
     grad_maker = makers.get(optim, lambda: asdl.GradientMaker(model))()
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 

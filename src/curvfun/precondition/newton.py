@@ -70,6 +70,16 @@ def newton_direction(solver: dict[str, Tensor], g: Tensor) -> Tensor:
     return torch.linalg.lu_solve(solver["LU"], solver["pivots"], g.unsqueeze(1)).squeeze(1)
 
 
+def check_dense_size(maker: str, num_params: int, max_params: int, matrix: str, cost: str, instead: str) -> None:
+    """Refuse a dense P x P method for more than ``max_params`` parameters, naming the count."""
+    if num_params > max_params:
+        raise ValueError(
+            f"{maker}: the model has {num_params} parameters to precondition, more than max_params={max_params}; "
+            f"{matrix} needs {num_params}² = {num_params ** 2:,} entries and {cost}. Restrict it with "
+            f"config.ignore_modules, raise max_params, or use {instead}."
+        )
+
+
 class NewtonGradientMaker(PreconditionedGradientMaker):
     """Damped dense Newton (module docstring), in ASDL's interface::
 
@@ -127,13 +137,8 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
         self.param_names: list[str] = [n for n, p in root.named_parameters() if id(p) in owned]
         self._params = [p for n, p in root.named_parameters() if id(p) in owned]
         self.num_params = sum(p.numel() for p in self._params)
-        if self.num_params > max_params:
-            raise ValueError(
-                f"NewtonGradientMaker: the model has {self.num_params} parameters to precondition, more than "
-                f"max_params={max_params}; a dense Hessian needs {self.num_params}² = {self.num_params ** 2:,} "
-                f"entries and an O(P³) solve. Restrict it with config.ignore_modules, raise max_params, or use a "
-                f"matrix-free method (CurveBallGradientMaker, KfacGradientMaker)."
-            )
+        check_dense_size("NewtonGradientMaker", self.num_params, max_params, "a dense Hessian", "an O(P³) solve",
+                         "a matrix-free method (CurveBallGradientMaker, KfacGradientMaker)")
         self.hessian: Tensor | None = None
         self.solver: dict[str, Tensor] | None = None
 

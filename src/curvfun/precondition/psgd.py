@@ -39,11 +39,14 @@ P x P factor and runs out of memory).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..psgd_math import psgd_full_precondition, psgd_full_update, psgd_precondition, psgd_update
 from .base import PreconditionedGradientMaker
+from .newton import check_dense_size
 from .config import PreconditioningConfig
 
 __all__ = ["KronPsgdGradientMaker", "PsgdGradientMaker"]
@@ -203,30 +206,15 @@ class PsgdGradientMaker(_PsgdMaker):
 
     _state_attributes = ("Q", "pairs", "pairs_fresh")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: PreconditioningConfig | None = None,
-        precond_lr: float = 0.01,
-        init_scale: float = 1.0,
-        use_functorch: bool = False,
-        *,
-        max_params: int = 5000,
-        seed: int | None = None,
-    ) -> None:
+    def __init__(self, *args: Any, max_params: int = 5000, **kwargs: Any) -> None:
         if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
             raise ValueError(f"max_params must be a positive int, got {max_params!r}")
-        super().__init__(model, config, precond_lr, init_scale, use_functorch, seed=seed)
+        super().__init__(*args, **kwargs)
         self.max_params = max_params
         self._params = [p for name in self.layers for p in self._weight_bias(name) if p is not None]
         self.num_params = sum(p.numel() for p in self._params)
-        if self.num_params > max_params:
-            raise ValueError(
-                f"PsgdGradientMaker: the model has {self.num_params} parameters to precondition, more than "
-                f"max_params={max_params}; the dense factor Q needs {self.num_params}² = {self.num_params ** 2:,} "
-                f"entries and O(P³) per update. Restrict it with config.ignore_modules, raise max_params, or use "
-                f"KronPsgdGradientMaker."
-            )
+        check_dense_size("PsgdGradientMaker", self.num_params, max_params, "the dense factor Q", "O(P³) per update",
+                         "KronPsgdGradientMaker")
         ref = self._params[0] if self._params else torch.empty(0)
         #: the upper-triangular factor, P = init_scale·I at the start
         self.Q = self.init_scale * torch.eye(self.num_params, dtype=ref.dtype, device=ref.device)
