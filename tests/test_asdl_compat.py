@@ -702,3 +702,67 @@ def test_hessian_eigenvalues_equal_dense():
         casdl.hessian_eigenvalues(model, F.cross_entropy, x, t, top_n=0)
     with pytest.raises(ValueError, match="either inputs"):
         casdl.hessian_eigenvalues(model, F.cross_entropy, x, t, data_loader=[(x, t)])
+
+
+def dense_hessian_of(model, x, t, loss_fn=F.cross_entropy):
+    ps = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in ps])
+
+    def loss_of(v):
+        chunks = [c.reshape(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in ps]), ps)]
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, chunks)), (x,)), t)
+
+    return torch.autograd.functional.hessian(loss_of, flat)
+
+
+def hessian_maker_run(lib, model, x, t, shapes, **kw):
+    hm = lib.HessianMaker(model, lib.HessianConfig(hessian_shapes=shapes))
+    y = hm.setup_model_call(model, x)
+    hm.setup_loss_call(F.cross_entropy, y, t)
+    return hm, hm.forward_and_backward(**kw)
+
+
+def test_hessian_maker_equals_dense():
+    model = small_mlp()
+    x, t = small_batch()
+    H = dense_hessian_of(model, x, t)
+    hm, (y, loss) = hessian_maker_run(casdl, model, x, t, ["full", "layer_wise", "diag"], scale=2.0)
+    assert torch.allclose(model.hessian.data, 2 * H, rtol=1e-10, atol=1e-13)
+    sl = offsets(model)
+    idx = torch.arange(sl["2.weight"].start, sl["2.bias"].stop)
+    assert torch.allclose(model[2].hessian.data, 2 * H[idx][:, idx], rtol=1e-10, atol=1e-13)
+    assert torch.allclose(model[0].hessian.diag.weight, 2 * H.diagonal()[sl["0.weight"]].reshape(4, 3),
+                          rtol=1e-10, atol=1e-13)
+    assert torch.allclose(loss, F.cross_entropy(model(x), t)) and all(p.grad is None for p in model.parameters())
+    hm.forward_and_backward(accumulate=True, calc_loss_grad=True)
+    assert torch.allclose(model.hessian.data, 3 * H, rtol=1e-10, atol=1e-13)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="hessian_shapes \\['kron'\\]: give one or more of"):
+        casdl.HessianMaker(model, casdl.HessianConfig(hessian_shapes=["kron"]))
+    with pytest.raises(NotImplementedError, match="hvp / vec are not supported"):
+        hm.forward_and_backward(hvp=True)
+
+
+def test_hessian_maker_equals_asdl():
+    asdl = _asdl()
+    got = {}
+    for name, lib in (("curvfun", casdl), ("asdl", asdl)):
+        model = small_mlp()
+        x, t = small_batch()
+        hessian_maker_run(lib, model, x, t, ["full", "layer_wise", "diag"])
+        got[name] = (model.hessian.data, model[0].hessian.data, model[2].hessian.diag.bias)
+    for a, b in zip(got["curvfun"], got["asdl"]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_data_loader_gradient():
+    model = small_mlp()
+    x, t = small_batch()
+    want = torch.autograd.grad(F.cross_entropy(model(x), t), list(model.parameters()))
+    loss = casdl.data_loader_gradient(model, lambda y, s: F.cross_entropy(y, s, reduction="sum"),
+                                      [(x[:2], t[:2]), (x[2:], t[2:])])
+    assert math.isclose(loss, float(F.cross_entropy(model(x), t)), rel_tol=1e-12)
+    assert all(torch.allclose(p.grad, g, rtol=1e-12, atol=1e-15) for p, g in zip(model.parameters(), want))
+    with pytest.raises(ValueError, match="gave no samples"):
+        casdl.data_loader_gradient(model, F.cross_entropy, [])

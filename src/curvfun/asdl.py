@@ -27,6 +27,10 @@ convention, :mod:`curvfun.losses`); the empirical Fisher without ``loss_type`` u
 loss function with ``reduction='none'`` summed per sample (ASDL: ``reduction='sum'``, the same
 per-sample gradients).
 
+:class:`HessianMaker` (``HessianConfig(hessian_shapes=[...])``: full, layer-wise, diagonal) stores
+``model.hessian.data``, ``module.hessian.data`` and ``module.hessian.diag.weight`` / ``.bias``: the
+Hessian of the loss as registered (reduction included), as ASDL's does.
+
 Not supported (an error says so): Fisher-vector products (``fvp=True``, ``vec``), inverses
 (``calc_inv``; use the makers in :mod:`curvfun.precondition`), ASDL's distributed reductions,
 models whose registered call is not ``model(x)`` with one positional input.
@@ -60,6 +64,7 @@ from .precondition.asdl_names import (
     SHAPE_UNIT_WISE,
 )
 from .precondition.base import GradientMaker
+from .precondition.newton import dense_hessian
 
 __all__ = [
     "FISHER_EXACT",
@@ -75,6 +80,8 @@ __all__ = [
     "FisherConfig",
     "FisherMaker",
     "get_fisher_maker",
+    "HessianConfig",
+    "HessianMaker",
     "SymMatrix",
     "Kron",
     "Diag",
@@ -83,6 +90,7 @@ __all__ = [
     "fisher_for_mse",
     "hessian_eigenvalues",
     "batch_gradient",
+    "data_loader_gradient",
     "unit_wise_fisher",
     "unit_wise_from_block",
 ]
@@ -426,6 +434,90 @@ def get_fisher_maker(model: nn.Module, config: FisherConfig) -> FisherMaker:
     return FisherMaker(model, config)
 
 
+# --- HessianConfig / HessianMaker ---------------------------------------------------------------
+
+HESSIAN_SHAPES = (SHAPE_FULL, SHAPE_LAYER_WISE, SHAPE_DIAG)
+
+
+@dataclass
+class HessianConfig:
+    """ASDL's ``HessianConfig`` (same fields and defaults). Used here: ``hessian_attr`` and
+    ``hessian_shapes`` (a subset of full, layer_wise, diag); the ``tmp_*`` / ``hvp_attr`` names are
+    accepted and unused (no Hessian-vector products here: :func:`curvfun.hessian_vp`)."""
+
+    hessian_attr: str = "hessian"
+    tmp_hessian_attr: str = "tmp_hessian"
+    hvp_attr: str = "hvp"
+    tmp_hvp_attr: str = "tmp_hvp"
+    hessian_shapes: list[str] | None = None
+
+
+class HessianMaker(GradientMaker):
+    """ASDL's ``HessianMaker(model, config)``: ``forward_and_backward(scale=1., accumulate=False,
+    calc_loss_grad=False)`` stores ``scale · ∇²L`` of the registered loss L over the trainable
+    parameters (module docstring). Cost: the dense Hessian by reverse-over-reverse
+    (:func:`curvfun.precondition.newton.dense_hessian`, P backward passes, P² memory) once,
+    sliced into the requested shapes."""
+
+    def __init__(self, model: nn.Module, config: HessianConfig) -> None:
+        if not isinstance(config, HessianConfig):
+            raise TypeError(f"config must be a curvfun.asdl.HessianConfig, got {type(config).__name__}")
+        shapes = config.hessian_shapes
+        shapes = [shapes] if isinstance(shapes, str) else list(shapes or [])
+        bad = [s for s in shapes if s not in HESSIAN_SHAPES]
+        if bad or not shapes:
+            raise ValueError(f"hessian_shapes {config.hessian_shapes!r}: give one or more of {list(HESSIAN_SHAPES)}")
+        super().__init__(model)
+        self.hessian_config = config
+        self._shapes = shapes
+
+    def zero_hessian(self) -> None:
+        """Remove the stored results (``module.<hessian_attr>``)."""
+        _zero(self.model, self.hessian_config.hessian_attr)
+
+    def forward_and_backward(self, scale: float = 1.0, accumulate: bool = False, calc_loss_grad: bool = False,
+                             hvp: bool = False, vec: Any = None) -> tuple[Any, Any]:
+        if hvp or vec is not None:
+            raise NotImplementedError("hvp / vec are not supported by curvfun.asdl's HessianMaker: use "
+                                      "curvfun.hessian_vp")
+        params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        names, shapes = list(params), [p.shape for p in params.values()]
+        sizes = [p.numel() for p in params.values()]
+
+        def loss_of_flat(flat: Tensor) -> Tensor:
+            chunks = {n: c.reshape(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
+            loss = self.loss_from_output(self.model_output_at(chunks))
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("HessianMaker needs a scalar loss (reduce it in loss_fn, e.g. reduction='mean')")
+            return loss.reshape(())
+
+        H = dense_hessian(loss_of_flat, torch.cat([p.detach().reshape(-1) for p in params.values()]))
+        sums: dict[str, dict[str, Tensor]] = {}
+        if SHAPE_FULL in self._shapes:
+            sums[""] = {"data": H}
+        i = 0
+        for m, ps in _by_module(params).items():
+            n = sum(p.numel() for p in ps.values())
+            block = H[i:i + n, i:i + n]
+            if SHAPE_LAYER_WISE in self._shapes:
+                sums.setdefault(m, {})["data"] = block
+            if SHAPE_DIAG in self._shapes:
+                d, j = block.diagonal(), 0
+                for pname, p in ps.items():
+                    sums.setdefault(m, {})[f"diag.{pname}"] = d[j:j + p.numel()].reshape(p.shape)
+                    j += p.numel()
+            i += n
+        if not accumulate:
+            self.zero_hessian()
+        _store(self.model, sums, self.hessian_config.hessian_attr, scale, accumulate)
+        self.forward()
+        if calc_loss_grad:
+            self.backward()
+        else:
+            self._backward_pending = False
+        return self._model_output, self._loss
+
+
 # --- asdfghjkl-style helpers ---------------------------------------------------------------------
 
 
@@ -517,6 +609,32 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Te
     like = {k: p.detach() for k, p in params.items()}
     vals, vecs = top_eigenvalues(hvp, like, k=top_n, method="power", iters=max_iters, tol=tol, generator=gen)
     return [float(v) for v in vals], vecs
+
+
+def data_loader_gradient(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data_loader: Iterable,
+                         data_average: bool = True) -> float:
+    """ASDL's ``data_loader_gradient``: ``loss_fn(model(x), t).backward()`` for every batch (``loss_fn``
+    summing over the batch, ``reduction='sum'``, as ASDL expects), then ``param.grad`` and the
+    returned total loss divided by the number of samples seen (``data_average``; ASDL divides by
+    ``len(data_loader.dataset)``, the same for a loader over a dataset). The loader's gradient is
+    added to what ``param.grad`` held before (ASDL divides that earlier part by the sample count
+    too); any iterable of ``(inputs, targets)`` batches works."""
+    total, n = 0.0, 0
+    before = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()}
+    for x, t in data_loader:
+        loss = loss_fn(model(x), t)
+        loss.backward()
+        total += float(loss)
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("data_loader_gradient: the data loader gave no samples")
+    if data_average:
+        with torch.no_grad():
+            for p, old in before.items():
+                if p.grad is not None:
+                    p.grad.sub_(0 if old is None else old).div_(n).add_(0 if old is None else old)
+        total /= n
+    return total
 
 
 def batch_gradient(model: nn.Module, closure: Callable[[], Any], return_outputs: bool = False):
