@@ -200,8 +200,8 @@ class PsgdGradientMaker(_PsgdMaker):
             :class:`KronPsgdGradientMaker` (ASDL's signature; ``config`` may be omitted).
         max_params: the largest P accepted. (default: 5000)
 
-    Cost per step O(P²) (the product and the triangular solve), per preconditioner update
-    O(P³) (∇ Q); memory P² entries for Q.
+    Cost per step O(P²) (the product Qᵀ Q g), per preconditioner update O(P²) (a triangular solve
+    and ∇ Q by suffix sums, :func:`~curvfun.psgd_math.psgd_full_update`); memory P² entries for Q.
     """
 
     _state_attributes = ("Q", "pairs", "pairs_fresh")
@@ -213,7 +213,7 @@ class PsgdGradientMaker(_PsgdMaker):
         self.max_params = max_params
         self._params = [p for name in self.layers for p in self._weight_bias(name) if p is not None]
         self.num_params = sum(p.numel() for p in self._params)
-        check_dense_size("PsgdGradientMaker", self.num_params, max_params, "the dense factor Q", "O(P³) per update",
+        check_dense_size("PsgdGradientMaker", self.num_params, max_params, "the dense factor Q", "O(P²) per step",
                          "KronPsgdGradientMaker")
         ref = self._params[0] if self._params else torch.empty(0)
         #: the upper-triangular factor, P = init_scale·I at the start
