@@ -161,7 +161,8 @@ class CNN(nn.Module):
 
 
 def run_arxiv(asdl, optim: str, model_name: str = "mlp", steps: int = 12, seed: int = 1, lr: float = 0.01,
-              batch_size: int = 64, width: int = 16, damping: float = 1e-3, label_smoothing: float = 0.1, dropout: bool = True,
+              batch_size: int = 64, width: int = 16, damping: float = 1e-3, label_smoothing: float = 0.1,
+              dropout: bool = True,
               fisher_type: str | None = None):
     """``arxiv_results/train.py``: MLP or CNN, SGD (momentum 0.9, weight decay 1e-5) or AdamW (eps =
     damping), label smoothing 0.1, gradient clipping at norm 10, cosine schedule stepped per epoch,

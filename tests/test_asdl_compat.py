@@ -207,7 +207,8 @@ class TestGradientMaker:
 _DENSE = {"full_psgd", "newton", "abs_newton"}
 SCRIPT_RUNS = ([("train_cpu", o, {}) for o in TRAIN_CPU_OPTIONS]
                + [("train", o, {"hidden_dim": 8} if o in _DENSE else {}) for o in TRAIN_OPTIONS]
-               + [("arxiv", o, {"model_name": m, **({"width": 8, "steps": 8 if m == "mlp" else 12} if o in _DENSE else {})})
+               + [("arxiv", o, {"model_name": m, **({"width": 8, "steps": 8 if m == "mlp" else 12}
+                                                    if o in _DENSE else {})})
                   for m in ("mlp", "cnn") for o in ARXIV_OPTIONS])
 RUNNERS = {"train_cpu": run_train_cpu, "train": run_train, "arxiv": run_arxiv}
 
@@ -408,9 +409,10 @@ def test_curveball_config():
     assert gm.config.damping == 1e-3
 
 
-@pytest.mark.parametrize("shape, cls", [("full", "FullNaturalGradientMaker"), ("layer_wise", "LayerWiseNaturalGradientMaker"),
-                                        ("kron", "KfacGradientMaker"), ("kfe", "EkfacGradientMaker"),
-                                        ("unit_wise", "UnitWiseNaturalGradientMaker"), ("diag", "DiagNaturalGradientMaker")])
+@pytest.mark.parametrize("shape, cls", [
+    ("full", "FullNaturalGradientMaker"), ("layer_wise", "LayerWiseNaturalGradientMaker"),
+    ("kron", "KfacGradientMaker"), ("kfe", "EkfacGradientMaker"),
+    ("unit_wise", "UnitWiseNaturalGradientMaker"), ("diag", "DiagNaturalGradientMaker")])
 def test_natural_gradient_maker_dispatch(shape, cls):
     gm = cprec.NaturalGradientMaker(small_mlp(), cprec.PreconditioningConfig(), cprec.FISHER_EMP, [shape])
     assert type(gm).__name__ == cls and isinstance(gm, cprec.NaturalGradientMaker)
@@ -511,7 +513,8 @@ def test_fisher_maker_shapes_equal_dense(fisher_type, loss):
         assert torch.allclose(sym.diag.bias, D.diagonal()[b], rtol=1e-10, atol=1e-13)
         out, fan_in = layer.weight.shape
         for i in range(out):
-            ui = torch.cat([torch.arange(w.start + i * fan_in, w.start + (i + 1) * fan_in), torch.tensor([b.start + i])])
+            ui = torch.cat([torch.arange(w.start + i * fan_in, w.start + (i + 1) * fan_in),
+                            torch.tensor([b.start + i])])
             assert torch.allclose(sym.unit.data[i], D[ui][:, ui], rtol=1e-10, atol=1e-13)
         assert sym.kron.A.shape == (fan_in, fan_in) and sym.kron.B.shape == (out, out)
     # K-FAC factors against their definition (emp): A = mean a aᵀ, B = mean ĝ ĝᵀ of the last layer

@@ -236,7 +236,8 @@ def test_full_update_is_pure_and_reduces_criterion_for_small_steps(n, seed):
 def test_full_trains_digits():
     """The loss falls on a small learnable task (digits, MLP 64-8-10, P = 610)."""
     def make(m):
-        return torch.optim.SGD(m.parameters(), lr=0.3), PsgdGradientMaker(m, PreconditioningConfig(seed=0), precond_lr=0.1)
+        gm = PsgdGradientMaker(m, PreconditioningConfig(seed=0), precond_lr=0.1)
+        return torch.optim.SGD(m.parameters(), lr=0.3), gm
 
     from digits_helper import digits_data
 

@@ -232,7 +232,8 @@ class PsgdGradientMaker(_PsgdMaker):
         if not self.pairs_fresh:
             return
         dx, dg = self.pairs["all"]
-        self.Q = self._install_if_finite("all", psgd_full_update(self.Q, dx, dg, self.precond_lr), self.Q, "PSGD factor")
+        new = psgd_full_update(self.Q, dx, dg, self.precond_lr)
+        self.Q = self._install_if_finite("all", new, self.Q, "PSGD factor")
         self.pairs_fresh = False
 
     def precondition(self) -> None:
