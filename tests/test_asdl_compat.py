@@ -769,3 +769,29 @@ def test_data_loader_gradient():
     assert all(torch.allclose(p.grad, g, rtol=1e-12, atol=1e-15) for p, g in zip(model.parameters(), want))
     with pytest.raises(ValueError, match="gave no samples"):
         casdl.data_loader_gradient(model, F.cross_entropy, [])
+
+
+def test_hessian_eig_equals_dense():
+    model = small_mlp()
+    x, t = small_batch()
+    x = 3 * x
+    H = dense_hessian_of(model, x, t)
+    ev = torch.linalg.eigvalsh(H)
+    top = ev[ev.abs().argsort(descending=True)][:2].sort(descending=True).values
+    hm = casdl.HessianMaker(model, casdl.HessianConfig(hessian_shapes=["full"]))
+    y = hm.setup_model_call(model, x)
+    hm.setup_loss_call(F.cross_entropy, y, t)
+    vals, vecs = hm.hessian_eig(top_n=2, max_iters=300, tol=1e-9, seed=0)
+    assert torch.allclose(torch.tensor(vals), top, rtol=1e-6)
+    v = torch.cat([vecs[1][n].reshape(-1) for n, _ in model.named_parameters()])
+    assert torch.allclose(H @ v, vals[1] * v, atol=1e-6)
+
+
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_exact"])
+def test_fisher_eig_equals_dense(fisher_type):
+    model = small_mlp()
+    x, t = small_batch()
+    top = torch.linalg.eigvalsh(dense_fisher(model, x, t, "cross_entropy", fisher_type)).flip(0)[:2]
+    fm, _ = fisher_maker_run(casdl, model, x, t, fisher_type, ["full"])
+    vals, _ = fm.fisher_eig(top_n=2, max_iters=500, tol=1e-10, seed=0)
+    assert torch.allclose(torch.tensor(vals), top, rtol=1e-6)

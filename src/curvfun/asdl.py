@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .capture import ModuleInfo, layer_kind, record_layers
 from .curvature import fisher as _fisher
-from .curvature import top_eigenvalues
+from .curvature import fisher_vp, top_eigenvalues
 from .grads import per_sample_grads
 from .kron import KronFactor, UnitWiseFactor, kfac
 from .layers import layer_data, per_sample_layer_grads
@@ -365,6 +365,14 @@ class FisherMaker(GradientMaker):
         """Remove the stored results (``module.<fisher_attr>``)."""
         _zero(self.model, self.fisher_config.fisher_attr)
 
+    def fisher_eig(self, top_n: int = 1, max_iters: int = 100, tol: float = 1e-7, seed: int | None = None
+                   ) -> tuple[list[float], list[dict[str, Tensor]]]:
+        """ASDL's ``fisher_eig``: the ``top_n`` largest eigenpairs of the full Fisher of the registered
+        batch (mean over its samples) by block power iteration on Fisher-vector products
+        (:func:`curvfun.fisher_vp`; the MC targets drawn once from ``FisherConfig.seed``, or a fresh
+        seed, so that every product uses the same F). Eigenvectors as dicts of the parameters."""
+        return _fisher_eig(self, top_n, max_iters, tol, seed)
+
     def _inputs_targets(self) -> tuple[Tensor, Tensor | None]:
         if self._model_fn is not self.model or len(self._model_args) != 1 or self._model_kwargs:
             raise NotImplementedError(
@@ -421,6 +429,21 @@ class FisherMaker(GradientMaker):
         else:
             out = self.call_model()
         return out, loss
+
+
+def _fisher_eig(maker: "FisherMaker", top_n: int, max_iters: int, tol: float, seed: int | None):
+    c = maker.fisher_config
+    x, t = maker._inputs_targets()
+    if c.loss_type is None:
+        raise ValueError("fisher_eig needs FisherConfig.loss_type")
+    params = _selected_params(maker.model, c.ignore_modules)
+    ftype = _TYPE_TO_CURVFUN[c.fisher_type]
+    mc_seed = int(torch.randint(0, 2**31, ())) if c.seed is None else c.seed  # one fixed F for all products
+
+    def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        return fisher_vp(maker.model, params, x, t, v, c.loss_type, ftype, c.n_mc_samples, _generator(mc_seed, x))
+
+    return _top_eig(fvp, params, top_n, max_iters, tol, seed)
 
 
 def get_fisher_maker(model: nn.Module, config: FisherConfig) -> FisherMaker:
@@ -517,6 +540,15 @@ class HessianMaker(GradientMaker):
             self._backward_pending = False
         return self._model_output, self._loss
 
+    def hessian_eig(self, top_n: int = 1, max_iters: int = 100, tol: float = 1e-7, seed: int | None = None
+                    ) -> tuple[list[float], list[dict[str, Tensor]]]:
+        """ASDL's ``hessian_eig``: the ``top_n`` eigenpairs of largest magnitude of the registered
+        loss's Hessian by block power iteration (see :func:`hessian_eigenvalues`)."""
+        self.call_model()
+        loss = self.call_loss()
+        self._backward_pending = False
+        return _hessian_top_eig(self.model, [(loss, 1.0)], top_n, max_iters, tol, seed)
+
 
 # --- asdfghjkl-style helpers ---------------------------------------------------------------------
 
@@ -584,30 +616,43 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Te
     """The ``top_n`` eigenvalues of largest magnitude of the Hessian of ``loss_fn(model(x), t)``
     (averaged over the loader's batches weighted by their sizes) by block power iteration
     (:func:`curvfun.top_eigenvalues`, ``method='power'``) with Hessian-vector products by
-    double backward through one retained graph per batch. Returns ``(eigenvalues, eigenvectors)`` sorted
-    descending, eigenvectors as dicts like ``model.named_parameters()`` (ASDL: ParamVectors).
+    double backward through one retained graph per batch. Returns ``(eigenvalues,
+    eigenvectors)`` sorted descending, eigenvectors as dicts like ``model.named_parameters()``
+    (ASDL: ParamVectors).
     Cost per iteration: top_n Hessian-vector products per batch."""
+    batches = _batches(inputs, targets, data_loader)
+    total = sum(x.shape[0] for x, _ in batches)
+    with torch.enable_grad():
+        losses = [(loss_fn(model(x), t), x.shape[0] / total) for x, t in batches]
+    return _hessian_top_eig(model, losses, top_n, max_iters, tol, seed)
+
+
+def _hessian_top_eig(model: nn.Module, losses: list[tuple[Tensor, float]], top_n: int, max_iters: int, tol: float,
+                     seed: int | None) -> tuple[list[float], list[dict[str, Tensor]]]:
+    """Top eigenpairs (largest magnitude) of Σ_b w_b ∇²L_b over the trainable parameters, by block
+    power iteration with products by double backward through one retained graph per loss."""
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
         raise ValueError(f"top_n must be a positive int, got {top_n!r}")
-    batches = _batches(inputs, targets, data_loader)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    total = sum(x.shape[0] for x, _ in batches)
-    # one double-backward graph per batch, reused by every product (retain_graph)
     with torch.enable_grad():
-        grads = [torch.autograd.grad(loss_fn(model(x), t), list(params.values()), create_graph=True)
-                 for x, t in batches]
+        grads = [(torch.autograd.grad(loss, list(params.values()), create_graph=True), w) for loss, w in losses]
 
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {k: torch.zeros_like(p) for k, p in params.items()}
-        for (x, _), g in zip(batches, grads):
+        for g, w in grads:
             hv = torch.autograd.grad(g, list(params.values()), [v[k] for k in params], retain_graph=True)
             for k, h in zip(params, hv):
-                out[k] = out[k] + h.detach() * (x.shape[0] / total)
+                out[k] = out[k] + h.detach() * w
         return out
 
-    gen = _generator(seed, next(iter(params.values())))
+    return _top_eig(hvp, params, top_n, max_iters, tol, seed)
+
+
+def _top_eig(matvec: Callable, params: Mapping[str, Tensor], top_n: int, max_iters: int, tol: float,
+             seed: int | None) -> tuple[list[float], list[dict[str, Tensor]]]:
     like = {k: p.detach() for k, p in params.items()}
-    vals, vecs = top_eigenvalues(hvp, like, k=top_n, method="power", iters=max_iters, tol=tol, generator=gen)
+    gen = _generator(seed, next(iter(like.values())))
+    vals, vecs = top_eigenvalues(matvec, like, k=top_n, method="power", iters=max_iters, tol=tol, generator=gen)
     return [float(v) for v in vals], vecs
 
 
