@@ -244,7 +244,8 @@ EQUAL = {"sgd", "adam", "adamw", "noisy_kfac_mc", "kfac", "kfac_mc", "smw_ngd"}
 #: NewtonGradientMaker reading config.absolute from a PreconditioningConfig, CurveBall's undefined method
 ASDL_FAILS = {("arxiv", "full_psgd"): TypeError, ("arxiv", "newton"): AttributeError,
               ("arxiv", "abs_newton"): AttributeError, ("arxiv", "curve_ball"): NotImplementedError}
-#: final losses more than 10 % apart (measured; train_cpu runs at damping 1). SMW-NG on the CNN: ASDL's
+#: final losses more than 10 % apart (measured; train_cpu runs at damping 1; final loss after 20 steps,
+#: curvfun vs ASDL: K-BFGS 0.40 vs 0.19, SENG 0.39 vs 0.33, Shampoo 0.29 vs 0.33). SMW-NG on the CNN: ASDL's
 #: convolution Gram (the Hadamard product of flattened input and output-gradient Grams) is not the
 #: per-sample-gradient Gram, its preconditioned gradient is 7 % away from (F_emp + λI)⁻¹ g in float64,
 #: curvfun's 5e-14 (tests/test_precond_smw.py covers curvfun's against the dense formula)
