@@ -21,6 +21,8 @@ SECTIONS = {
     "others": "bench_others",
     "adafisher": "bench_adafisher",
     "distributed": "bench_distributed",
+    "transformer": "bench_transformer",
+    "guards": "bench_guards",
 }
 
 

@@ -636,28 +636,21 @@ class ConvNet(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-def test_unit_wise_fisher_routes_agree_with_dense():
+@pytest.mark.parametrize("fisher_type", ["fisher_emp", "fisher_exact"])
+def test_fisher_maker_unit_wise_conv_equals_dense(fisher_type):
+    """Per output channel of a Conv2d (and per unit of a bias-free Linear): the dense block over its
+    fan-in weights and its bias."""
     torch.manual_seed(0)
     model = ConvNet()
     x, t = torch.randn(4, 2, 3, 3), torch.randint(0, 3, (4,))
-    R = dense_rows(model, x, t, "cross_entropy")
-    D = R.T @ R / 4
+    D = dense_fisher(model, x, t, "cross_entropy", fisher_type)
     sl = offsets(model)
-    Gw = R[:, sl["conv.weight"]].reshape(4, 3, 2, 2, 2)
-    Gb = R[:, sl["conv.bias"]]
-    blocks = casdl.unit_wise_fisher(Gw, Gb)
-    idx = torch.arange(sl["conv.weight"].start, sl["conv.bias"].stop)
-    assert torch.allclose(blocks, casdl.unit_wise_from_block(D[idx][:, idx], 3, True), rtol=1e-10, atol=1e-13)
+    fisher_maker_run(casdl, model, x, t, fisher_type, ["unit_wise"])
     for i in range(3):
-        ui = torch.cat([torch.arange(i * 8, (i + 1) * 8), torch.tensor([24 + i])])
-        assert torch.allclose(blocks[i], D[ui][:, ui], rtol=1e-10, atol=1e-13)
-    fc = casdl.unit_wise_fisher(R[:, sl["fc.weight"]].reshape(4, 3, 12))
-    j = torch.arange(sl["fc.weight"].start, sl["fc.weight"].stop)
-    assert torch.allclose(fc, casdl.unit_wise_from_block(D[j][:, j], 3, False), rtol=1e-10, atol=1e-13)
-    with pytest.raises(ValueError, match="grad_bias must be"):
-        casdl.unit_wise_fisher(Gw, Gb[:, :2])
-    with pytest.raises(ValueError, match="cannot hold 5 units"):
-        casdl.unit_wise_from_block(D[idx][:, idx], 5, True)
+        ui = torch.cat([torch.arange(i * 8, (i + 1) * 8), torch.tensor([sl["conv.bias"].start + i])])
+        assert torch.allclose(model.conv.fisher.unit.data[i], D[ui][:, ui], rtol=1e-10, atol=1e-13)
+        j = torch.arange(sl["fc.weight"].start + 12 * i, sl["fc.weight"].start + 12 * (i + 1))
+        assert torch.allclose(model.fc.fisher.unit.data[i], D[j][:, j], rtol=1e-10, atol=1e-13)
 
 
 def test_batch_gradient_equals_per_sample_autograd():
@@ -746,6 +739,10 @@ def test_hessian_maker_equals_dense():
         casdl.HessianMaker(model, casdl.HessianConfig(hessian_shapes=["kron"]))
     with pytest.raises(NotImplementedError, match="hvp / vec are not supported"):
         hm.forward_and_backward(hvp=True)
+    from curvfun.memory import CurvfunMemoryError, dense_limit
+
+    with dense_limit(100), pytest.raises(CurvfunMemoryError, match="HessianMaker's dense Hessian needs a 31 x 31"):
+        hm.forward_and_backward()
 
 
 def test_hessian_maker_equals_asdl():

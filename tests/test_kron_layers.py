@@ -29,6 +29,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import curvfun
+from curvfun.capture import CaptureFallbackWarning
 from curvfun.testing import checks, reference as ref, strategies as cst
 from model_init import generator as _gen, init_float64 as _init
 
@@ -283,21 +284,27 @@ def test_asymmetric_and_string_padding_convs(case, n, seed, fisher_type, kfac_ty
                               rtol=RTOL, atol=ATOL, what="per-sample grads")
 
 
-@pytest.mark.parametrize("conv, what", [
-    (lambda: nn.Conv2d(1, 2, 2, padding="same"), r"0 \(Conv2d\(padding_mode='zeros', padding='same'\)"),
-    (lambda: nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), r"0 \(Conv2d\(padding_mode='reflect'"),
+@pytest.mark.parametrize("conv, pad, mode", [
+    (lambda: nn.Conv2d(1, 2, 2, padding="same"), (0, 1, 0, 1), "constant"),  # odd total: PyTorch pads after
+    (lambda: nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), (1, 1, 1, 1), "reflect"),
+    (lambda: nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), (1, 1, 1, 1), "circular"),
 ])
-def test_conv_configurations_without_factors_are_named(conv, what):
-    """'same' with an odd total padding (asymmetric) and non-zero padding modes are reported
-    as unsupported (the Linear head keeps its factors)."""
-    model = _init(nn.Sequential(conv(), nn.Flatten(), nn.Linear(32, 2)), 0)  # both keep 4x4
-    x = torch.randn(2, 1, 4, 4, generator=_gen(0))
-    y = torch.tensor([0, 1])
-    with pytest.warns(UserWarning, match=what):
-        f = curvfun.kfac(model, dict(model.named_parameters()), x, y, fisher_type="emp")
-    assert set(f) == {"2"}
-    A, B = expected_factors(model, "2", x, y, "cross_entropy", "emp")
-    check_factors(f["2"], A, B, "head")
+def test_asymmetric_same_padding_and_padding_modes_are_captured(conv, pad, mode):
+    """'same' with an odd total padding and non-zero padding modes get factors: A equals the
+    Gram of ``F.unfold`` patches of the input padded as the convolution pads it, and the
+    per-sample gradients equal the autograd loop."""
+    model = _init(nn.Sequential(conv(), nn.Flatten(), nn.Linear(32, 2)), 0).double()  # both keep 4x4
+    x = torch.randn(3, 1, 4, 4, generator=_gen(0), dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    params = dict(model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureFallbackWarning)
+        f = curvfun.kfac(model, params, x, y, fisher_type="emp", on_unsupported="raise")
+    assert set(f) == {"0", "2"}
+    cols = F.unfold(F.pad(x, pad, mode=mode), model[0].kernel_size).transpose(1, 2).reshape(-1, 4 if mode == "constant" else 9)
+    checks.assert_close(f["0"].A, cols.T @ cols / cols.shape[0], rtol=1e-12, atol=1e-12, what="A from F.unfold")
+    checks.assert_close_trees(curvfun.per_sample_grads(model, params, x, y), ref.per_sample_grads(model, params, x, y),
+                              rtol=RTOL, atol=ATOL, what="per-sample grads")
 
 
 # --------------------------------------------------------------------------------------

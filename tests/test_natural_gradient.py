@@ -53,7 +53,7 @@ MAKERS = {
 }
 
 
-# unit-wise makers leave Linear layers plain and say so; tests that check the warning record it
+# unsupported layers keep the plain gradient and the makers say so; tests that check the warning record it
 pytestmark = pytest.mark.filterwarnings("ignore::curvfun.precondition.UnsupportedModuleWarning")
 
 @pytest.fixture(autouse=True, scope="module")
@@ -281,6 +281,18 @@ def norm_units(model) -> list[list[int]]:
     return units
 
 
+def unit_blocks(model) -> list[list[int]]:
+    """Index sets of every unit: [W[c, :], b[c]] of each Linear, then [γ_c, β_c] of each norm layer."""
+    sl = slices(model)
+    units = []
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            w, (o, d) = sl[f"{mname}.weight"], m.weight.shape
+            b = sl.get(f"{mname}.bias")
+            units += [list(range(w.start + c * d, w.start + (c + 1) * d)) + ([b.start + c] if b else []) for c in range(o)]
+    return units + norm_units(model)
+
+
 def expected_preconditioned(kind, model, x, t, g, lam, fisher_type="fisher_emp"):
     """The preconditioned gradient each maker must produce from curvature of batch (x, t) at the
     model's current parameters, applied to the gradient vector g (all ground truth)."""
@@ -302,7 +314,7 @@ def expected_preconditioned(kind, model, x, t, g, lam, fisher_type="fisher_emp")
         return g / (torch.diagonal(Fm) + lam)
     if kind == "unitwise":
         out = g.clone()
-        for u in norm_units(model):
+        for u in unit_blocks(model):
             out[u] = block_solve(Fm, g, u, lam)[u]
         return out
     if kind == "layerwise":
@@ -493,8 +505,8 @@ def test_emp_equals_damped_empirical_fisher_solve(seed, n, lam):
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 6), fisher_type=_fisher_types, lam=_dampings)
 def test_unitwise_blocks_equal_dense_fisher_sub_blocks(model_fn, kind, seed, n, fisher_type, lam):
     """Per channel c of a LayerNorm / BatchNorm(eval): (F[(γ_c, β_c), (γ_c, β_c)] + λI)^{-1}
-    (g_γc, g_βc) with the 2x2 sub-block of the dense Fisher. UnitWise leaves the Linear layers
-    plain (torch.equal to loss.backward()'s gradient); K-FAC treats the norm layer the same way."""
+    (g_γc, g_βc) with the 2x2 sub-block of the dense Fisher; K-FAC treats the norm layer the same way.
+    UnitWise also preconditions every Linear unit c by its block over [W[c, :], b[c]]."""
     model = model_fn(seed)
     x, t = batch(n, seed)
     g = plain_grad(model, x, t)
@@ -510,9 +522,8 @@ def test_unitwise_blocks_equal_dense_fisher_sub_blocks(model_fn, kind, seed, n, 
     norm_idx = [i for u in units for i in u]
     assert_close(got[norm_idx], expected[norm_idx])
     if kind == "unitwise":
-        rest = torch.ones(len(g), dtype=torch.bool)
-        rest[norm_idx] = False
-        assert torch.equal(got[rest], g[rest])
+        for u in unit_blocks(model):
+            assert_close(got[u], block_solve(Fm, g, u, lam)[u])
 
 
 @given(seed=st.integers(0, 10_000), n=st.integers(6, 10), fisher_type=_fisher_types, lam=_dampings)
@@ -604,7 +615,7 @@ def test_dense_shapes_ema_blend(kind):
         expected = torch.linalg.solve(Fb + lam * torch.eye(len(g2)), g2)
     else:
         expected = g2.clone()
-        for blk in (layer_blocks(model) if kind == "layerwise" else norm_units(model)):
+        for blk in (layer_blocks(model) if kind == "layerwise" else unit_blocks(model)):
             expected[blk] = block_solve(Fb, g2, blk, lam)[blk]
     assert_close(got, expected)
 
@@ -618,9 +629,7 @@ def test_dense_shapes_ema_blend(kind):
 def test_digits_mlp_reaches_90_percent(kind):
     """scikit-learn's digits, MLP 64-128-10, batch 64, 300 steps, seed 0, SGD lr 0.05,
     damping 0.05, default fisher_type (MC, one sample), LowRank rank 8. Curvature and inverse
-    are refreshed every 5th step to keep this file fast. (The MLP has no norm layer, so the
-    unit-wise maker preconditions nothing there and trains as plain SGD: it is in the list for
-    the interface's sake and says so with an UnsupportedModuleWarning.)"""
+    are refreshed every 5th step to keep this file fast."""
     from digits_helper import train_digits
 
     def make_fn(model):
@@ -837,7 +846,7 @@ def test_ignored_and_unsupported_modules_keep_the_plain_gradient(kind, how, capl
     and warns once, by name, about the unsupported one."""
     model = named_model()
     entries, ignored = IGNORES[how][0](model), IGNORES[how][1]
-    supported = {"norm"} if kind == "unitwise" else {"fc1", "norm", "fc2", "head"}  # Scale: never
+    supported = {"fc1", "norm", "fc2", "head"}  # Scale: never
     plain_expected = ({"fc1", "norm", "fc2", "scale", "head"} - supported) | ignored
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gm = make(kind, model, PreconditioningConfig(damping=0.05, ignore_modules=entries))

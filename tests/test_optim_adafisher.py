@@ -274,11 +274,11 @@ def test_diag_kron_is_the_diagonal_of_kfac(N, T, d_in, d_out, bias, K, seed):
     torch.manual_seed(seed)
     lin = nn.Linear(d_in, d_out, bias=bias)
     keys = {"weight": "weight"} | ({"bias": "bias"} if bias else {})
-    rec = LayerRecord(ModuleInfo("", lin, "linear", keys), inputs=[torch.randn(N, T, d_in)],
+    rec = LayerRecord(ModuleInfo("", lin, "affine", keys), inputs=[torch.randn(N, T, d_in)],
                       grads=[torch.randn(K, N, T, d_out)])
     data = layer_data(rec, torch.rand(K) + 0.1)
     kf = kron_factors_from_layer(data)
-    Ft = diag_kron_fisher(diag_kron_factors(data), "linear", tuple(lin.weight.shape), bias, 0.5)
+    Ft = diag_kron_fisher(diag_kron_factors(data), "affine", tuple(lin.weight.shape), bias, 0.5)
     dense = torch.kron(kf.B, kf.A)
     torch.testing.assert_close(Ft["weight"].reshape(-1) - 0.5, torch.diagonal(dense), **TOL)
     if bias:
@@ -305,7 +305,7 @@ def test_conv_diag_kron_without_im2col_equals_im2col_route(N, groups, k, stride,
     gs = [torch.randn(K, *conv(x).shape) for x in xs]
     w = torch.rand(K) + 0.1
     keys = {"weight": "weight"} | ({"bias": "bias"} if bias else {})
-    rec = LayerRecord(ModuleInfo("", conv, "conv2d", keys), inputs=xs, grads=gs)
+    rec = LayerRecord(ModuleInfo("", conv, "affine", keys), inputs=xs, grads=gs)
     slow = diag_kron_factors(layer_data(rec, w))
     fast = conv2d_diag_kron(xs, gs, conv, bias, w)
     torch.testing.assert_close(fast.A, slow.A, **TOL)

@@ -274,6 +274,11 @@ def test_full_guard_and_bad_input():
         PsgdGradientMaker(model, precond_lr=1.5)
     with pytest.raises(ValueError, match="psgd_full_update: Q"):
         psgd_full_update(torch.eye(3), torch.ones(2), torch.ones(2), 0.1)
+    from curvfun.memory import CurvfunMemoryError, dense_limit
+
+    with dense_limit(1000), pytest.raises(CurvfunMemoryError, match="PsgdGradientMaker's dense factor Q needs a "
+                                                                   "151 x 151"):
+        PsgdGradientMaker(model)
     # ASDL's positional signature (model, config, precond_lr, init_scale, use_functorch); config optional
     gm = PsgdGradientMaker(model, None, 0.05, 2.0, True)
     assert gm.precond_lr == 0.05 and torch.equal(gm.Q, 2.0 * torch.eye(151))

@@ -1,7 +1,7 @@
 """ASDL-compatible curvature outside a maker: ``FisherConfig``, ``get_fisher_maker``, the
 ``FISHER_*`` / ``SHAPE_*`` / ``LOSS_*`` constants and ASDL's common helpers, built on curvfun's
-pure functions (:func:`curvfun.fisher`, :func:`curvfun.kfac`, :func:`curvfun.per_sample_grads`,
-:func:`curvfun.top_eigenvalues`).
+pure functions (:func:`curvfun.fisher`, :func:`curvfun.kfac`, :func:`curvfun.fisher_vp`,
+:func:`curvfun.top_eigenvalues`, the layer capture).
 
 A script switches with its import line, ``from curvfun import asdl`` (or ``import curvfun.asdl as
 asdl``). Results are stored as module attributes as ASDL does, each a :class:`SymMatrix`:
@@ -11,9 +11,9 @@ asdl``). Results are stored as module attributes as ASDL does, each a :class:`Sy
 * ``SHAPE_LAYER_WISE``: ``module.<attr>.data``, the block over the module's own parameters;
 * ``SHAPE_KRON``: ``module.<attr>.kron.A`` / ``.kron.B`` for Linear / Conv2d (GUIDE convention,
   bias its own block: A is the input Gram without the ones column, as ASDL 0.1's);
-* ``SHAPE_UNIT_WISE``: ``module.<attr>.unit.data``, ``[units, p, p]``: per output unit of a Linear /
-  Conv2d the block over its incoming weights and its bias (:func:`unit_wise_fisher`), per channel of
-  a LayerNorm / BatchNorm the block over (γ_c, β_c);
+* ``SHAPE_UNIT_WISE``: ``module.<attr>.unit.data``, ``[units, p, p]``: per output unit of an
+  affine layer (Linear, convolutions) the block over its incoming weights and its bias, per
+  channel of a norm layer the block over (γ_c, β_c) (:mod:`curvfun.unit_wise`);
 * ``SHAPE_DIAG``: ``module.<attr>.diag.weight`` / ``.diag.bias``.
 
 ``<attr>`` is ``FisherConfig.fisher_attr`` (``'fisher'``, ASDL 0.1) for :func:`get_fisher_maker`, and
@@ -47,10 +47,11 @@ from torch import Tensor, nn
 from .capture import ModuleInfo, layer_kind, record_layers
 from .curvature import fisher as _fisher
 from .curvature import fisher_vp, top_eigenvalues
-from .grads import per_sample_grads
+from .functional import twice_differentiable
 from .kron import KronFactor, UnitWiseFactor, kfac
 from .layers import layer_data, per_sample_layer_grads
 from .losses import get_likelihood
+from .memory import check_dense_size
 from .precondition.asdl_names import (
     FISHER_EMP,
     FISHER_EXACT,
@@ -91,8 +92,6 @@ __all__ = [
     "hessian_eigenvalues",
     "batch_gradient",
     "data_loader_gradient",
-    "unit_wise_fisher",
-    "unit_wise_from_block",
 ]
 
 FISHER_TYPES = (FISHER_EXACT, FISHER_MC, FISHER_EMP)
@@ -163,43 +162,6 @@ def _set(sym: SymMatrix, path: str, value: Tensor, accumulate: bool) -> None:
 # --- pure pieces -----------------------------------------------------------------------------------
 
 
-def unit_wise_fisher(grad_weight: Tensor, grad_bias: Tensor | None = None, weights: Tensor | None = None,
-                     n: int | None = None) -> Tensor:
-    """Unit-wise Fisher blocks of a Linear / Conv2d layer from per-sample (per-column) gradients.
-
-    ``grad_weight`` ``[M, units, *fan_in]`` and ``grad_bias`` ``[M, units]`` (or None); with
-    u_{m,i} = [vec g_W,m[i], g_b,m[i]] the block of unit i is (1/n) Σ_m w_m u_{m,i} u_{m,i}ᵀ,
-    ``[units, p, p]`` with p = fan_in (+1 with a bias). ``weights`` w_m default 1, ``n`` default M.
-    Cost O(M·units·p²).
-    """
-    if grad_weight.ndim < 2:
-        raise ValueError(f"unit_wise_fisher: grad_weight must be [M, units, ...], got shape {tuple(grad_weight.shape)}")
-    M, units = grad_weight.shape[:2]
-    U = grad_weight.reshape(M, units, -1)
-    if grad_bias is not None:
-        if grad_bias.shape != (M, units):
-            raise ValueError(f"unit_wise_fisher: grad_bias must be [M, units] = [{M}, {units}], got "
-                             f"{tuple(grad_bias.shape)}")
-        U = torch.cat([U, grad_bias.reshape(M, units, 1)], 2)
-    if weights is not None:
-        U = U * weights.reshape(M, 1, 1).to(U.dtype).sqrt()
-    return torch.einsum("mip,miq->ipq", U, U) / (M if n is None else n)
-
-
-def unit_wise_from_block(block: Tensor, units: int, has_bias: bool) -> Tensor:
-    """The unit-wise blocks ``[units, p, p]`` read out of a layer's dense block ordered
-    ``[vec_rowmajor(W), b]`` (W ``[units, fan_in]``): unit i owns W[i, :] and b[i]."""
-    P = block.shape[0]
-    fan_in = (P - units * has_bias) // units
-    if block.shape != (P, P) or fan_in * units + units * has_bias != P:
-        raise ValueError(f"unit_wise_from_block: a [{P}, {P}] block cannot hold {units} units "
-                         f"{'with' if has_bias else 'without'} bias")
-    idx = torch.arange(units * fan_in, device=block.device).reshape(units, fan_in)
-    if has_bias:
-        idx = torch.cat([idx, units * fan_in + torch.arange(units, device=block.device).reshape(units, 1)], 1)
-    return block[idx[:, :, None], idx[:, None, :]]
-
-
 def _per_sample_loss(loss_fn: Callable) -> Callable[[Tensor, Tensor], Tensor]:
     """``loss_fn(out, y, reduction='none')`` summed over the non-batch dimensions: ``[N]``."""
     def per_sample(out: Tensor, y: Tensor) -> Tensor:
@@ -256,26 +218,9 @@ def _batch_fisher_sums(model: nn.Module, params: Mapping[str, Tensor], x: Tensor
                 if isinstance(f, KronFactor):
                     out.setdefault(m, {}).update({"kron.A": N * f.A, "kron.B": N * f.B})
         elif shape == SHAPE_UNIT_WISE:
-            by_mod = _by_module(params)
-            lin = {m: ps for m, ps in by_mod.items() if layer_kind(mods[m]) in ("linear", "conv2d")}
-            if lin:
-                lin_params = {f"{m}.{k}": v for m, ps in lin.items() for k, v in ps.items()}
-                if ftype == "emp":
-                    G = per_sample_grads(model, lin_params, x, t, lik)
-                    for m, ps in lin.items():
-                        out.setdefault(m, {})["unit.data"] = unit_wise_fisher(
-                            G[f"{m}.weight"], G.get(f"{m}.bias"), n=1)
-                else:
-                    blocks = _fisher(model, lin_params, x, t, shape="block", **kw)
-                    for m, ps in lin.items():
-                        out.setdefault(m, {})["unit.data"] = N * unit_wise_from_block(
-                            blocks[m], ps["weight"].shape[0], "bias" in ps)
-            rest = {k: v for k, v in params.items() if k.rpartition(".")[0] not in lin}
-            if rest:
-                for m, f in kfac(model, rest, x, t, lik, ftype, n_mc_samples=n_mc_samples, generator=generator,
-                                 on_unsupported="ignore").items():
-                    if isinstance(f, UnitWiseFactor):
-                        out.setdefault(m, {})["unit.data"] = N * f.blocks
+            for m, f in _fisher(model, params, x, t, shape="unit", **kw).items():
+                if isinstance(f, UnitWiseFactor):
+                    out.setdefault(m, {})["unit.data"] = N * f.blocks
         else:
             raise ValueError(f"unknown fisher shape {shape!r}; expected one of {list(SHAPES)}")
     return out
@@ -441,7 +386,9 @@ def _fisher_eig(maker: "FisherMaker", top_n: int, max_iters: int, tol: float, se
     mc_seed = int(torch.randint(0, 2**31, ())) if c.seed is None else c.seed  # one fixed F for all products
 
     def fvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        return fisher_vp(maker.model, params, x, t, v, c.loss_type, ftype, c.n_mc_samples, _generator(mc_seed, x))
+        with twice_differentiable():
+            return fisher_vp(maker.model, params, x, t, v, c.loss_type, ftype, c.n_mc_samples,
+                             _generator(mc_seed, x))
 
     return _top_eig(fvp, params, top_n, max_iters, tol, seed)
 
@@ -514,7 +461,11 @@ class HessianMaker(GradientMaker):
                 raise ValueError("HessianMaker needs a scalar loss (reduce it in loss_fn, e.g. reduction='mean')")
             return loss.reshape(())
 
-        H = dense_hessian(loss_of_flat, torch.cat([p.detach().reshape(-1) for p in params.values()]))
+        flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+        check_dense_size("HessianMaker's dense Hessian", (flat.numel(), flat.numel()), flat.dtype, flat.device,
+                         instead="leave parameters out (requires_grad=False) or use curvfun.hessian_vp")
+        with twice_differentiable():
+            H = dense_hessian(loss_of_flat, flat)
         sums: dict[str, dict[str, Tensor]] = {}
         if SHAPE_FULL in self._shapes:
             sums[""] = {"data": H}
@@ -544,8 +495,9 @@ class HessianMaker(GradientMaker):
                     ) -> tuple[list[float], list[dict[str, Tensor]]]:
         """ASDL's ``hessian_eig``: the ``top_n`` eigenpairs of largest magnitude of the registered
         loss's Hessian by block power iteration (see :func:`hessian_eigenvalues`)."""
-        self.call_model()
-        loss = self.call_loss()
+        with twice_differentiable():
+            self.call_model()
+            loss = self.call_loss()
         self._backward_pending = False
         return _hessian_top_eig(self.model, [(loss, 1.0)], top_n, max_iters, tol, seed)
 
@@ -622,7 +574,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Te
     Cost per iteration: top_n Hessian-vector products per batch."""
     batches = _batches(inputs, targets, data_loader)
     total = sum(x.shape[0] for x, _ in batches)
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable():
         losses = [(loss_fn(model(x), t), x.shape[0] / total) for x, t in batches]
     return _hessian_top_eig(model, losses, top_n, max_iters, tol, seed)
 

@@ -28,6 +28,7 @@ per-sample gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterator, Mapping
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import as_tuple, call_model, check_params
+from .layers.registry import LayerHandler, handler_for, registered_layers
 from .losses import Likelihood, get_likelihood
 
 __all__ = [
@@ -48,52 +50,52 @@ __all__ = [
     "output_grad_columns",
     "capture",
     "FISHER_TYPES",
+    "CaptureFallbackWarning",
 ]
 
 FISHER_TYPES = ("exact", "mc", "emp")
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+class CaptureFallbackWarning(UserWarning):
+    """Parameters of a registered layer that the capture cannot account for (used outside the
+    layer's own forward, or a call the handler could not record): they are treated as
+    unsupported (the exact fallback where the route has one)."""
+
+#: the built-in layer types (see :func:`curvfun.layers.registered_layers` for the live registry)
+SUPPORTED_LAYERS = tuple(registered_layers())
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``'linear' | 'conv2d' | 'embedding' | 'layernorm' | 'batchnorm'`` or None (unsupported)."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            return None
-        if isinstance(module.padding, str) and module.padding == "same":
-            # F.unfold pads symmetrically; 'same' with an even total padding only
-            if any((d * (k - 1)) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-                return None
-        return "conv2d"
-    if isinstance(module, nn.Embedding):
-        if module.max_norm is not None or module.scale_grad_by_freq:
-            return None
-        return "embedding"
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm" if module.elementwise_affine else None
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return "batchnorm" if module.affine else None
-    return None
+    """The family of ``module``'s registered handler (``'affine' | 'embedding' | 'norm'``), or
+    ``None`` when no handler serves it or its configuration cannot be captured."""
+    h = handler_for(module)
+    if h is None or h.reason(module) is not None:
+        return None
+    return h.family
 
 
 def _unsupported_reason(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d):
-        return f"{type(module).__name__}(padding_mode={module.padding_mode!r}, padding={module.padding!r})"
-    if isinstance(module, nn.Embedding):
-        return f"{type(module).__name__}(max_norm / scale_grad_by_freq)"
-    return type(module).__name__
+    h = handler_for(module)
+    why = None if h is None else h.reason(module)
+    return why or type(module).__name__
 
 
 @dataclass
 class ModuleInfo:
-    """Where a module's parameters sit in ``params``: ``{"weight": key, "bias": key}``."""
+    """Where a module's parameters sit in ``params``: ``{"weight": key, "bias": key}``;
+    ``kind``: its handler's family; ``handler``: the registry's handler (looked up when omitted)."""
 
     name: str
     module: nn.Module
     kind: str
     keys: dict[str, str]
+    handler: LayerHandler | None = None
+
+    def __post_init__(self) -> None:
+        if self.handler is None:
+            self.handler = handler_for(self.module)
+            if self.handler is None:
+                raise ValueError(f"module {self.name!r} ({type(self.module).__name__}) has no registered layer handler")
 
 
 def supported_modules(
@@ -102,8 +104,10 @@ def supported_modules(
     """Split the modules owning entries of ``params`` into supported / unsupported.
 
     Parameters are matched to modules by identity (tied weights included), never by
-    position. Returns ``(supported, unsupported)`` with ``unsupported[name] = (class name,
-    [param keys])``; a parameter held directly by the root module is reported under ``""``.
+    position. A module is supported when the layer registry has a handler for it that can capture
+    its configuration and covers every parameter it owns. Returns ``(supported, unsupported)``
+    with ``unsupported[name] = (reason, [param keys])``; a parameter held directly by the root
+    module is reported under ``""``.
     """
     keys_by_id: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -120,11 +124,12 @@ def supported_modules(
                 own[pname] = key
         if not own:
             continue
-        kind = layer_kind(module)
-        if kind is None or not set(own) <= {"weight", "bias"}:
+        h = handler_for(module)
+        roles = {} if h is None else {h.role_of(pname): key for pname, key in own.items()}
+        if h is None or h.reason(module) is not None or None in roles:
             unsupported[mname] = (_unsupported_reason(module), sorted(own.values()))
         else:
-            supported[mname] = ModuleInfo(mname, module, kind, own)
+            supported[mname] = ModuleInfo(mname, module, h.family, roles, h)
     return supported, unsupported
 
 
@@ -134,7 +139,8 @@ class LayerRecord:
 
     ``inputs[c]``: the module's input at its c-th call, ``[N, ...]`` (token ids for
     Embedding). ``grads[c]``: output-gradients for every column, ``[K, N, *output.shape[1:]]``
-    (``None`` for ``fisher_type="none"``).
+    (``None`` for ``fisher_type="none"``). ``uncaptured``: why a call could not be recorded
+    (its parameters then take the exact fallback), or ``None``.
     """
 
     info: ModuleInfo
@@ -144,6 +150,9 @@ class LayerRecord:
     grads: list[Tensor] | None = None
     #: per call: whether the module's own parameters were detached during it (see :func:`record_layers`)
     detached_calls: list[bool] = field(default_factory=list)
+    uncaptured: str | None = None
+    perturb: bool = True
+    _detached_now: bool = False
 
     @property
     def detached(self) -> bool:
@@ -157,6 +166,26 @@ class LayerRecord:
     @property
     def kind(self) -> str:
         return self.info.kind
+
+    def add_call(self, x: Tensor, output: Tensor) -> Tensor:
+        """Record one call: its input ``x`` (detached) and, when perturbing, a zero leaf ε added to
+        ``output`` (returned). Handlers' forward overrides call this for their affine maps."""
+        x = x.detach()
+        self.inputs.append(x)
+        self.versions.append(x._version)
+        self.detached_calls.append(self._detached_now)
+        if not self.perturb:
+            return output
+        if not isinstance(output, Tensor):
+            raise TypeError(f"module {self.info.name!r} returned {type(output).__name__}, expected a tensor")
+        # a zero leaf broadcast from one element: nothing to fill, the add reads it at stride 0
+        eps = output.new_zeros(()).expand(output.shape).requires_grad_()
+        self.eps.append(eps)
+        return output + eps
+
+    def not_captured(self, reason: str) -> None:
+        """Mark a call the handler could not record (see ``uncaptured``)."""
+        self.uncaptured = reason
 
 
 @dataclass
@@ -196,9 +225,13 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
     a region with saved-tensor hooks (non-reentrant activation checkpointing re-runs it during
     backward, without these hooks) is never detached."""
     wants = detach if callable(detach) else (lambda name, x, names=frozenset(detach): name in names)
-    records = {name: LayerRecord(info) for name, info in infos.items()}
+    records = {name: LayerRecord(info, perturb=perturb) for name, info in infos.items()}
     handles = []
     swapped: dict[str, dict[str, Tensor]] = {}
+    overridden: list[nn.Module] = []
+
+    def first_input(args, kwargs):
+        return args[0] if args else kwargs.get("input", kwargs.get("query"))
 
     def restore(name: str) -> None:
         module = records[name].module
@@ -207,48 +240,51 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
 
     def make_pre_hook(rec: LayerRecord):
         def pre_hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
+            x = first_input(args, kwargs)
+            rec._detached_now = False
             if not (isinstance(x, Tensor) and wants(rec.info.name, x)) or _saved_tensor_hooks_active():
                 return
-            own = {k: module._parameters[k] for k in ("weight", "bias") if module._parameters.get(k) is not None}
+            attrs = rec.info.handler.params.values()
+            own = {k: module._parameters[k] for k in attrs if module._parameters.get(k) is not None}
             swapped[rec.info.name] = own
+            rec._detached_now = True
             for k, p in own.items():
                 module._parameters[k] = p.detach()
 
         return pre_hook
 
-    def make_hook(rec: LayerRecord):
+    def make_hook(rec: LayerRecord, recorded_by_forward: bool):
         def hook(module, args, kwargs, output):
-            detached = rec.info.name in swapped
             restore(rec.info.name)
-            x = args[0] if args else kwargs.get("input")
+            if recorded_by_forward:
+                rec._detached_now = False
+                return None
+            x = first_input(args, kwargs)
             if not isinstance(x, Tensor):
                 raise TypeError(f"module {rec.info.name!r} was called without a tensor as its input (first "
                                 f"positional argument or input=)")
-            x = x.detach()
-            rec.inputs.append(x)
-            rec.versions.append(x._version)
-            rec.detached_calls.append(detached)
-            if not perturb:
-                return None
-            if not isinstance(output, Tensor):
-                raise TypeError(f"module {rec.info.name!r} returned {type(output).__name__}, expected a tensor")
-            # a zero leaf broadcast from one element: nothing to fill, the add reads it at stride 0
-            eps = output.new_zeros(()).expand(output.shape).requires_grad_()
-            rec.eps.append(eps)
-            return output + eps
+            out = rec.add_call(x, output)
+            rec._detached_now = False
+            return out if perturb else None
 
         return hook
 
     try:
         for rec in records.values():
+            module = rec.module
             if callable(detach) or rec.info.name in detach:
-                handles.append(rec.module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
-            handles.append(rec.module.register_forward_hook(make_hook(rec), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
+            override = rec.info.handler.forward_override(module)
+            if override is not None:
+                module.forward = functools.partial(override, rec)
+                overridden.append(module)
+            handles.append(module.register_forward_hook(make_hook(rec, override is not None), with_kwargs=True))
         yield records
     finally:
         for h in handles:
             h.remove()
+        for module in overridden:
+            del module.forward
         for name in list(swapped):  # a call that raised between the two hooks
             restore(name)
 
@@ -276,6 +312,41 @@ def unbatched_records(records: Mapping[str, LayerRecord], batch_size: int) -> di
                 f"called on a tensor without the batch dimension (shapes {shapes[:2]}, batch size {batch_size}); "
                 f"its per-sample curvature cannot be captured"
             )
+    return bad
+
+
+def reachable_leaves(output: Tensor) -> set[int]:
+    """ids of the leaf tensors ``output`` depends on (a walk over its autograd graph, O(nodes))."""
+    seen, found = set(), set()
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def outside_uses(records: Mapping[str, LayerRecord], leaves: Mapping[str, Tensor], output: Tensor) -> dict[str, str]:
+    """Modules whose parameters the output depends on *other than* through the recorded calls
+    (each call ran on detached views: see :func:`record_layers`), or whose calls could not be
+    recorded. Such a parameter (MHA's ``out_proj`` read by ``F.multi_head_attention_forward``, a
+    tied embedding used as ``x @ E.T``, a weight penalised or read directly) would get only part
+    of its curvature from the capture. Returns ``{name: reason}``."""
+    reach = reachable_leaves(output) if output.requires_grad else set()
+    bad = {}
+    for name, rec in records.items():
+        if rec.uncaptured is not None:
+            bad[name] = rec.uncaptured
+            continue
+        used = sorted(k for k in rec.info.keys.values() if id(leaves[k]) in reach)
+        if used:
+            bad[name] = (f"parameter(s) {used} used outside the module's own forward (read directly, or by "
+                         f"another module); exact fallback")
     return bad
 
 
@@ -349,12 +420,21 @@ def output_grad_columns(
     raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
 
 
+#: the message for a batch of 0 samples (``who``: the caller)
+EMPTY_BATCH = (
+    "{who} got an empty batch (0 samples); every gradient and curvature is a mean over the samples: pass at "
+    "least one sample (skip empty batches, e.g. DataLoader(..., drop_last=True))"
+)
+
+
 def check_batch(inputs: Any, targets: Tensor | None) -> int:
     """Batch size N of ``inputs`` (first tensor's leading dim), checked against ``targets``."""
     first = next((t for t in as_tuple(inputs) if isinstance(t, Tensor)), None)
     if first is None or first.ndim == 0:
         raise ValueError("inputs must be a tensor (or a tuple of tensors) with a leading batch dimension")
     N = first.shape[0]
+    if N == 0:
+        raise ValueError(EMPTY_BATCH.format(who="curvfun"))
     if targets is not None:
         if not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
@@ -397,13 +477,18 @@ def capture(
         if on_unsupported == "raise":
             raise ValueError(msg + "; exclude their parameters from params")
         warnings.warn(msg + "; their parameters are left out", stacklevel=2)
-    detached = {k: v.detach() for k, v in params.items()}
+    watched = {key for info in infos.values() for key in info.keys.values()}
+    leaves_in = {k: v.detach().requires_grad_(k in watched) for k, v in params.items()}
     with torch.enable_grad():
-        with record_layers(infos, perturb=fisher_type != "none") as records:
-            output = call_model(model, detached, inputs)
+        with record_layers(infos, perturb=fisher_type != "none", detach=set(infos)) as records:
+            output = call_model(model, leaves_in, inputs)
         if not isinstance(output, Tensor):
             raise TypeError(f"the model returned {type(output).__name__}; curvfun needs a tensor output")
-        for name, why in unbatched_records(records, N).items():
+        outside = outside_uses(records, leaves_in, output)
+        if outside:
+            warnings.warn("not captured through their layer: " + "; ".join(
+                f"{n} ({why})" for n, why in outside.items()), CaptureFallbackWarning, stacklevel=2)
+        for name, why in {**unbatched_records(records, N), **outside}.items():
             records.pop(name)
             unsupported[name] = (f"{type(infos[name].module).__name__} {why}", sorted(infos[name].keys.values()))
         losses = None

@@ -14,9 +14,12 @@ Conventions (GUIDE): L = (1/N) Σ_n ℓ_n and every matrix is the curvature of t
 Dense ``[P, P]`` matrices are indexed in the insertion order of ``params``, each leaf
 flattened row-major. ``shape="block"`` gives a dict module-name -> ``[P_m, P_m]`` (module
 name: the parameter name up to its last '.', ``""`` for the root); ``shape="diag"`` a dict
-like ``params``. The dense routes build per-sample Jacobians (memory N·outputs·P): they are
-meant for small models; use the ``*_vp`` products, the Hutchinson estimators or
-:func:`curvfun.kfac` beyond that.
+like ``params``; ``shape="unit"`` a dict module-name -> :class:`~curvfun.kron.UnitWiseFactor`
+(per output unit of an affine layer -- Linear, convolution, attention projection -- or a norm
+layer, the exact block over its incoming weights and bias; see :mod:`curvfun.unit_wise`;
+parameters of other modules raise).
+The dense routes build per-sample Jacobians (memory N·outputs·P): they are meant for small
+models; use the ``*_vp`` products, the Hutchinson estimators or :func:`curvfun.kfac` beyond that.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from .capture import FISHER_TYPES, check_batch, output_grad_columns
 from .functional import call_model, check_params
 from .grads import _check_like, jacobian, per_sample_grads
 from .losses import get_likelihood
+from .capture import capture
+from .layers import layer_data
+from .precision import full_precision
+from .unit_wise import unit_wise_from_dense, unit_wise_from_layer, unit_wise_modules
+from .memory import check_square
 
 __all__ = [
     "fisher",
@@ -45,7 +53,7 @@ __all__ = [
     "SHAPES",
 ]
 
-SHAPES = ("full", "block", "diag")
+SHAPES = ("full", "block", "diag", "unit")
 
 
 def _check_shape(shape: str) -> None:
@@ -139,13 +147,19 @@ def fisher(
     """The Fisher of the mean loss (see the module docstring for the three types and shapes).
 
     Cost: the Jacobian (N·T·C backward passes, N·T·C·P memory) for ``exact``/``mc``; the
-    per-sample gradients (one captured pass, N·P memory) for ``emp``.
+    per-sample gradients (one captured pass, N·P memory) for ``emp``. ``shape="unit"`` forms no
+    Jacobian: one captured pass (one backward per column) and O(K·N·C·(T·d + d²)) per layer
+    (:func:`curvfun.unit_wise.unit_wise_from_layer`).
     """
     _check_fisher_type(fisher_type)
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    if shape != "diag":
+        check_square(f"fisher(shape={shape!r})", params, shape, "pass shape='diag', use fisher_vp or curvfun.kfac")
     if fisher_type != "emp" and not lik.is_likelihood:
         lik.sample(None)  # raises the explanatory error
+    if shape == "unit":
+        return _fisher_unit(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
     if fisher_type == "emp":
         G = per_sample_grads(model, params, inputs, targets, lik)
         rows = _flat_rows(G, params, 1).unsqueeze(0)
@@ -164,6 +178,18 @@ def fisher(
     cot, w = output_grad_columns(out, lik, "mc", mask_t, n_mc_samples, generator)
     rows = torch.einsum("ntcp,kntc->knp", J, cot.reshape(-1, *out.shape))
     return _shaped(rows, w, params, N, shape)
+
+
+def _fisher_unit(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator) -> dict:
+    """``fisher(..., shape="unit")`` from one capture (no Jacobian)."""
+    unit_wise_modules(model, params)  # raises for modules without unit-wise blocks
+    cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
+    if cap.unsupported:  # not captured exactly (used outside their forward, not batched)
+        names = ", ".join(f"{n or '<root>'} ({why})" for n, (why, _) in cap.unsupported.items())
+        raise ValueError(f"fisher(shape='unit') needs each layer's captured data; not available for: {names}. "
+                         f"Use shape='block', or ggn / hessian with shape='unit' (dense, exact for any model).")
+    with full_precision():
+        return {n: unit_wise_from_layer(layer_data(rec, cap.weights)) for n, rec in cap.layers.items()}
 
 
 def _output_hessians(lik, out: Tensor, targets: Tensor) -> Tensor:
@@ -189,9 +215,12 @@ def ggn(
     loss: Any = "cross_entropy",
     shape: str = "full",
 ):
-    """GGN = (1/N) Σ_n J_nᵀ H_n J_n, H_n = ∇²_f ℓ_n by autograd (any loss, callables too)."""
+    """GGN = (1/N) Σ_n J_nᵀ H_n J_n, H_n = ∇²_f ℓ_n by autograd (any loss, callables too).
+    ``shape="unit"``: the unit-wise sub-blocks of that dense matrix."""
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    units = unit_wise_modules(model, params) if shape == "unit" else None
+    check_square(f"ggn(shape={shape!r})", params, "full", "use ggn_vp, hutchinson_diag or curvfun.kfac")
     detached = {k: v.detach() for k, v in params.items()}
     out = call_model(model, detached, inputs)
     lik.check(out, targets)
@@ -199,6 +228,8 @@ def ggn(
     J = jacobian(model, params, inputs)
     Jf = _flat_rows(J, params, out.ndim).reshape(N, H.shape[-1], -1)  # [N, O, P]
     M = torch.einsum("nop,noq,nqr->pr", Jf, H, Jf) / N
+    if units is not None:
+        return unit_wise_from_dense((M + M.T) / 2, params, units)
     return _reshape_dense((M + M.T) / 2, params, shape)
 
 
@@ -229,8 +260,12 @@ def hessian(
     """∇²_θ L of the mean loss by autograd (reverse-over-reverse). Cost O(P) backward passes."""
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    units = unit_wise_modules(model, params) if shape == "unit" else None
+    check_square(f"hessian(shape={shape!r})", params, "full", "use hessian_vp, hutchinson_diag or top_eigenvalues")
     flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
     H = torch.func.jacrev(torch.func.grad(_mean_loss_fn(model, params, inputs, targets, lik)))(flat)
+    if units is not None:
+        return unit_wise_from_dense((H + H.T) / 2, params, units)
     return _reshape_dense((H + H.T) / 2, params, shape)
 
 

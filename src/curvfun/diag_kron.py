@@ -94,7 +94,7 @@ def diag_kron_factors(data: LayerData) -> DiagKron:
         raise ValueError("diagonal Kronecker factors need output gradients (a capture with fisher_type != 'none')")
     N = data.batch_size
     w = data.weights
-    if data.kind in ("linear", "conv2d"):
+    if data.kind == "affine":
         a, g = data.a, data.g  # [N, G, T, d_in], [K, N, G, T, d_out]
         T = a.shape[2]
         A = a.pow(2).sum((0, 2)) / (N * T)  # [G, d_in]
@@ -111,7 +111,7 @@ def diag_kron_factors(data: LayerData) -> DiagKron:
         A = counts / (N * ids.shape[1])
         B = _weighted_sq_sum(g, w, (1, 2)) / N  # [D]
         return DiagKron(A, B)
-    if data.kind in ("layernorm", "batchnorm"):
+    if data.kind == "norm":
         xhat, g = data.a, data.g  # [N, T, C], [K, N, T, C]
         T = xhat.shape[1]
         A = (xhat.pow(2).sum((0, 1)) / (N * T)).unsqueeze(1)  # [C, 1]
@@ -217,7 +217,7 @@ def diag_kron_fisher(
     factors were built (a homogeneous entry in ``A``)."""
     A, B = factors
     out: dict[str, Tensor] = {}
-    if kind in ("linear", "conv2d"):
+    if kind == "affine":
         d_in = A.shape[1] - (1 if has_bias else 0)
         out["weight"] = (B.unsqueeze(2) * A[:, None, :d_in]).reshape(weight_shape) + damping
         if has_bias:
@@ -226,7 +226,7 @@ def diag_kron_fisher(
     if kind == "embedding":
         out["weight"] = (A.unsqueeze(1) * B.unsqueeze(0)).reshape(weight_shape) + damping
         return out
-    if kind in ("layernorm", "batchnorm"):
+    if kind == "norm":
         out["weight"] = (B[:, 0] * A[:, 0]).reshape(weight_shape) + damping
         if has_bias:
             out["bias"] = (B[:, 0] * A[:, 1]).reshape(weight_shape) + damping

@@ -110,7 +110,8 @@ def collective(category: str, what: str, step: int | None, fn: Callable[[], Any]
         return fn()
     except Exception as e:  # gloo/NCCL raise RuntimeError (or DistBackendError) on timeout/peer loss
         raise CurvfunDistributedError(
-            f"rank {rank()} of {world_size()}: collective {what!r} ({category}) failed at step {step}: {e}. "
+            f"rank {rank()} of {world_size()}: collective {what!r} ({category}) failed"
+            f"{'' if step is None else f' at step {step}'}: {e}. "
             f"Another rank probably died or timed out; the job stops here."
         ) from e
 

@@ -20,15 +20,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .capture import capture, check_batch, supported_modules
-from .functional import as_tuple, call_model, check_params, has_train_mode_batchnorm
-from .layers import (
-    conv2d_per_sample_grads,
-    conv2d_prefers_materialising,
-    layer_data,
-    per_sample_layer_grads,
-    per_sample_layer_sq_norms,
-)
+from .functional import as_tuple, call_model, check_out, check_params, has_train_mode_batchnorm
+from .layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norms
+from .layers.affine import prefers_materialising
+from .layers.registry import LayerHandler
 from .losses import get_likelihood
+from .memory import check_jacobian_size, check_per_sample_size
 
 __all__ = ["per_sample_grads", "per_sample_grad_norms", "jacobian", "jvp", "vjp"]
 
@@ -43,7 +40,8 @@ def _no_train_batchnorm(model: nn.Module, what: str) -> None:
 
 
 def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
-    """vmap(grad) per-sample gradients for ``keys`` only (the others held fixed)."""
+    """vmap(grad) per-sample gradients for ``keys`` only (the others held fixed); a per-sample
+    loop of ``grad`` where the model cannot be vmapped. Inputs are split along their first dim."""
     own = dict(model.named_parameters())
     fixed = {k: v.detach() for k, v in {**own, **params}.items() if k not in keys}
     buffers = {k: b.clone() for k, b in model.named_buffers()}
@@ -56,7 +54,33 @@ def _vmap_grads(model, params, keys, inputs, targets, lik) -> dict[str, Tensor]:
 
     lik.check(call_model(model, {k: v.detach() for k, v in params.items()}, inputs), targets)
     sub = {k: params[k].detach() for k in keys}
-    return vmap(grad(loss_one), in_dims=(None, 0, 0))(sub, args, targets)
+    try:
+        return vmap(grad(loss_one), in_dims=(None, 0, 0))(sub, args, targets)
+    except RuntimeError:
+        # a module without a batching rule, or one that writes in place into a tensor it made
+        # itself (nn.LSTM / GRU / RNN initial states): one gradient per sample instead, same numbers
+        per = [grad(loss_one)(sub, tuple(t[n] for t in args), targets[n]) for n in range(targets.shape[0])]
+        return {k: torch.stack([g[k] for g in per]) for k in keys}
+
+
+def _record_grads(rec, bufs: dict | None = None) -> dict[str, Tensor]:
+    """Per-sample gradients of one record: the handler's fast path where it has one (a grouped
+    convolution weight backward, no im2col copy), else the family route."""
+    fast = rec.info.handler.per_sample_grads(rec.module, rec.inputs, rec.grads, set(rec.info.keys))
+    return fast if fast is not None else per_sample_layer_grads(layer_data(rec), bufs or {})
+
+
+def _fast_grads_preferred(rec) -> bool:
+    """Whether a squared norm is cheaper from the formed gradients (handler fast path, O(T·d·o))
+    than from T x T Grams, for an affine record with positions."""
+    m, h = rec.module, rec.info.handler
+    if h.family != "affine" or type(h).per_sample_grads is LayerHandler.per_sample_grads or not rec.grads:
+        return False
+    T = sum(y[0, 0, 0].numel() for y in rec.grads)
+    w = getattr(m, h.params["weight"])
+    G = h.groups(m)
+    o = w.shape[0] // G if h.weight_layout(m) == "" else w.shape[1]
+    return prefers_materialising(T, w.numel() // (G * o), o)
 
 
 def per_sample_grads(
@@ -76,6 +100,8 @@ def per_sample_grads(
     """
     params = check_params(model, params)
     N = check_batch(inputs, targets)
+    check_out(out, params, N)
+    check_per_sample_size("per_sample_grads", params, N)
     _no_train_batchnorm(model, "a per-sample gradient")
     lik = get_likelihood(loss)
     infos, unsupported = supported_modules(model, params)
@@ -89,10 +115,7 @@ def per_sample_grads(
             bufs = {}
             if out is not None and all(keys[p] not in seen for p in keys):
                 bufs = {p: out[keys[p]] for p in keys if keys[p] in out}
-            if rec.kind == "conv2d":  # grouped weight backward, no im2col copy
-                grads = conv2d_per_sample_grads(rec)
-            else:
-                grads = per_sample_layer_grads(layer_data(rec), bufs)
+            grads = _record_grads(rec, bufs)
             for p, gp in grads.items():
                 key = keys[p]
                 if key in result:  # tied parameter used by several modules
@@ -149,11 +172,10 @@ def per_sample_grad_norms(
         for name, rec in cap.layers.items():
             keys = rec.info.keys
             if any(owners[k] > 1 for k in keys.values()):
-                grads = conv2d_per_sample_grads(rec) if rec.kind == "conv2d" else per_sample_layer_grads(layer_data(rec))
-                for p, gp in grads.items():
+                for p, gp in _record_grads(rec).items():
                     shared[keys[p]] = shared[keys[p]] + gp if keys[p] in shared else gp
-            elif rec.kind == "conv2d" and conv2d_prefers_materialising(rec):
-                for gp in conv2d_per_sample_grads(rec).values():
+            elif _fast_grads_preferred(rec):
+                for gp in _record_grads(rec).values():
                     sq = sq + gp.reshape(N, -1).pow(2).sum(1).to(sq.dtype)
             else:
                 sq = sq + per_sample_layer_sq_norms(layer_data(rec)).to(sq.dtype)
@@ -173,8 +195,9 @@ def jacobian(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> dic
     ``[N, *output.shape[1:], *param.shape]``. Reverse mode, one backward per output entry
     of the batch (vectorised by ``torch.func.jacrev``)."""
     params = check_params(model, params)
-    check_batch(inputs, None)
+    N = check_batch(inputs, None)
     detached = {k: v.detach() for k, v in params.items()}
+    check_jacobian_size(model, detached, inputs, N)
     return torch.func.jacrev(lambda p: call_model(model, p, inputs))(detached)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .capture import Capture, capture
 from .layers import LayerData, layer_data
+from .layers.affine import layout_permutation, matrix_as_weight, weight_as_matrix
 from .precision import full_precision
 
 __all__ = [
@@ -343,22 +344,24 @@ class EKFACFactor:
         """Q_B [(Q_Bᵀ G Q_A) ⊙ S] Q_Aᵀ (divided by S + λ for the damped inverse)."""
         QA, QB = _groups(self.QA), _groups(self.QB)
         G = QA.shape[0]
+        out = {}
+        if self.has_bias and not self.folded and grad.get("bias") is not None:
+            b = grad["bias"].reshape(G, -1, 1)
+            rb = QB.transpose(-1, -2) @ b
+            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
+        if grad.get("weight") is None:  # the weight is frozen: the bias block alone
+            return out
         W = grad["weight"]
         Wm = _weight_matrix(W, G)
         if self.folded:
             Wm = torch.cat([Wm, grad["bias"].reshape(G, -1, 1)], -1)
         rot = QB.transpose(-1, -2) @ Wm @ QA
         res = QB @ (rot * self._scale(self.S)) @ QA.transpose(-1, -2)
-        out = {}
         if self.folded:
             out["weight"] = res[..., :-1].reshape(W.shape)
             out["bias"] = res[..., -1].reshape(grad["bias"].shape)
             return out
         out["weight"] = res.reshape(W.shape)
-        if self.has_bias and grad.get("bias") is not None:
-            b = grad["bias"].reshape(G, -1, 1)
-            rb = QB.transpose(-1, -2) @ b
-            out["bias"] = (QB @ (rb * self._scale(self.s_bias).unsqueeze(-1))).reshape(grad["bias"].shape)
         return out
 
     def damped_inverse(self, damping: float) -> "EKFACFactor":
@@ -444,26 +447,47 @@ _register(EmbeddingFactor)
 
 @dataclass(frozen=True)
 class UnitWiseFactor:
-    """Per-unit blocks ``[C, p, p]`` over (γ_c[, β_c]) of a LayerNorm / BatchNorm: the exact
-    Fisher sub-blocks. ``matvec`` multiplies each unit's (γ_c, β_c) pair by its block."""
+    """Per-unit blocks ``[C, p, p]``: for each output unit c the exact curvature block over the
+    unit's parameters ``[W[c].reshape(-1); b[c]]`` (its d fan-in weights, then its bias).
+
+    Affine layers (Linear, convolutions, attention projections): W[c] is the unit's row (``[d_in]``,
+    or ``[C_in/groups, *kernel]`` read row-major), d = its numel; a transposed convolution's factor
+    is on its weight matrix, wrapped in a :class:`RelaidFactor`. Norm layers: d = 1 (γ_c, β_c). p = d + 1, or d without a
+    bias (``has_bias``), or 1 when only the bias is trainable (``has_weight=False``).
+    ``bias_shape``: the bias's shape where it is not ``(C,)`` (a LayerNorm over several dims).
+    ``to_dense`` is in the parameter order ``[vec_row-major(W); b]``. ``matvec`` and
+    ``damped_inverse`` cost O(C·p²) and O(C·p³)."""
 
     blocks: Tensor
     weight_shape: tuple = ()
     has_bias: bool = True
+    has_weight: bool = True
+    bias_shape: tuple | None = None
 
     _tensor_fields = ("blocks",)
-    _static_fields = ("weight_shape", "has_bias")
+    _static_fields = ("weight_shape", "has_bias", "has_weight", "bias_shape")
 
-    def _stack(self, grad):
-        parts = [grad["weight"].reshape(-1)]
-        if self.has_bias:
-            parts.append(grad["bias"].reshape(-1))
-        return torch.stack(parts, -1)  # [C, p]
+    @property
+    def fan_in(self) -> int:
+        """d: the number of weight entries per unit (0 when the weight is not trainable)."""
+        return self.blocks.shape[-1] - int(self.has_bias) if self.has_weight else 0
 
-    def _unstack(self, v, grad):
-        out = {"weight": v[:, 0].reshape(grad["weight"].shape)}
+    def _stack(self, grad) -> Tensor:
+        """``{"weight", "bias"}`` -> ``[C, p]``: W reshaped to ``[C, d]``, the bias as last column."""
+        C = self.blocks.shape[0]
+        parts = [grad["weight"].reshape(C, -1)] if self.has_weight else []
         if self.has_bias:
-            out["bias"] = v[:, 1].reshape(grad["bias"].shape)
+            parts.append(grad["bias"].reshape(C, 1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def _unstack(self, v: Tensor, grad) -> dict:
+        """The inverse of :meth:`_stack` (shapes taken from ``grad``)."""
+        d = self.fan_in
+        out = {}
+        if self.has_weight:
+            out["weight"] = v[:, :d].reshape(grad["weight"].shape)
+        if self.has_bias:
+            out["bias"] = v[:, d].reshape(grad["bias"].shape)
         return out
 
     def matvec(self, grad):
@@ -474,22 +498,36 @@ class UnitWiseFactor:
         if not (damping >= 0 and math.isfinite(damping)):
             raise ValueError(f"damping must be a finite number >= 0, got {damping}")
         inv = damped_cholesky_inverse(self.blocks, max(float(damping), MIN_DAMPING), "unit-wise block")
-        return UnitWiseFactor(inv, self.weight_shape, self.has_bias)
+        return replace(self, blocks=inv)
+
+    def _dense_index(self) -> Tensor:
+        """``[C, p]``: where each unit's parameters sit in ``[vec_row-major(W); b]``."""
+        C, d = self.blocks.shape[0], self.fan_in
+        c = torch.arange(C, device=self.blocks.device).unsqueeze(1)
+        cols = [c * d + torch.arange(d, device=c.device)] if d else []
+        if self.has_bias:
+            cols.append(C * d + c)
+        return torch.cat(cols, 1)
 
     def to_dense(self, include_bias: bool = True) -> Tensor:
+        """The block-diagonal-by-units matrix ``[C·p, C·p]`` in the order ``[vec_row-major(W); b]``
+        (``include_bias=False``: its weight part ``[C·d, C·d]``)."""
         C, p, _ = self.blocks.shape
-        M = torch.zeros(p * C, p * C, dtype=self.blocks.dtype, device=self.blocks.device)
-        idx = torch.arange(C)
-        for i in range(p):
-            for j in range(p):
-                M[i * C + idx, j * C + idx] = self.blocks[:, i, j]
-        return M
+        idx = self._dense_index()
+        M = self.blocks.new_zeros(C * p, C * p)
+        M[idx.unsqueeze(2), idx.unsqueeze(1)] = self.blocks
+        if include_bias or not self.has_bias:
+            return M
+        return M[: C * self.fan_in, : C * self.fan_in]
 
     def diag(self) -> "DiagFactor":
-        d = torch.diagonal(self.blocks, dim1=-2, dim2=-1)  # [C, p]
-        out = {"weight": d[:, 0].reshape(self.weight_shape)}
+        dg = torch.diagonal(self.blocks, dim1=-2, dim2=-1).clone()  # [C, p]
+        d = self.fan_in
+        out = {}
+        if self.has_weight:
+            out["weight"] = dg[:, :d].reshape(self.weight_shape)
         if self.has_bias:
-            out["bias"] = d[:, 1].clone()
+            out["bias"] = dg[:, d].reshape(self.bias_shape or (dg.shape[0],))
         return DiagFactor(out)
 
 
@@ -520,6 +558,64 @@ class DiagFactor:
 
 
 _register(DiagFactor)
+
+
+@dataclass(frozen=True)
+class RelaidFactor:
+    """A factor of an affine layer whose weight is stored in another layout than its
+    ``[G·d_out, d_in]`` matrix (a transposed convolution: see
+    :func:`curvfun.layers.affine.weight_as_matrix`). ``inner`` is the factor on the matrix; this
+    wrapper maps gradients in and out (a permutation, no arithmetic) and delegates the rest."""
+
+    inner: Any
+    weight_shape: tuple = ()
+    layout: str = ""
+    groups: int = 1
+
+    _tensor_fields = ("inner",)
+    _static_fields = ("weight_shape", "layout", "groups")
+
+    def _wrap(self, inner: Any) -> "RelaidFactor":
+        return replace(self, inner=inner)
+
+    def matvec(self, grad: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        g = dict(grad)
+        if g.get("weight") is not None:
+            M = weight_as_matrix(g["weight"], self.groups, self.layout)
+            g["weight"] = M.reshape(-1, M.shape[-1])
+        out = self.inner.matvec(g)
+        if "weight" in out:
+            o = out["weight"].shape[0] // self.groups
+            out["weight"] = matrix_as_weight(out["weight"].reshape(self.groups, o, -1), self.weight_shape, self.layout)
+        return out
+
+    def to_dense(self, include_bias: bool = False) -> Tensor:
+        """The inner dense block in the parameters' own order ``[vec_r(W); b]``."""
+        M = self.inner.to_dense(include_bias)
+        perm = layout_permutation(self.weight_shape, self.groups, self.layout)
+        order = torch.arange(M.shape[0])
+        order[: perm.numel()] = torch.argsort(perm)
+        return M[order][:, order]
+
+    def damped_inverse(self, *args, **kwargs) -> "RelaidFactor":
+        return self._wrap(self.inner.damped_inverse(*args, **kwargs))
+
+    def damping(self, *args, **kwargs):
+        return self.inner.damping(*args, **kwargs)
+
+    def eigh(self) -> "RelaidFactor":
+        return self._wrap(self.inner.eigh())
+
+    def ekfac(self, data: LayerData) -> "RelaidFactor":
+        return self._wrap(self.inner.ekfac(data))
+
+    def __getattr__(self, name: str) -> Any:  # A, B, A_inv, ... of the inner factor
+        if name.startswith("_") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+_register(RelaidFactor)
 
 
 # --- factors from captured data ----------------------------------------------------------
@@ -584,10 +680,15 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
         raise ValueError("K-FAC needs a capture with output gradients (fisher_type 'emp', 'mc' or 'exact')")
     m, N = data.module, data.batch_size
     g = _weighted(data.g, data.weights)
-    if data.kind in ("linear", "conv2d"):
+    if data.kind == "affine":
         (am, a_count), (gm, g_count) = factor_rows(data, kfac_type, bias)
-        folded = bias == "folded" and data.has_bias
-        return KronFactor(_gram(am) / a_count, _gram(gm) / g_count, tuple(m.weight.shape), data.has_bias, folded)
+        folded = bias == "folded" and data.has_bias and data.has_weight
+        G = data.a.shape[1]
+        if data.layout:
+            mat_shape = (G * data.g.shape[-1], data.a.shape[-1])
+            inner = KronFactor(_gram(am) / a_count, _gram(gm) / g_count, mat_shape, data.has_bias, folded)
+            return RelaidFactor(inner, data.weight_shape, data.layout, G)
+        return KronFactor(_gram(am) / a_count, _gram(gm) / g_count, data.weight_shape, data.has_bias, folded)
     if data.kind == "embedding":
         ids = data.a  # [N, T]
         valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -602,7 +703,7 @@ def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: st
         u.append(g.sum(2))
     U = torch.stack(u, -1)  # [K, N, C, p]
     blocks = torch.einsum("kncp,kncq->cpq", U, U) / N
-    return UnitWiseFactor(blocks, tuple(m.weight.shape), data.has_bias)
+    return UnitWiseFactor(blocks, data.weight_shape, data.has_bias)
 
 
 def _warn_unsupported(cap: Capture, on_unsupported: str) -> None:
@@ -653,7 +754,7 @@ def kfac(
     if form == "auto":
         from .kron_rows import kron_rows_from_layer
 
-        make = lambda ld: (kron_rows_from_layer(ld, kfac_type, bias) if ld.kind in ("linear", "conv2d")  # noqa: E731
+        make = lambda ld: (kron_rows_from_layer(ld, kfac_type, bias) if ld.kind == "affine" and not ld.layout  # noqa: E731
                            else kron_factors_from_layer(ld, kfac_type, bias))
     else:
         make = lambda ld: kron_factors_from_layer(ld, kfac_type, bias)  # noqa: E731

@@ -228,8 +228,8 @@ def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str =
     Cost: O(R·d) per rows side (a scaled copy), O(R·d²) per dense side."""
     from .kron import _gram, kron_factors_from_layer
 
-    if data.kind not in ("linear", "conv2d"):
-        raise ValueError(f"K-FAC rows exist for Linear / Conv2d layers only, got a {data.kind} layer")
+    if data.kind != "affine":
+        raise ValueError(f"K-FAC rows exist for affine layers (Linear, convolutions) only, got a {data.kind} layer")
     (am, ca), (gm, cb) = factor_rows(data, kfac_type, bias)
     if am.ndim != 2:  # grouped convolution: block-diagonal over groups, always dense
         return kron_factors_from_layer(data, kfac_type, bias)
@@ -238,8 +238,8 @@ def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str =
     B = gm * (1.0 / cb) ** 0.5 if b_rows else _gram(gm) / cb
     folded = bias == "folded" and data.has_bias
     if not (a_rows or b_rows):
-        return KronFactor(A, B, tuple(data.module.weight.shape), data.has_bias, folded)
-    return KronRowsFactor(A, B, a_rows, b_rows, tuple(data.module.weight.shape), data.has_bias, folded)
+        return KronFactor(A, B, data.weight_shape, data.has_bias, folded)
+    return KronRowsFactor(A, B, a_rows, b_rows, data.weight_shape, data.has_bias, folded)
 
 
 # --- the preconditioned gradient straight from the layer's rows ---------------------------------

@@ -74,6 +74,13 @@ RESUME_MUTABLE = frozenset({"steps", "out", "checkpoint_every", "eval_every", "p
                             "threads", "mem_probe_steps", "resume", "eval_batch_size", "amp", "optimizers",
                             "distributed", "dist_backend", "dist_timeout", "ddp"})
 
+#: keys a resumed ``compare`` may change (everything else would make its rows incomparable).
+COMPARE_RESUME_MUTABLE = frozenset({"out", "resume", "progress", "plots", "threads", "device", "mem_probe_steps",
+                                    "eval_batch_size", "distributed", "dist_backend", "dist_timeout"})
+
+#: the files and folders of a run folder (one that holds any of them holds a run)
+RUN_FILES = ("config.yaml", "results.md", "results.json", "metrics.csv", "errors.log", "checkpoints")
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 VALID_KEYS = tuple(_FIELDS)
 
@@ -184,6 +191,24 @@ def build_config(file_values: Optional[Mapping[str, Any]] = None, flag_values: O
 
 
 def dump_config(cfg: Config, path: str) -> None:
+    """The resolved config as YAML (atomically), without ``out`` and ``resume``: the run folder is
+    wherever the file lies, so a copied or moved folder stays self-contained."""
     import yaml
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump({**cfg.to_dict(), "out": None, "resume": None}, fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def run_differences(a: Mapping[str, Any], b: Mapping[str, Any], mutable=RESUME_MUTABLE) -> list:
+    """The keys outside ``mutable`` on which two configs of runs differ, as ``"key: A vs B"``."""
+    def norm(v):
+        return json.loads(json.dumps(v, sort_keys=True, default=str))
+    out = []
+    for key in VALID_KEYS:
+        if key in mutable or (key not in a and key not in b):
+            continue
+        va, vb = norm(a.get(key)), norm(b.get(key))
+        if va != vb:
+            out.append(f"{key}: {va!r} vs {vb!r}")
+    return out

@@ -161,9 +161,11 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only (the CIFAR files hold nothing else)."""
 
     _ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
+    _MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                "numpy._core.numeric"}  # numpy 1 and 2
 
     def find_class(self, module, name):
-        if (module.split(".")[0] == "numpy" and name in self._ALLOWED) or (module, name) == ("_codecs", "encode"):
+        if (module in self._MODULES and name in self._ALLOWED) or (module, name) == ("_codecs", "encode"):
             return super().find_class(module, name)  # _codecs.encode: bytes in protocol-2 pickles of Python 3
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
 

@@ -97,10 +97,20 @@ def distributed_scope(cfg: Config) -> Iterator[Optional[DistContext]]:
         if owned:
             # leave together: a rank that tears gloo down while rank 0 still writes the run folder
             # can abort in gloo's destructor ("terminate called without an active exception")
-            dist.barrier()
+            leave_together()
     finally:
         if owned and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a dead peer's group: nothing left to release cleanly
+                pass
+
+
+def leave_together(barrier=None) -> None:
+    """The closing barrier of a distributed command; a failure (a peer died after its last
+    collective, or the timeout ran out) becomes a :class:`CurvfunDistributedError`."""
+    from .. import distributed as cfd
+    cfd.collective("exit", "closing barrier", None, barrier or dist.barrier)
 
 
 def is_main_rank() -> bool:

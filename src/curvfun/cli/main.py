@@ -10,7 +10,8 @@
     curvfun list                          # optimizers, models, data sets
 
 Exit status: 0 on success, 1 when an optimizer failed during ``compare`` (the others still
-run; the traceback is in ``errors.log``), 2 on a usage error (bad flag, name, key or file).
+run; the traceback is in ``errors.log``), when a data-parallel peer failed, or when a file could
+not be written; 2 on a usage error (bad flag, name, key or file); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated optimizer names, or 'all' (default: all); see `curvfun list`")
     p.add_argument("--hp", action="append", metavar="OPT.KEY=VALUE", default=argparse.SUPPRESS,
                    help="hyper-parameter override, repeatable, e.g. --hp kfac.damping=1e-2")
+    p.add_argument("--resume", default=argparse.SUPPRESS, metavar="FOLDER",
+                   help="continue an interrupted comparison in its run folder: only the optimizers without "
+                   "results there run (those that failed run again)")
     _add_common(p)
 
     p = sub.add_parser("train", help="train one optimizer (checkpoints, --resume)",
@@ -119,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_help("checkpoint_every"))
     p.add_argument("--resume", default=argparse.SUPPRESS, metavar="PATH",
                    help="checkpoint file, or run folder (its latest checkpoint), to continue from; the "
-                   "checkpoint's config is the base, flags may change steps, out, eval and checkpoint settings")
+                   "checkpoint's config is the base, flags may change steps, out, eval and checkpoint settings; "
+                   "the run continues in the folder that holds the checkpoint unless --out is given")
+    p.add_argument("--force-resume", dest="force_resume", action="store_true", default=argparse.SUPPRESS,
+                   help="resume even where the run folder holds another run (other optimizer, model, seed or "
+                   "config); that run's files are first moved to FOLDER/previous-<timestamp>/")
     _add_common(p)
 
     p = sub.add_parser("demo", help="per-sample gradient norms and the Fisher diagonal of a small MLP on digits",
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flag_values(args: argparse.Namespace, command: str) -> Dict[str, Any]:
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "model_arg", "hp")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "model_arg", "hp", "force_resume")}
     if getattr(args, "model_arg", None):
         values["model_args"] = dict(_key_value(t, "--model-arg") for t in args.model_arg)
     if getattr(args, "hp", None):
@@ -184,18 +192,58 @@ def _command_scope():
         torch.set_num_threads(old_threads)
 
 
+def _held_run(path: Optional[str]) -> List[str]:
+    """The run files (config.yaml, results, checkpoints/ ...) a folder already holds."""
+    if not path or not os.path.isdir(path):
+        return []
+    return [f + ("/" if f == "checkpoints" else "") for f in C.RUN_FILES if os.path.exists(os.path.join(path, f))]
+
+
+def _refuse_held_run(out: str, command: str) -> None:
+    held = _held_run(out)
+    if held:
+        raise CliError(f"run folder {out} already holds a run ({', '.join(held)}); continue it with "
+                       f"`curvfun {command} --resume {out}`, or choose another --out (or delete that folder)")
+
+
+def _held_config(path: str) -> Optional[dict]:
+    """The config.yaml of a run folder, read with the schema (None if there is none)."""
+    file = os.path.join(path, "config.yaml")
+    return C.load_config_file(file) if os.path.isfile(file) else None
+
+
+def _move_aside(path: str) -> str:
+    """Move a folder's run files to ``path/previous-<timestamp>/``; returns that folder."""
+    aside = os.path.join(path, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+    base, i = aside, 1
+    while os.path.exists(aside):
+        aside, i = f"{base}-{i}", i + 1
+    os.makedirs(aside)
+    for f in C.RUN_FILES + tuple(n for n in os.listdir(path) if n.endswith(".png")):
+        if os.path.exists(os.path.join(path, f)):
+            os.replace(os.path.join(path, f), os.path.join(aside, f))
+    return aside
+
+
 def _make_run_dir(out: Optional[str]) -> str:
-    if out:
-        if os.path.exists(os.path.join(out, "results.md")):
-            warnings.warn(f"run folder {out} already holds a run; its files are overwritten", stacklevel=2)
-        os.makedirs(out, exist_ok=True)
-        return os.path.abspath(out)
-    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    path, i = base, 1
-    while os.path.exists(path):
-        path, i = f"{base}-{i}", i + 1
-    os.makedirs(path)
-    return os.path.abspath(path)
+    """Create the run folder (``out``, or ``runs/<timestamp>``); its absolute path."""
+    try:
+        if out:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+            return os.path.abspath(out)
+        base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        path, i = base, 1
+        while os.path.exists(path):
+            path, i = f"{base}-{i}", i + 1
+        os.makedirs(path)
+        return os.path.abspath(path)
+    except OSError as exc:
+        raise CliError(f"cannot write the run folder {out or 'runs/'}: {exc.strerror or exc}"
+                       f"{f' ({exc.filename})' if exc.filename else ''}; choose a writable --out") from None
 
 
 def _check_hparams(cfg: C.Config, names: List[str]) -> Dict[str, Dict[str, Any]]:
@@ -224,21 +272,42 @@ def _prepare(cfg: C.Config):
     return device, data
 
 
-def _finish(results, errors, cfg, run_dir) -> int:
-    from .report import write_plots, write_results
-    table = write_results(results, cfg, run_dir)
-    if cfg.plots:
-        write_plots(results, run_dir)
-    if errors:
-        with open(os.path.join(run_dir, "errors.log"), "w", encoding="utf-8") as fh:
-            for name, tb in errors:
-                fh.write(f"== {name}\n{tb}\n")
+class _Outputs:
+    """The run folder's results, rewritten (atomically) as soon as each optimizer ends."""
+
+    def __init__(self, cfg: C.Config, run_dir: str, names: List[str], finished=None):
+        self.cfg, self.run_dir, self.names = cfg, run_dir, list(names)
+        self.results = dict(finished or {})
+        self.errors: List[tuple] = []
+
+    def add(self, result, tb: Optional[str]) -> None:
+        self.results[result.optimizer] = result
+        if tb:
+            self.errors.append((result.optimizer, tb))
+        self.write()
+
+    def ordered(self):
+        return [self.results[n] for n in self.names if n in self.results]
+
+    def write(self) -> str:
+        from .report import _atomic_write, write_plots, write_results
+        table = write_results(self.ordered(), self.cfg, self.run_dir)
+        if self.cfg.plots:
+            write_plots(self.ordered(), self.run_dir)
+        if self.errors:
+            _atomic_write(os.path.join(self.run_dir, "errors.log"),
+                          "".join(f"== {name}\n{tb}\n" for name, tb in self.errors))
+        return table
+
+
+def _finish(outputs: _Outputs) -> int:
+    table = outputs.write()
     print()
     print(table)
-    print(f"run folder: {run_dir}")
-    if errors:
-        print(f"curvfun: {len(errors)} optimizer(s) failed: {', '.join(n for n, _ in errors)} "
-              f"(tracebacks in {os.path.join(run_dir, 'errors.log')})", file=sys.stderr)
+    print(f"run folder: {outputs.run_dir}")
+    if outputs.errors:
+        print(f"curvfun: {len(outputs.errors)} optimizer(s) failed: {', '.join(n for n, _ in outputs.errors)} "
+              f"(tracebacks in {os.path.join(outputs.run_dir, 'errors.log')})", file=sys.stderr)
         return 1
     return 0
 
@@ -264,14 +333,44 @@ def _check_distributable(names: List[str], explicit: bool) -> List[str]:
     return [n for n in names if n not in bad]
 
 
+def _compare_resume(args, folder: str):
+    """(config, finished results) of an interrupted comparison in ``folder``."""
+    from .report import read_finished
+    held = _held_config(folder) if os.path.isdir(folder) else None
+    if held is None:
+        raise CliError(f"compare --resume {folder}: no comparison there (its config.yaml is missing); "
+                       "give the run folder of a `curvfun compare`")
+    base = {**C.Config().to_dict(), **held}
+    cfg = resolve_config(args, "compare", base=base)
+    changed = C.run_differences(base, cfg.to_dict(), mutable=C.COMPARE_RESUME_MUTABLE)
+    if changed:
+        raise CliError(f"cannot change {changed[0].split(':')[0]!r} when resuming a comparison (folder vs command "
+                       f"line: {changed[0].split(': ', 1)[1]}); keys a resumed compare may change: "
+                       f"{', '.join(sorted(C.COMPARE_RESUME_MUTABLE - {'out', 'resume'}))}")
+    if getattr(args, "out", None) and os.path.abspath(args.out) != os.path.abspath(folder):
+        raise CliError("compare --resume continues in the folder it resumes; leave out --out")
+    cfg.out = folder
+    return cfg, read_finished(folder)
+
+
 def cmd_compare(args) -> int:
     from .launch import distributed_scope
     from .optimizers import resolve_names
     from .train import run_many
-    cfg = resolve_config(args, "compare")
-    if cfg.checkpoint_every or cfg.resume:
-        raise CliError("checkpoint_every and resume apply to `curvfun train` (one optimizer), not to compare")
+    resume_dir = getattr(args, "resume", None)
+    if resume_dir is None and getattr(args, "config", None):
+        resume_dir = C.load_config_file(args.config).get("resume")
+    finished = {}
+    if resume_dir:
+        cfg, finished = _compare_resume(args, resume_dir)
+    else:
+        cfg = resolve_config(args, "compare")
+    if cfg.checkpoint_every:
+        raise CliError("checkpoint_every: checkpoints apply to `curvfun train` (one optimizer); compare saves each "
+                       "optimizer's results as soon as it ends (continue an interrupted one with --resume FOLDER)")
     names = resolve_names(cfg.optimizers)
+    if not resume_dir and cfg.out:
+        _refuse_held_run(cfg.out, "compare")
     with distributed_scope(cfg) as dctx:
         if dctx is not None:
             names = _check_distributable(names, explicit="all" not in cfg.optimizers)
@@ -281,13 +380,55 @@ def cmd_compare(args) -> int:
         run_dir = _make_run_dir(cfg.out) if main else None
         cfg.out, cfg.optimizers = run_dir, names
         cfg.hparams = {**cfg.hparams, **hparams}
+        todo = [n for n in names if n not in finished]
+        outputs = _Outputs(cfg, run_dir, names, {n: r for n, r in finished.items() if n in names}) if main else None
         if main:
             C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+            what = (f"; resuming {run_dir}: {len(names) - len(todo)} finished, running {', '.join(todo) or 'none'}"
+                    if resume_dir else "")
             print(f"curvfun compare: {len(names)} optimizers ({', '.join(names)}) on {cfg.data}/{cfg.model}, "
-                  f"{cfg.steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, device {device}{_dist_note(dctx, cfg)}",
-                  flush=True)
-        results, errors = run_many(names, cfg, data, device, run_dir=run_dir)
-        return _finish(results, errors, cfg, run_dir) if main else (1 if errors else 0)
+                  f"{cfg.steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, device {device}"
+                  f"{_dist_note(dctx, cfg)}{what}", flush=True)
+        try:
+            _, errors = run_many(todo, cfg, data, device, run_dir=run_dir, on_result=outputs and outputs.add)
+        except KeyboardInterrupt:
+            if main:
+                done = [r.optimizer for r in outputs.ordered() if not r.status.startswith("error")]
+                print(f"curvfun compare: interrupted; {len(done)} finished optimizer(s) ({', '.join(done) or 'none'}) "
+                      f"are saved in {run_dir}; run the others with `curvfun compare --resume {run_dir}`",
+                      file=sys.stderr)
+            raise
+        return _finish(outputs) if main else (1 if errors else 0)
+
+
+def _resume_target(args, resume: dict):
+    """``(folder, move_aside)``: the folder a resumed run continues in, ``--out`` (or ``out`` of --config)
+    if given, else the run folder that holds the checkpoint (None: a new ``runs/<timestamp>``, for a
+    loose checkpoint file). A folder holding another run is refused; with --force-resume its run
+    files are to be moved aside first (``move_aside``)."""
+    from .train import checkpoint_run_dir
+    explicit = getattr(args, "out", None)
+    if explicit is None and getattr(args, "config", None):
+        explicit = C.load_config_file(args.config).get("out")
+    home = checkpoint_run_dir(resume["path"])
+    target = explicit or home
+    if not target or not _held_run(target):
+        return target, False
+    held = _held_config(target)
+    same_folder = home is not None and os.path.abspath(home) == os.path.abspath(target)
+    if held is not None:
+        diff = C.run_differences(held, resume["config"])
+        problem = (f"its config.yaml differs from the checkpoint's ({'; '.join(diff)}: folder vs checkpoint)"
+                   if diff else None)
+    else:
+        problem = None if same_folder else f"it holds {', '.join(_held_run(target))} of another run"
+    if problem is None:
+        return target, False
+    if not getattr(args, "force_resume", False):
+        raise CliError(f"run folder {target} holds another run than checkpoint {resume['path']}: {problem}. "
+                       f"Resume into a new --out, or pass --force-resume to continue the checkpoint's run in "
+                       f"{target} (that folder's run files are then moved to {target}/previous-<timestamp>/)")
+    return target, True
 
 
 def cmd_train(args) -> int:
@@ -303,7 +444,6 @@ def cmd_train(args) -> int:
         base = dict(resume["config"])
     cfg = resolve_config(args, "train", base=base)
     if resume is not None:
-        cfg.resume = resume["path"]
         changed = [k for k, v in resume["config"].items()
                    if k not in C.RESUME_MUTABLE and getattr(cfg, k) != v]
         if changed:
@@ -313,6 +453,10 @@ def cmd_train(args) -> int:
                            f"{', '.join(sorted(C.RESUME_MUTABLE))}")
         if int(resume["step"]) > cfg.steps:
             raise CliError(f"checkpoint is at step {resume['step']}, beyond steps={cfg.steps}")
+        cfg.resume = resume["path"]
+        cfg.out, move_aside = _resume_target(args, resume)
+    elif cfg.out:
+        _refuse_held_run(cfg.out, "train")
     from .launch import distributed_scope
     get_spec(cfg.optimizer)
     with distributed_scope(cfg) as dctx:
@@ -321,16 +465,27 @@ def cmd_train(args) -> int:
         main = dctx is None or dctx.is_main
         hparams = _check_hparams(cfg, [cfg.optimizer])
         device, data = _prepare(cfg)
+        if main and resume is not None and move_aside:
+            aside = _move_aside(cfg.out)
+            print(f"curvfun train: --force-resume: moved the run files of {cfg.out} to {aside}", file=sys.stderr)
         run_dir = _make_run_dir(cfg.out) if main else None
         cfg.out, cfg.optimizers = run_dir, [cfg.optimizer]
         cfg.hparams = {**cfg.hparams, **hparams}
+        outputs = _Outputs(cfg, run_dir, [cfg.optimizer]) if main else None
         if main:
             C.dump_config(cfg, os.path.join(run_dir, "config.yaml"))
             what = f"resuming {resume['path']} at step {resume['step']}" if resume else "from scratch"
             print(f"curvfun train: {cfg.optimizer} on {cfg.data}/{cfg.model}, {cfg.steps} steps of batch "
                   f"{cfg.batch_size}, seed {cfg.seed}, device {device}, {what}{_dist_note(dctx, cfg)}", flush=True)
-        results, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume)
-        return _finish(results, errors, cfg, run_dir) if main else (1 if errors else 0)
+        try:
+            _, errors = run_many([cfg.optimizer], cfg, data, device, run_dir=run_dir, resume=resume,
+                                 on_result=outputs and outputs.add)
+        except KeyboardInterrupt:
+            if main and cfg.checkpoint_every and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+                print(f"curvfun train: interrupted; continue from the latest checkpoint with "
+                      f"`curvfun train --resume {run_dir}`", file=sys.stderr)
+            raise
+        return _finish(outputs) if main else (1 if errors else 0)
 
 
 def cmd_demo(args) -> int:
@@ -434,4 +589,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `curvfun list | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a file that cannot be written (full disk, permissions) after the checks
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"curvfun {args.command}: error: {exc.strerror or exc}{where}; check the run folder (--out) is "
+              f"writable and has space", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from ..distributed import CurvfunDistributedError
+        if not isinstance(exc, CurvfunDistributedError):
+            raise
+        print(f"curvfun {args.command}: error: {exc}", file=sys.stderr)
         return 1

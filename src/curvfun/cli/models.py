@@ -199,4 +199,31 @@ def build_model(name: str, data_info: dict, model_args: dict | None = None) -> n
     unknown = [k for k in model_args if k not in valid]
     if unknown:
         raise CliError(f"unknown model_args {unknown} for model {name!r}; valid: {', '.join(valid)}")
-    return cls(**{a: data_info[a] for a in data_args}, **model_args)
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in model_args.items():
+        _check_model_arg(name, key, value, params[key].default)
+    try:
+        return cls(**{a: data_info[a] for a in data_args}, **model_args)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CliError(f"model {name!r} cannot be built with model_args {model_args}: {exc}") from None
+
+
+def _check_model_arg(model: str, key: str, value, default) -> None:
+    """A model argument must have its default's kind: an int, a float, a bool or a list of ints."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = is_int(value) and value > 0, "a positive integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (tuple, list)):
+        ok, kind = isinstance(value, (list, tuple)) and all(is_int(v) and v > 0 for v in value), \
+            "a list of positive integers"
+    else:
+        return
+    if not ok:
+        example = f"[{', '.join(map(str, default))}]" if isinstance(default, (tuple, list)) else str(default).lower()
+        raise CliError(f"model_args {key!r} of model {model!r} must be {kind}, got {value!r} "
+                       f"(e.g. --model-arg {key}={example})")

@@ -26,6 +26,7 @@ when named explicitly.
 from __future__ import annotations
 
 import importlib
+import json
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ class OptimizerSpec:
             if key not in hp:
                 raise CliError(f"unknown hyper-parameter {key!r} for optimizer {self.name!r}; "
                                f"valid: {', '.join(hp) or '(none)'}")
+            _check_kind(self.name, key, value, hp[key])
             hp[key] = value
         return hp
 
@@ -162,6 +164,22 @@ class OptimizerSpec:
         if not self.available():
             raise CliError(f"optimizer {self.name!r} needs {'.'.join(self.requires)}, which this build lacks")
         return self.factory(model, dict(hp), ctx)
+
+
+def _check_kind(opt: str, key: str, value: Any, default: Any) -> None:
+    """A hyper-parameter keeps its default's kind: number, bool, string or list (None: any)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    checks = ((bool, lambda v: isinstance(v, bool), "true or false"), (int, number, "a number"),
+              (float, number, "a number"), (str, lambda v: isinstance(v, str), "a string"),
+              ((list, tuple), lambda v: isinstance(v, (list, tuple)), "a list"))
+    for kind, ok, what in checks:
+        if isinstance(default, kind):
+            if not ok(value):
+                shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+                raise CliError(f"hyper-parameter {key!r} of optimizer {opt!r} must be {what}, got {value!r} "
+                               f"(its default: {shown})")
+            return
 
 
 REGISTRY: Dict[str, OptimizerSpec] = {}
@@ -317,8 +335,8 @@ for _spec in [
                   requires=(_P, "LowRankKfacGradientMaker"), model_defaults=_KFAC_CNN),
     OptimizerSpec("diag_ng", "diagonal natural gradient + SGD", _maker("DiagNaturalGradientMaker"),
                   _ng(damping=0.1), requires=(_P, "DiagNaturalGradientMaker")),
-    OptimizerSpec("unitwise_ng", "unit-wise natural gradient on BatchNorm/LayerNorm (plain SGD elsewhere)",
-                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.1), requires=(_P, "UnitWiseNaturalGradientMaker")),
+    OptimizerSpec("unitwise_ng", "unit-wise natural gradient (one block per output unit) + SGD",
+                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.01), requires=(_P, "UnitWiseNaturalGradientMaker")),
     # no EMA: the blocks stay as N x N push-through solves (with EMA they are dense P x P blocks)
     OptimizerSpec("layerwise_ng", "layer-wise (one block per layer) natural gradient + SGD",
                   _maker("LayerWiseNaturalGradientMaker"), _ng(damping=0.3, ema_decay=-1),

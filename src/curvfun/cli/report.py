@@ -15,11 +15,13 @@ Files written to the run folder:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
+from .config import CliError
 from .train import METRIC_FIELDS, RunResult
 
 
@@ -50,13 +52,23 @@ def results_table(results: Sequence[RunResult], cfg) -> str:
     return "\n".join([title, "", line(header), sep, *(line(r) for r in rows)]) + "\n"
 
 
+def _atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then ``os.replace`` it: a reader (or a
+    crash) sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def write_metrics_csv(results: Sequence[RunResult], path: str) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(METRIC_FIELDS))
-        w.writeheader()
-        for r in results:
-            for row in r.rows:
-                w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(METRIC_FIELDS))
+    w.writeheader()
+    for r in results:
+        for row in r.rows:
+            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+    _atomic_write(path, buf.getvalue())
 
 
 def read_metrics_csv(path: str) -> List[dict]:
@@ -66,13 +78,47 @@ def read_metrics_csv(path: str) -> List[dict]:
 
 
 def write_results(results: Sequence[RunResult], cfg, run_dir: str) -> str:
+    """metrics.csv, then results.json (what :func:`read_finished` trusts), then results.md; each
+    replaced atomically. Called after every optimizer, so an interrupt loses nothing finished."""
     table = results_table(results, cfg)
-    with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(table)
-    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump([_jsonable(r.summary()) for r in results], fh, indent=2)
     write_metrics_csv(results, os.path.join(run_dir, "metrics.csv"))
+    _atomic_write(os.path.join(run_dir, "results.json"),
+                  json.dumps([_jsonable(r.summary()) for r in results], indent=2))
+    _atomic_write(os.path.join(run_dir, "results.md"), table)
     return table
+
+
+def read_finished(run_dir: str) -> Dict[str, RunResult]:
+    """The optimizers a run folder holds complete results of (results.json rows without an error
+    status whose metrics.csv rows reach their last step), rebuilt as results for the table."""
+    try:
+        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as fh:
+            summaries = json.load(fh)
+        rows = read_metrics_csv(os.path.join(run_dir, "metrics.csv"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the results of {run_dir} ({exc}); start the comparison again in a new "
+                       "--out") from None
+    out = {}
+    for s in summaries if isinstance(summaries, list) else []:
+        if not isinstance(s, dict) or str(s.get("status", "error")).startswith("error"):
+            continue
+        name = s.get("optimizer")
+        mine = [dict(r, step=int(r["step"])) for r in rows if r["optimizer"] == name]
+        if not mine or mine[-1]["step"] != s.get("steps"):
+            continue
+        task = "lm" if "test_perplexity" in s else "classification"
+        r = RunResult(name, s.get("hparams") or {}, task, status=s["status"], steps_done=s["steps"], rows=mine,
+                      peak_mem_mb=s.get("peak_mem_mb"))
+        nan = float("nan")
+        r.measured = {k: nan if s.get(k) is None else s[k] for k in ("time_per_step_ms", "steps_per_s", "train_time_s")}
+        evaluated = [x for x in mine if x.get("test_loss") is not None]
+        if evaluated:
+            r.final = {k: evaluated[-1][k] for k in ("train_loss", "test_loss", "test_accuracy", "test_perplexity")
+                       if evaluated[-1].get(k) is not None}
+        out[name] = r
+    return out
 
 
 def _jsonable(obj):
@@ -112,8 +158,10 @@ def write_plots(results: Sequence[RunResult], run_dir: str) -> List[str]:
             ax.legend(fontsize=7, ncol=1 + len(results) // 16, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                       borderaxespad=0.0)
         fig.tight_layout()
-        fig.savefig(path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        fig.savefig(tmp, format="png")
         plt.close(fig)
+        os.replace(tmp, path)
         paths.append(path)
 
     paths = []

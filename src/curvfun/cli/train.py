@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,8 @@ from .optimizers import BuildContext, get_spec
 METRIC_FIELDS = ("optimizer", "step", "time_s", "batch_loss", "train_loss", "test_loss", "test_accuracy",
                  "test_perplexity")
 CHECKPOINT_FORMAT = "curvfun-checkpoint-1"
+#: a run has diverged once its batch loss is not finite or exceeds this multiple of its first batch loss
+DIVERGENCE_FACTOR = 10.0
 
 
 @dataclass
@@ -57,17 +60,25 @@ class RunResult:
     model: Any = None
     optimizer_obj: Any = None
     grad_maker: Any = None
+    #: the timings of a result read back from a run folder (its step times are not kept there)
+    measured: Optional[Dict[str, float]] = None
 
     @property
     def train_time(self) -> float:
+        if self.measured is not None:
+            return self.measured["train_time_s"]
         return float(sum(self.step_times))
 
     @property
     def time_per_step_ms(self) -> float:
+        if self.measured is not None:
+            return self.measured["time_per_step_ms"]
         return 1e3 * statistics.median(self.step_times) if self.step_times else float("nan")
 
     @property
     def steps_per_s(self) -> float:
+        if self.measured is not None:
+            return self.measured["steps_per_s"]
         return len(self.step_times) / self.train_time if self.step_times and self.train_time > 0 else float("nan")
 
     def summary(self) -> dict:
@@ -221,9 +232,13 @@ def checkpoint_path(run_dir: str, step: int) -> str:
 
 
 def save_checkpoint(path: str, *, step, name, cfg: Config, model, optimizer, grad_maker, rows, step_times):
+    """Write one checkpoint atomically (temporary file, then ``os.replace``). It holds tensors,
+    numbers, strings and containers only (loadable with ``weights_only=True``) and no path: the
+    run folder is wherever the file lies (see :func:`checkpoint_run_dir`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
-        "format": CHECKPOINT_FORMAT, "step": step, "optimizer_name": name, "config": cfg.to_dict(),
+        "format": CHECKPOINT_FORMAT, "step": step, "optimizer_name": name,
+        "config": {**cfg.to_dict(), "out": None, "resume": None},
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "grad_maker": grad_maker.state_dict() if hasattr(grad_maker, "state_dict") else None,
         "rng": {"torch": torch.get_rng_state(),
@@ -248,17 +263,45 @@ def find_checkpoint(path: str) -> str:
     return path
 
 
+def checkpoint_run_dir(path: str) -> Optional[str]:
+    """The run folder a checkpoint file belongs to (``RUN/checkpoints/step_N.pt`` -> ``RUN``), or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+#: key -> type of every entry a curvfun checkpoint must hold
+_CHECKPOINT_KEYS = {"step": int, "optimizer_name": str, "config": dict, "model": dict, "optimizer": dict,
+                    "rng": dict, "metrics": list, "step_times": list}
+
+
 def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` only: tensors, numbers, strings and
+    containers; anything else (a pickled object, a function call) is refused, never executed."""
     path = find_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # grad-maker states may hold objects beyond tensors and containers
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CliError(f"could not read checkpoint {path}: {exc}") from None
+    except Exception as exc:
+        text = str(exc)
+        culprit = re.search(r"GLOBAL ([\w.]+)", text)
+        if culprit:
+            why = (f"it refers to the Python object {culprit.group(1)}, not only to tensors, numbers, strings and "
+                   "containers; curvfun's own checkpoints never do, and unpickling such a file could run code it "
+                   "carries")
+        else:
+            unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            detail = unpickler.group(1).strip() if unpickler else (text.strip().splitlines() or [""])[0]
+            why = f"it is not a readable torch file ({type(exc).__name__}: {detail})"
+        raise CliError(f"refusing to load checkpoint {path}: {why}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CliError(f"{path} is not a curvfun checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    wrong = [f"{k!r} is a {type(state[k]).__name__}, not a {t.__name__}" for k, t in _CHECKPOINT_KEYS.items()
+             if k in state and not isinstance(state[k], t)]
+    if missing or wrong or "torch" not in state["rng"]:
+        what = (f"missing {', '.join(map(repr, missing))}" if missing else
+                "; ".join(wrong) if wrong else "missing 'rng'['torch']")
+        raise CliError(f"checkpoint {path} is incomplete or damaged ({what}); resume from another checkpoint "
+                       f"of the run (its checkpoints/ folder) or start the run again")
     state["path"] = path
     return state
 
@@ -322,6 +365,8 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    # the divergence reference: the batch loss of step 1 (restored with the metrics on resume)
+    first_loss = next((r["batch_loss"] for r in result.rows if r["step"] == 1 and r["batch_loss"] is not None), None)
     result.model, result.optimizer_obj, result.grad_maker = model, optimizer, grad_maker
     result.steps_done = start
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{name:>12}", disable=not (cfg.progress and main), leave=True,
@@ -346,12 +391,17 @@ def run_optimizer(name: str, cfg: Config, data, init_state, device, *, run_dir: 
             done = step + 1
             result.steps_done = done
             metrics = None
-            diverged = not math.isfinite(loss_value)
+            if first_loss is None:
+                first_loss = loss_value
+            diverged = not math.isfinite(loss_value) or (
+                math.isfinite(first_loss) and loss_value > DIVERGENCE_FACTOR * abs(first_loss))
             if main and (done % cfg.eval_every == 0 or done == cfg.steps or diverged):
                 metrics = evaluate(model, data, eval_sets, device, cfg.eval_batch_size, autocast)
             result.rows.append(_row(name, done, result.train_time, loss_value, metrics))
             if diverged:
-                result.status = f"diverged at step {done}"
+                why = "non-finite loss" if not math.isfinite(loss_value) else (
+                    f"loss {loss_value:.4g} > {DIVERGENCE_FACTOR:g} x first loss {first_loss:.4g}")
+                result.status = f"diverged at step {done} ({why})"
                 break
             if run_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                 save_checkpoint(checkpoint_path(run_dir, done), step=done, name=name, cfg=cfg, model=model,
@@ -388,15 +438,21 @@ def _row(name, step, time_s, batch_loss, metrics) -> dict:
     return row
 
 
-def run_many(names, cfg: Config, data, device, *, run_dir=None, resume=None, on_error="record"):
-    """Run each optimizer from the same initial parameters; errors are recorded (or raised)."""
+def run_many(names, cfg: Config, data, device, *, run_dir=None, resume=None, on_error="record", on_result=None):
+    """Run each optimizer from the same initial parameters; errors are recorded (or raised).
+
+    ``on_result(result, error_traceback_or_None)`` is called as soon as each optimizer ends (the
+    caller writes its results then). A failed collective (:class:`CurvfunDistributedError`) ends
+    the whole run: the other ranks cannot go on without the failed one."""
+    from ..distributed import CurvfunDistributedError
     torch.manual_seed(cfg.seed)
     init_state = {k: v.clone() for k, v in build_model(cfg.model, data.info, cfg.model_args).state_dict().items()}
     results, errors = [], []
     for i, name in enumerate(names):
+        tb = None
         try:
-            results.append(run_optimizer(name, cfg, data, init_state, device, run_dir=run_dir, resume=resume))
-        except CliError:
+            r = run_optimizer(name, cfg, data, init_state, device, run_dir=run_dir, resume=resume)
+        except (CliError, CurvfunDistributedError):
             raise
         except Exception as exc:
             if on_error == "raise":
@@ -406,5 +462,7 @@ def run_many(names, cfg: Config, data, device, *, run_dir=None, resume=None, on_
             print(f"curvfun: optimizer {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             r = RunResult(name, get_spec(name).hyperparameters(cfg.hparams.get(name), cfg.model), data.task,
                           status=f"error: {type(exc).__name__}: {str(exc)[:80]}")
-            results.append(r)
+        results.append(r)
+        if on_result is not None:
+            on_result(r, tb)
     return results, errors

@@ -92,6 +92,8 @@ from torch import Tensor, nn
 
 from .. import distributed as cfd
 from ..capture import LayerRecord, ModuleInfo, layer_kind
+from ..layers.conv import conv_pads
+from ..layers.registry import handler_for
 from ..diag_kron import (
     EMA_MODES,
     DiagKron,
@@ -118,10 +120,19 @@ def _check_number(name: str, value: Any, ok: Callable[[float], bool], what: str)
 def _supported_reason(name: str, module: nn.Module) -> str | None:
     if layer_kind(module) is None:
         return f"unsupported layer class {type(module).__name__}"
+    h = handler_for(module)
+    if h.family == "affine" and h.weight_layout(module):
+        return f"{type(module).__name__} (a weight layout other than [out, in]: no diagonal Kronecker factors)"
     own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     if not own <= {"weight", "bias"}:
         return f"{type(module).__name__} with parameters {sorted(own)} (expected weight/bias)"
     return None
+
+
+def _symmetric_zero_padded_conv2d(module: nn.Module) -> bool:
+    """Whether :func:`~curvfun.diag_kron.conv2d_diag_kron` applies (zero padding, equal sides)."""
+    return (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
+            and all(lo == hi for lo, hi in conv_pads(module)))
 
 
 class _AdaFisherBase(torch.optim.Optimizer):
@@ -291,7 +302,7 @@ class _AdaFisherBase(torch.optim.Optimizer):
                 scale = float(x.shape[0]) if self.loss_reduction == "mean" else 1.0
                 grads.append((g * scale).unsqueeze(0))
             inputs = [e[0] for e in done]
-            if info.kind == "conv2d":  # the same diagonals without im2col
+            if _symmetric_zero_padded_conv2d(info.module):  # the same diagonals without im2col
                 news[name] = conv2d_diag_kron(inputs, grads, info.module, "bias" in info.keys)
             else:
                 news[name] = diag_kron_factors(layer_data(LayerRecord(info, inputs=inputs, grads=grads), None))

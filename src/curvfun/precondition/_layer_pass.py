@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..capture import LayerRecord, ModuleInfo, _check_versions, layer_kind
 from ..layers import LayerData, layer_data
+from ..layers.registry import LayerHandler, handler_for
 
 __all__ = [
     "module_infos", "eps_leaves", "records_to_data", "linear_or_conv_reason", "user_reduction", "backward_with_rows",
@@ -25,12 +26,13 @@ __all__ = [
 
 
 def linear_or_conv_reason(module: nn.Module) -> str | None:
-    """None for a Linear / Conv2d the capture supports, else why not."""
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        return f"unsupported layer class {type(module).__name__} (Linear and Conv2d only)"
-    if layer_kind(module) is None:
-        return f"unsupported layer class {type(module).__name__} with padding_mode={module.padding_mode!r} / padding={module.padding!r}"
-    return None
+    """None for a layer the registry serves as a plain affine map with ``weight`` / ``bias`` stored
+    as ``[out, in...]`` (Linear, Conv1d/2d/3d), else why not."""
+    h = handler_for(module)
+    if h is None or h.family != "affine" or h.params != LayerHandler.params or h.weight_layout(module):
+        return f"unsupported layer class {type(module).__name__} (Linear and convolutions only)"
+    why = h.reason(module)
+    return None if why is None else f"unsupported layer {why}"
 
 
 def module_infos(modules: Mapping[str, nn.Module]) -> dict[str, ModuleInfo]:

@@ -66,7 +66,9 @@ from .config import (
     resolve_schedule,
 )
 from ..precision import autocast_as, autocast_state, full_precision
+from ..layers.registry import handler_for
 from .dummy import DummyObject, contains_dummy, default_logits_dummy, replace_dummies, replay
+from . import guards
 
 __all__ = [
     "GradientMaker",
@@ -364,6 +366,7 @@ class GradientMaker:
                 "gm.setup_model_call(model, x) and gm.setup_loss_call(loss_fn, dummy_y, t) first"
             )
         self._require_loss_setup()
+        guards.check_nonempty_batch(self, self._model_args, self._model_kwargs)
 
     def _record_pass(self, model_output: Any, loss: Tensor) -> None:
         """For subclasses that compute the gradient themselves (e.g. functionally) and write it into
@@ -408,6 +411,19 @@ class GradientMaker:
             return replay(self._dummy_loss, output)
         args = replace_dummies(tuple(self._loss_fn_args), output)
         kwargs = replace_dummies(dict(self._loss_fn_kwargs), output)
+        try:
+            return self._call_loss_fn(args, kwargs, reduction)
+        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+            from ..losses import swapped_arguments
+
+            if len(args) >= 2 and not isinstance(self._loss_fn_args[0], DummyObject):
+                why = swapped_arguments(args[0], args[1], "the loss's first argument", "the second",
+                                        "call gm.setup_loss_call(loss_fn, dummy_y, t) with the dummy output first")
+                if why:
+                    raise ValueError(f"{type(self).__name__}: loss_fn failed ({type(e).__name__}: {e}); {why}") from e
+            raise
+
+    def _call_loss_fn(self, args: tuple, kwargs: dict, reduction: str | None) -> Tensor:
         fn = self._loss_fn
         if reduction is None:
             return fn(*args, **kwargs)
@@ -602,6 +618,36 @@ def assign_modules(
 # ==============================================================================================
 
 
+def model_structure_signature(model: nn.Module) -> tuple:
+    """Which modules hold which parameters, and which are trainable: compared each step to
+    detect a changed model. O(#modules + #parameters), no tensor work."""
+    return tuple(
+        (name, id(m), tuple((k, id(p), p.requires_grad) for k, p in m.named_parameters(recurse=False)))
+        for name, m in unwrap_model(model).named_modules()
+    )
+
+
+def describe_structure_change(old: tuple, new: tuple) -> str:
+    """The modules added / removed / replaced and the parameters frozen / unfrozen, in words."""
+    before, after = {n: (i, ps) for n, i, ps in old}, {n: (i, ps) for n, i, ps in new}
+    parts = []
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    replaced = [n for n in after if n in before and after[n][0] != before[n][0]]
+    frozen, unfrozen = [], []
+    for n in after:
+        if n in before and n not in replaced:
+            was = {k: g for k, _, g in before[n][1]}
+            for k, _, g in after[n][1]:
+                if k in was and was[k] != g:
+                    (unfrozen if g else frozen).append(f"{n}.{k}" if n else k)
+    for what, names in (("added", added), ("removed", removed), ("replaced", replaced), ("frozen", frozen),
+                        ("unfrozen", unfrozen)):
+        if names:
+            parts.append(f"{what}: {names}")
+    return "; ".join(parts) or "parameters re-registered"
+
+
 def _tensor_finite(t: Tensor) -> bool:
     """One reduction instead of isfinite's passes: the sum is finite only if every entry is (a NaN
     or Inf entry makes it NaN or Inf); a non-finite sum may be an overflow of huge finite entries,
@@ -702,10 +748,37 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     * from :class:`GradientMaker`: ``forward()``, ``backward()``, ``loss_from_output(output,
       reduction)``, ``logits_from_output(output)``, ``model_output_at(params)`` (pure functions
       of the registered calls, for ``torch.func``), ``self.logits``.
+
+    Changes after construction, checked at the start of every step (:mod:`curvfun.precondition.guards`;
+    tuples of values are compared, O(#config fields + #settings), no tensor work):
+
+    * an edited ``config`` field (or a new config object) is validated with the config's own message
+      (``PreconditioningConfig.validate``) and the maker's constraints (:meth:`_check_config`); an
+      edited own setting (``_settings``, e.g. Shampoo's ``block_size``) by :meth:`_check_settings`;
+      an edited ``ignore_modules`` rebuilds the maker as a changed model does (:meth:`setup_model_call`);
+    * ``setup_model_call`` with a module that neither is, contains nor belongs to the maker's model
+      raises :class:`~curvfun.precondition.guards.ModelChangedError` (a plain function or lambda
+      cannot be checked): its curvature would be another model's;
+    * a batch of 0 samples (the first tensor argument of the model call) raises ``ValueError``;
+    * the dense matrices a maker allocates (:meth:`_dense_requests`: the full and layer-wise natural
+      gradient with EMA, Newton) are checked against :mod:`curvfun.memory`'s dense limit at
+      construction and after a change.
+
+    ``load_state_dict`` refuses factors whose shapes differ from this maker's current state (where it
+    has one) or, for Kronecker factors, do not fit their layer's weight.
     """
 
     _supported_classes: tuple[type, ...] | None = None
     _state_attributes: tuple[str, ...] = ()
+    #: the maker's own settings (attribute names): re-validated by :meth:`_check_settings` when edited
+    _settings: tuple[str, ...] = ()
+    #: state attributes whose tensor shapes depend on the batch (not compared at load)
+    _data_shaped_state: tuple[str, ...] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)  # to rebuild the assignment when the model changes
+        return self
 
     def __init__(
         self,
@@ -725,6 +798,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         if config is None:
             config = PreconditioningConfig()
         super().__init__(model, config)  # type-checks and validates config
+        self._check_config(config)
         self.config: PreconditioningConfig = config
         self.state: dict[str, Any] = {"step": 0}  # ASDL's attribute; the step lives here
         root = unwrap_model(model)
@@ -748,8 +822,24 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
             [type(self).__name__, self._model_structure(), list(self.preconditioned_modules)],
             f"model structure or preconditioned layers of {type(self).__name__}",
         )
+        guards.check_dense_requests(self)
+        guards.snapshot(self)
 
     # --- module assignment ------------------------------------------------------------------------
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        """Raise if ``config`` (already valid) does not suit this maker; run at construction and at the
+        first step after a config field was edited. Default: nothing."""
+
+    def _check_settings(self) -> None:
+        """Raise if one of the maker's own ``_settings`` is invalid; run at the first step after one
+        was edited. Default: nothing."""
+
+    def _dense_requests(self) -> list[tuple[str, tuple, torch.dtype, torch.device, str]]:
+        """The dense matrices the maker will allocate, as ``(what, shape, dtype, device, instead)``;
+        checked against the dense limit (:mod:`curvfun.memory`) at construction and after a config or
+        model change. Default: none."""
+        return []
+
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         """Why this maker cannot precondition ``module`` (None: it can). Default: not an instance of
         ``_supported_classes``."""
@@ -765,11 +855,9 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self.plain_modules: dict[str, str] = a.plain
         self.plain_parameters: dict[str, str] = a.plain_parameters
         self._param_owner = {
-            id(p): (name, local)
-            for name, m in a.preconditioned.items()
-            for local, p in m.named_parameters(recurse=False)
-            if p.requires_grad
+            id(p): (name, role) for name in a.preconditioned for role, p in self.module_params(name).items()
         }
+        self._structure = model_structure_signature(self.model)
         if a.unmatched_ignores:
             names = [n for n, _ in unwrap_model(self.model).named_modules() if n][:20]
             warnings.warn(
@@ -779,11 +867,38 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
                 stacklevel=3,
             )
 
+    def setup_model_call(self, model_fn: Callable, *args: Any, **kwargs: Any) -> DummyObject:
+        """As :meth:`GradientMaker.setup_model_call`; first, when the model's modules or trainable
+        parameters changed since the assignment (a layer added, removed or replaced, a parameter
+        frozen or unfrozen), the maker is rebuilt on the model as it is now (same arguments, same
+        step count and random state), with a warning naming what changed: every layer's curvature
+        restarts at its next update (plain gradient until then). A module that neither is, contains
+        nor belongs to the maker's model is refused (:func:`~curvfun.precondition.guards.check_model_call`)."""
+        guards.check_model_call(self, model_fn)
+        now = model_structure_signature(self.model)
+        if now != self._structure:
+            self._rebuild(describe_structure_change(self._structure, now))
+        return super().setup_model_call(model_fn, *args, **kwargs)
+
+    def _rebuild(self, change: str) -> None:
+        step, rng = self.state["step"], self.generator.get_state()
+        args, kwargs = self._init_args
+        warnings.warn(f"{type(self).__name__}: the model changed since the maker was built ({change}); layers "
+                      f"re-assigned, curvature restarts at the next update", UserWarning, stacklevel=3)
+        type(self).__init__(self, *args, **kwargs)
+        self.state["step"] = step
+        self.generator.set_state(rng)
+
     def module_params(self, name: str) -> dict[str, nn.Parameter]:
-        """The trainable parameters of preconditioned layer ``name`` (local name -> parameter)."""
+        """The trainable parameters of preconditioned layer ``name`` by their role in the layer
+        registry (``"weight"`` / ``"bias"``; MultiheadAttention's ``in_proj_weight`` is its
+        ``"weight"``), or by local name for a module the registry does not serve."""
         if name not in self.preconditioned_modules:
             raise KeyError(f"{name!r} is not a preconditioned module; these are: {list(self.preconditioned_modules)}")
-        return {k: p for k, p in self.preconditioned_modules[name].named_parameters(recurse=False) if p.requires_grad}
+        m = self.preconditioned_modules[name]
+        h = handler_for(m)
+        return {(h.role_of(k) if h is not None else None) or k: p
+                for k, p in m.named_parameters(recurse=False) if p.requires_grad}
 
     def module_name_of(self, param: Tensor) -> tuple[str, str] | None:
         """``(layer name, local name)`` of a preconditioned parameter, matched by identity; None for
@@ -871,6 +986,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
         self._require_ready()
+        guards.check_step(self)
         step = self.step
         if not self._reported:
             self.report_preconditioned_modules()
@@ -1047,6 +1163,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
                 UserWarning,
                 stacklevel=2,
             )
+        guards.check_state_shapes(self, state_dict["maker_state"])
         self._load_extra_state(state_dict["maker_state"])
         self.generator.set_state(state_dict["generator"].clone())
         self.state["step"] = int(state_dict["step"])

@@ -39,7 +39,7 @@ Differences from ASDL 0.1 (``asdl/precondition/kbfgs.py``):
 * With ``ema_decay=-1`` (the config default) A is the latest batch's; ASDL computes
   ``A·(1 - (-1)) + (-1)·A_new``, i.e. 2A − A_new, so it needs an explicit ``ema_decay``.
 * The mini-batch Hessian action divides by N·T (ASDL's sums over the batch without dividing).
-* Conv2d with ``groups > 1`` is left plain (reported as unsupported).
+* Convolutions with ``groups > 1`` are left plain (reported as unsupported).
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ from .config import PreconditioningConfig
 __all__ = ["KronBfgsGradientMaker"]
 
 
+def _check_kbfgs_args(mu1, minibatch_hessian_action) -> None:
+    if isinstance(mu1, bool) or not isinstance(mu1, (int, float)) or not 0 < mu1 < 1:
+        raise ValueError(f"mu1 (Powell's damping threshold) must be in (0, 1), got {mu1!r}")
+    if not isinstance(minibatch_hessian_action, bool):
+        raise TypeError(f"minibatch_hessian_action must be a bool, got {minibatch_hessian_action!r}")
+
+
 class KronBfgsGradientMaker(PreconditionedGradientMaker):
     """K-BFGS with Powell and Levenberg-Marquardt damping (see the module docstring).
 
@@ -74,8 +81,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
     _local_curvature = True
 
-    _supported_classes = (nn.Linear, nn.Conv2d)
     _state_attributes = ("A", "H_a", "H_g", "snapshot", "pending", "pending_fresh")
+    _settings = ("mu1", "minibatch_hessian_action")
 
     def __init__(
         self,
@@ -86,18 +93,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if isinstance(mu1, bool) or not isinstance(mu1, (int, float)) or not 0 < mu1 < 1:
-            raise ValueError(f"mu1 (Powell's damping threshold) must be in (0, 1), got {mu1!r}")
-        if not isinstance(minibatch_hessian_action, bool):
-            raise TypeError(f"minibatch_hessian_action must be a bool, got {minibatch_hessian_action!r}")
-        if isinstance(config, PreconditioningConfig):
-            config.validate()
-            if not config.damping > 0:
-                raise ValueError(
-                    f"KronBfgsGradientMaker needs damping > 0 (the Levenberg-Marquardt damping of the B side "
-                    f"and the Tikhonov damping of A), got damping={config.damping}"
-                )
-        elif config is None:
+        _check_kbfgs_args(mu1, minibatch_hessian_action)
+        if config is None:
             config = PreconditioningConfig(damping=1e-3)
         super().__init__(model, config, seed=seed)
         self.minibatch_hessian_action = minibatch_hessian_action
@@ -111,9 +108,19 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         self.pending: dict[str, dict[str, Tensor]] = {}
         self.pending_fresh = False
 
+    def _check_settings(self) -> None:
+        _check_kbfgs_args(self.mu1, self.minibatch_hessian_action)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if not config.damping > 0:
+            raise ValueError(
+                f"KronBfgsGradientMaker needs damping > 0 (the Levenberg-Marquardt damping of the B side "
+                f"and the Tikhonov damping of A), got damping={config.damping}"
+            )
+
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         reason = linear_or_conv_reason(module)
-        if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
+        if reason is None and getattr(module, "groups", 1) != 1:
             return f"unsupported layer class Conv2d with groups={module.groups} (K-BFGS needs groups=1)"
         return reason
 
@@ -155,9 +162,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
                 leaves = eps_leaves(records)
                 grads = torch.autograd.grad(loss0, leaves, allow_unused=True) if leaves else []
             for name, data in records_to_data(records, 1.0, list(grads)).items():
-                key = self._keys[name]
-                w0 = self.snapshot[key["weight"]]
-                b0 = self.snapshot[key["bias"]] if "bias" in key else None
+                w0, b0 = self._weight_and_bias(name, self.snapshot)
                 before[name] = self._layer_stats(data, w0, b0, second_moment=False)
         with record_layers(infos) as records:
             self.forward()
@@ -168,8 +173,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         pending = {}
         need_A = not (self.minibatch_hessian_action and self.H_a)
         for name, data in records_to_data(records, 1.0).items():
-            ps = self.module_params(name)
-            w, b = ps["weight"].detach(), (ps["bias"].detach() if "bias" in ps else None)
+            w, b = self._weight_and_bias(name)
             st = self._layer_stats(data, w, b, second_moment=need_A)
             entry = {"a_mean": st["a_mean"], "T": torch.tensor(st["T"])}
             if "A_batch" in st:
@@ -187,6 +191,20 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         self.pending_fresh = True
         self.snapshot = {k: p.detach().clone() for k, p in unwrap_model(self.model).named_parameters() if p.requires_grad}
         del out
+
+    def _weight_and_bias(self, name: str, snapshot: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """The layer's weight and bias (detached) for its pre-activations: from ``snapshot`` where
+        it holds them (trainable ones), else the module's own (a frozen weight or bias)."""
+        m = self.preconditioned_modules[name]
+        key = self._keys[name]
+        out = []
+        for local in ("weight", "bias"):
+            if snapshot is not None and local in key:
+                out.append(snapshot[key[local]])
+            else:
+                p = getattr(m, local, None)
+                out.append(None if p is None else p.detach())
+        return out[0], out[1]
 
     @property
     def _keys(self) -> dict[str, dict[str, str]]:
@@ -239,7 +257,11 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             if H_a is None or H_g is None:
                 continue
             ps = self.module_params(name)
-            w, b = ps["weight"], ps.get("bias")
+            w, b = ps.get("weight"), ps.get("bias")
+            if w is None:  # frozen weight: the bias by its own block H_g
+                if b is not None and b.grad is not None:
+                    b.grad.copy_(H_g @ b.grad)
+                continue
             if w.grad is None:
                 continue
             Gw, gb = kbfgs_precondition(H_g, H_a, w.grad.reshape(w.shape[0], -1), None if b is None else b.grad)

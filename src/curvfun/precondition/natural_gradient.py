@@ -65,6 +65,7 @@ from ..kron_rows import (
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
+from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
 from ._layer_pass import add_grad, backward_with_rows, holds_gradient, rows_route_module
 from .base import PreconditionedGradientMaker
 from .config import NO_EMA, PreconditioningConfig
@@ -153,7 +154,7 @@ for _cls, _kids, _meta in ((DenseBlock, ("F", "inv"), ()), (RowsBlock, ("U", "ch
 class _CurvatureMaker(PreconditionedGradientMaker):
     """Shared plumbing: arguments, the capture pass, EMA, inverses and precondition()."""
 
-    _kinds: tuple[str, ...] = ("linear", "conv2d", "embedding", "layernorm", "batchnorm")
+    _kinds: tuple[str, ...] = ("affine", "embedding", "norm")
     _state_attributes = ("curvature", "inverses")
 
     def __init__(
@@ -185,7 +186,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         self.inverses: dict[str, Any] = {}
         super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self._infos = {
-            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" for k in self.module_params(name)})
+            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" if name else k for k in self.module_params(name)})
             for name, m in self.preconditioned_modules.items()
         }
 
@@ -202,6 +203,15 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         with record_layers(self._infos, detach=lambda n, x: n in cands and self._rows_grad_would_pay(n, x)) as recorded:
             self.forward()
         records = dict(recorded)  # the curvature's; the backward needs every recorded layer
+        for name, rec in recorded.items():
+            if rec.uncaptured is not None or not rec.inputs:
+                records.pop(name)
+                why = rec.uncaptured or ("not called through its own forward in this pass (its parameters, if "
+                                         "used, are read directly, e.g. by a parent module)")
+                if name not in self._unbatched_warned:
+                    self._unbatched_warned.add(name)
+                    warnings.warn(f"{type(self).__name__}: layer {name!r} was {why}; it keeps the plain gradient",
+                                  UserWarning, stacklevel=4)
         out = self.logits if isinstance(self.logits, Tensor) else self.model_output
         first = out if isinstance(out, Tensor) else next(
             (t for t in optree.tree_leaves(out) if isinstance(t, Tensor)), None)
@@ -266,7 +276,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
     def _invert(self, name: str, fn) -> None:
         try:
             new = fn()
-        except (NotPositiveDefiniteError, ValueError, RuntimeError):
+        except (NotPositiveDefiniteError, torch.linalg.LinAlgError):  # numerical only: argument errors propagate
             new = {"nonfinite": torch.tensor(float("nan"))}
         self.inverses[name] = self._install_if_finite(name, new, self.inverses.get(name), "inverse")
 
@@ -397,7 +407,7 @@ class KfacGradientMaker(_CurvatureMaker):
         self._rows_seen: set[str] = set()
 
     def _layer_curvature(self, ld: LayerData) -> Any:
-        if self._rows_allowed() and ld.kind in ("linear", "conv2d"):
+        if self._rows_allowed() and ld.kind == "affine" and not ld.layout:
             return kron_rows_from_layer(ld, self.kfac_type, self.bias)
         return kron_factors_from_layer(ld, self.kfac_type, self.bias)
 
@@ -418,7 +428,7 @@ class KfacGradientMaker(_CurvatureMaker):
         if not (self._data_space_capable and self.data_space == "auto") or cfd.is_distributed():
             return {}
         return {n: i for n, i in self._infos.items()
-                if i.kind == "linear" and "weight" in i.keys and rows_route_module(i.module)}
+                if isinstance(i.module, nn.Linear) and "weight" in i.keys and rows_route_module(i.module)}
 
     def _rows_grad_would_pay(self, name: str, x: Tensor) -> bool:
         """Detach the layer's own parameters for this call (its input ``x``) iff its rows pay."""
@@ -512,7 +522,7 @@ class EkfacGradientMaker(KfacGradientMaker):
         fresh_all = {
             name: _scalings(_ekfac_from(replace_eig(self.ekfac[name]), ld))
             for name, ld in data.items()
-            if name in self.ekfac and ld.kind in ("linear", "conv2d")
+            if name in self.ekfac and ld.kind == "affine" and not ld.layout
         }
         new_curv, fresh_all = self._reduce_curvature(
             ({name: self._layer_curvature(ld) for name, ld in data.items()}, fresh_all)
@@ -566,7 +576,7 @@ class EkfacGradientMaker(KfacGradientMaker):
                     self.ekfac[name] = ek
                     self._invert(name, lambda e=ek: e.damped_inverse(self.config.damping))
                 else:
-                    self._invert(name, lambda: (_ for _ in ()).throw(ValueError("eigh failed")))
+                    self._invert(name, lambda: (_ for _ in ()).throw(NotPositiveDefiniteError("eigh failed")))
             else:
                 others[name] = lambda f=f: f.damped_inverse(self.config.damping)
         self._invert_all(others)
@@ -635,11 +645,6 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be a positive integer, got {power_iters!r}")
-        if config is not None and config.ema_decay != NO_EMA:
-            raise ValueError(
-                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
-                "set config.ema_decay=-1"
-            )
         self.rank, self.power_iters = rank, power_iters
         self.lowrank: dict[str, LowRankKron] = {}
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, "expand", "separate",
@@ -648,13 +653,20 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
         self.power_generator = torch.Generator(device=self.device)
         self.power_generator.manual_seed(self.seed % 2**63)
 
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if config.ema_decay != NO_EMA:
+            raise ValueError(
+                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
+                "set config.ema_decay=-1"
+            )
+
     def update_curvature(self) -> None:
         from ..lowrank import LowRankRows, lowrank_kron_many
 
         data = self._capture_pass()
         names, items, others = [], [], {}
         for name, ld in data.items():
-            if ld.kind in ("linear", "conv2d") and ld.a.shape[1] == 1:
+            if ld.kind == "affine" and ld.a.shape[1] == 1 and not ld.layout and ld.has_weight:
                 N, _, T, d = ld.a.shape
                 g = ld.g * ld.weights.sqrt().to(ld.g.dtype).reshape(-1, 1, 1, 1, 1)
                 g_rows = g.reshape(-1, g.shape[-1])
@@ -702,13 +714,22 @@ class DiagNaturalGradientMaker(_CurvatureMaker):
 
 
 class UnitWiseNaturalGradientMaker(_CurvatureMaker):
-    """Unit-wise natural gradient for LayerNorm / BatchNorm: per channel, the exact 2x2 Fisher
-    block over (γ_c, β_c), inverted with damping λ. Other layers keep the plain gradient."""
+    """Unit-wise natural gradient (ASDL's ``SHAPE_UNIT_WISE``): for every output unit c of an
+    affine layer (Linear, convolutions, attention projections: its fan-in row ``W[c].reshape(-1)``,
+    d = C_in/groups·Π kernel entries, and its bias ``b[c]``) and every channel of a norm layer
+    ((γ_c, β_c)), the exact Fisher block
 
-    _kinds = ("layernorm", "batchnorm")
+        F_c = (1/N) Σ_k w_k Σ_n u_kn,c u_kn,cᵀ,   u_kn,c = Σ_t ĝ_kn,t,c · [a_n,t; 1]
+
+    (:func:`curvfun.unit_wise.unit_wise_from_layer`; frozen weight or bias dropped from u), and
+    the preconditioned gradient ``(F_c + λI)^{-1} g_c`` per unit. Cost per curvature step
+    O(K·N·C·(T·d + d²)) per layer, per inverse O(C·(d + 1)³), per step O(C·(d + 1)²). Other
+    layers keep the plain gradient."""
+
+    _kinds = UNIT_WISE_KINDS
 
     def _layer_curvature(self, ld: LayerData) -> Any:
-        return kron_factors_from_layer(ld)
+        return unit_wise_from_layer(ld)
 
 
 class _BlockMaker(_CurvatureMaker):
@@ -729,6 +750,21 @@ class _BlockMaker(_CurvatureMaker):
             return {n: RowsBlock(cfd.all_gather_rows(U, "curvature", self.step) / math.sqrt(ws))
                     for n, U in rows.items()}
         return self._reduce_curvature({n: DenseBlock(U.T @ U) for n, U in rows.items()})
+
+    def _dense_requests(self) -> list:
+        """With EMA the dense blocks are P x P (per layer, or over all layers for the full maker)."""
+        if self._decay == NO_EMA:
+            return []
+        sizes = {n: sum(p.numel() for p in self.module_params(n).values()) for n in self.preconditioned_modules}
+        if not sizes:
+            return []
+        full = isinstance(self, FullNaturalGradientMaker)
+        P = sum(sizes.values()) if full else max(sizes.values())
+        p0 = next(iter(self.module_params(next(iter(sizes))).values()))
+        what = f"{type(self).__name__} with EMA (ema_decay={self.config.ema_decay})"
+        what += "" if full else " (largest layer)"
+        return [(what, (P, P), p0.dtype, p0.device,
+                 "use ema_decay=-1 (rows, never P x P), KfacGradientMaker, or config.ignore_modules")]
 
     def _install_block(self, name: str, new: Any) -> None:
         old = self.curvature.get(name)

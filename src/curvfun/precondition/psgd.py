@@ -44,9 +44,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..functional import twice_differentiable
 from ..psgd_math import psgd_full_precondition, psgd_full_update, psgd_precondition, psgd_update
 from .base import PreconditionedGradientMaker
-from .newton import check_dense_size
+from .newton import check_max_params
 from .config import PreconditioningConfig
 
 __all__ = ["KronPsgdGradientMaker", "PsgdGradientMaker"]
@@ -57,6 +58,15 @@ def _layer_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Ten
     return W if bias is None else torch.cat([W, bias.reshape(-1, 1)], 1)
 
 
+def _check_psgd_args(precond_lr, init_scale) -> None:
+    if isinstance(precond_lr, bool) or not isinstance(precond_lr, (int, float)) or not (0 < precond_lr <= 1):
+        raise ValueError(
+            f"precond_lr must be in (0, 1] (the factor update's step relative to its largest change), got {precond_lr!r}"
+        )
+    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (0 < init_scale < float("inf")):
+        raise ValueError(f"init_scale must be a finite number > 0 (factors start at init_scale·I), got {init_scale!r}")
+
+
 class _PsgdMaker(PreconditionedGradientMaker):
     """Shared plumbing: arguments, the preconditioned layers and the probe pass."""
 
@@ -64,6 +74,7 @@ class _PsgdMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _supported_classes = (nn.Linear, nn.Conv2d)
+    _settings = ("precond_lr", "init_scale")
 
     def __init__(
         self,
@@ -75,12 +86,7 @@ class _PsgdMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if isinstance(precond_lr, bool) or not isinstance(precond_lr, (int, float)) or not (0 < precond_lr <= 1):
-            raise ValueError(
-                f"precond_lr must be in (0, 1] (the factor update's step relative to its largest change), got {precond_lr!r}"
-            )
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (0 < init_scale < float("inf")):
-            raise ValueError(f"init_scale must be a finite number > 0 (factors start at init_scale·I), got {init_scale!r}")
+        _check_psgd_args(precond_lr, init_scale)
         super().__init__(model, config, seed=seed)
         self.precond_lr = float(precond_lr)
         self.init_scale = float(init_scale)
@@ -90,6 +96,9 @@ class _PsgdMaker(PreconditionedGradientMaker):
         #: the latest probe pair and whether it is still unused
         self.pairs: dict[str, list[Tensor]] = {}
         self.pairs_fresh = False
+
+    def _check_settings(self) -> None:
+        _check_psgd_args(self.precond_lr, self.init_scale)
 
     def _weight_bias(self, name: str) -> tuple[Tensor | None, Tensor | None]:
         ps = self.module_params(name)
@@ -121,7 +130,7 @@ class _PsgdMaker(PreconditionedGradientMaker):
             g, (loss, out) = torch.func.grad_and_value(loss_and_output, has_aux=True)(p)
             return g, (loss, out)
 
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable():
             grads, hvp, (loss, out) = torch.func.jvp(grad_with_aux, (primals,), (tangents,), has_aux=True)
         with torch.no_grad():
             for k, p in named.items():
@@ -191,6 +200,11 @@ class KronPsgdGradientMaker(_PsgdMaker):
                 b.grad.copy_(G[:, -1])
 
 
+def _check_max_params_arg(max_params) -> None:
+    if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
+        raise ValueError(f"max_params must be a positive int, got {max_params!r}")
+
+
 class PsgdGradientMaker(_PsgdMaker):
     """Full-matrix PSGD: one dense upper-triangular Q over the P weights and biases of the
     preconditioned Linear / Conv2d layers, g ← Qᵀ Q g (see the module docstring).
@@ -205,19 +219,32 @@ class PsgdGradientMaker(_PsgdMaker):
     """
 
     _state_attributes = ("Q", "pairs", "pairs_fresh")
+    _settings = ("precond_lr", "init_scale", "max_params")
 
     def __init__(self, *args: Any, max_params: int = 5000, **kwargs: Any) -> None:
-        if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
-            raise ValueError(f"max_params must be a positive int, got {max_params!r}")
+        _check_max_params_arg(max_params)
         super().__init__(*args, **kwargs)
         self.max_params = max_params
         self._params = [p for name in self.layers for p in self._weight_bias(name) if p is not None]
         self.num_params = sum(p.numel() for p in self._params)
-        check_dense_size("PsgdGradientMaker", self.num_params, max_params, "the dense factor Q", "O(P²) per step",
+        check_max_params("PsgdGradientMaker", self.num_params, max_params, "the dense factor Q", "O(P²) per step",
                          "KronPsgdGradientMaker")
         ref = self._params[0] if self._params else torch.empty(0)
         #: the upper-triangular factor, P = init_scale·I at the start
         self.Q = self.init_scale * torch.eye(self.num_params, dtype=ref.dtype, device=ref.device)
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        _check_max_params_arg(self.max_params)
+
+    def _dense_requests(self) -> list:
+        params = [p for n in self.preconditioned_modules for k, p in self.module_params(n).items()
+                  if k in ("weight", "bias")]
+        if not params:
+            return []
+        P = sum(p.numel() for p in params)
+        return [("PsgdGradientMaker's dense factor Q", (P, P), params[0].dtype, params[0].device,
+                 "restrict it with config.ignore_modules or use KronPsgdGradientMaker")]
 
     def update_curvature(self) -> None:
         vs, hs = [], []

@@ -29,7 +29,7 @@ and products are scaled to be unbiased (c, not c²); the bias column goes throug
 with the inputs (ASDL appends ones after truncating); the sketch comes from the maker's seeded
 generator (ASDL's ``torch.randperm`` uses the global stream); ``config.data_size`` need not be
 set (ASDL raises without it) since N is the batch size; the loss keeps its own reduction (ASDL
-forces ``'sum'`` and divides afterwards). Conv2d with ``groups > 1`` keeps the plain gradient.
+forces ``'sum'`` and divides afterwards). Convolutions with ``groups > 1`` keep the plain gradient.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ class SengGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("curvature", "factor")
+    _settings = ("sketching_size", "truncated_rank")
+    _data_shaped_state = ("curvature", "factor")  # [N, ...] sketches of one batch
 
     def __init__(
         self,
@@ -79,28 +81,33 @@ class SengGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        self.sketching_size = _positive_int("sketching_size", sketching_size)
-        self.truncated_rank = None if truncated_rank is None else _positive_int("truncated_rank", truncated_rank)
+        self.sketching_size, self.truncated_rank = sketching_size, truncated_rank
+        self._check_settings()
         if config is None:
             config = PreconditioningConfig(damping=1e-3)
-        if isinstance(config, PreconditioningConfig):
-            config.validate()
-            if not config.damping > 0:
-                raise ValueError(f"SengGradientMaker needs damping > 0 (it divides by λ), got damping={config.damping}")
-            if config.use_ema:
-                raise ValueError(
-                    f"SengGradientMaker keeps one batch's factored gradients, with no moving average: leave "
-                    f"ema_decay=-1, got {config.ema_decay!r}"
-                )
         super().__init__(model, config, seed=seed)
         #: layer -> {"X": [N, d_out, r], "Y": [N, d_in', r], "K": [N, N], "idx_out", "idx_in"}
         self.curvature: dict[str, dict[str, Tensor | None]] = {}
         #: layer -> Cholesky factor of K_S/N + λI
         self.factor: dict[str, Tensor] = {}
 
+    def _check_settings(self) -> None:
+        _positive_int("sketching_size", self.sketching_size)
+        if self.truncated_rank is not None:
+            _positive_int("truncated_rank", self.truncated_rank)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if not config.damping > 0:
+            raise ValueError(f"SengGradientMaker needs damping > 0 (it divides by λ), got damping={config.damping}")
+        if config.use_ema:
+            raise ValueError(
+                f"SengGradientMaker keeps one batch's factored gradients, with no moving average: leave "
+                f"ema_decay=-1, got {config.ema_decay!r}"
+            )
+
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         reason = linear_or_conv_reason(module)
-        if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
+        if reason is None and getattr(module, "groups", 1) != 1:
             return f"unsupported layer class Conv2d with groups={module.groups} (SENG needs groups=1)"
         if reason is None and not module.weight.requires_grad:
             return "frozen weight"

@@ -1,0 +1,104 @@
+"""``nn.MultiheadAttention`` (and so ``nn.Transformer*Layer``): the packed input projection as an
+affine layer, ``out_proj`` as the Linear it is.
+
+``F.multi_head_attention_forward`` reads ``in_proj_weight`` and ``out_proj.weight`` directly, so
+neither is seen by a plain forward hook. While recorded, the module runs the same computation
+written with an explicit projection ``qkv = x W_inᵀ + b_in`` (recorded as one affine call over the
+T positions: K-FAC-expand, as for a Linear on sequences) and a *call* of ``out_proj`` (recorded by
+its own handler). Self-attention only (``query is key is value``, batched input, packed weights,
+no ``bias_k``/``bias_v``, no ``add_zero_attn``); any other call runs the original forward
+unrecorded, and its parameters are reported as not captured (they take the exact fallback).
+Attention dropout in train mode draws its own mask (curvature with dropout is a sample anyway).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .linear import tokens_as_positions
+from .registry import LayerHandler
+
+__all__ = ["MultiheadAttentionHandler", "attention_core"]
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def attention_core(q: Tensor, k: Tensor, v: Tensor, heads: int, attn_mask: Tensor | None,
+                   key_padding_mask: Tensor | None, dropout: float, need_weights: bool,
+                   average_attn_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """Scaled dot-product attention of batch-first ``[N, T, E]`` projections with ``heads`` heads,
+    PyTorch's mask conventions (bool: True = masked; float: added; ``attn_mask`` ``[T, S]`` or
+    ``[N·H, T, S]``; ``key_padding_mask`` ``[N, S]``). Returns ``[N, T, E]`` and the weights
+    (averaged over heads when asked) or ``None``. O(N·H·T·S·E/H)."""
+    N, T, E = q.shape
+    S = k.shape[1]
+    Dh = E // heads
+    qh, kh, vh = (t.reshape(N, -1, heads, Dh).transpose(1, 2) for t in (q, k, v))  # [N, H, *, Dh]
+    scores = (qh / math.sqrt(Dh)) @ kh.transpose(-1, -2)  # [N, H, T, S]
+    am = _additive(attn_mask, scores.dtype)
+    if am is not None:
+        scores = scores + (am.reshape(N, heads, T, S) if am.ndim == 3 else am)
+    kpm = _additive(key_padding_mask, scores.dtype)
+    if kpm is not None:
+        scores = scores + kpm.reshape(N, 1, 1, S)
+    w = torch.softmax(scores, -1)
+    if dropout > 0:
+        w = F.dropout(w, dropout)
+    out = (w @ vh).transpose(1, 2).reshape(N, T, E)
+    if not need_weights:
+        return out, None
+    return out, w.mean(1) if average_attn_weights else w
+
+
+class MultiheadAttentionHandler(LayerHandler):
+    """The packed ``in_proj`` of ``nn.MultiheadAttention``: weight ``[3E, E]``, bias ``[3E]``."""
+
+    family = "affine"
+    params = {"weight": "in_proj_weight", "bias": "in_proj_bias"}
+
+    def reason(self, module: nn.Module) -> str | None:
+        if not module._qkv_same_embed_dim:
+            return "MultiheadAttention with kdim/vdim (separate q/k/v weights)"
+        if module.bias_k is not None or module.add_zero_attn:
+            return "MultiheadAttention with add_bias_kv / add_zero_attn"
+        return None
+
+    def arrange(self, module: nn.Module, inputs, grads):
+        return tokens_as_positions(inputs, grads)
+
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def forward_override(self, module: nn.Module):
+        original = type(module).forward
+
+        def forward(rec, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            if not (query is key and key is value and query.ndim == 3):
+                rec.not_captured("called as cross-attention or on an unbatched input (only self-attention "
+                                 "m(x, x, x) on [N, T, E] / [T, N, E] is captured)")
+                return original(module, query, key, value, key_padding_mask=key_padding_mask,
+                                need_weights=need_weights, attn_mask=attn_mask,
+                                average_attn_weights=average_attn_weights, is_causal=is_causal)
+            x = query if module.batch_first else query.transpose(0, 1)
+            if is_causal and attn_mask is None:
+                attn_mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
+            qkv = rec.add_call(x, F.linear(x, module.in_proj_weight, module.in_proj_bias))
+            q, k, v = qkv.chunk(3, -1)
+            out, weights = attention_core(q, k, v, module.num_heads, attn_mask, key_padding_mask,
+                                          module.dropout if module.training else 0.0, need_weights,
+                                          average_attn_weights)
+            out = module.out_proj(out)
+            return (out if module.batch_first else out.transpose(0, 1)), weights
+
+        return forward

@@ -1,0 +1,134 @@
+"""One layer's record in its family's canonical form, and the per-layer quantities of every family.
+
+:func:`layer_data` asks the registry's handler to arrange a :class:`~curvfun.capture.LayerRecord`;
+the functions below dispatch on the *family* only (see :mod:`curvfun.layers.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from . import affine, embedding, norm
+
+if TYPE_CHECKING:
+    from ..capture import LayerRecord
+
+__all__ = ["LayerData", "layer_data", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
+           "layer_diag_fisher", "layer_column_rows"]
+
+
+@dataclass
+class LayerData:
+    """``kind``: the family (``"affine"``, ``"embedding"``, ``"norm"``); ``a``/``g``: its canonical
+    form (ids for embeddings); ``weights``: column weights ``[K]``; ``layout``: the affine weight
+    layout (``""`` or ``"transposed"``)."""
+
+    kind: str
+    module: nn.Module
+    a: Tensor
+    g: Tensor | None
+    weights: Tensor | None
+    has_bias: bool
+    has_weight: bool = True  # False when params holds only the bias (the weight held fixed)
+    layout: str = ""
+    #: the weight's attribute on the module (``"in_proj_weight"`` for attention)
+    weight_attr: str = "weight"
+
+    @property
+    def batch_size(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple:
+        return tuple(getattr(self.module, self.weight_attr).shape)
+
+
+def layer_data(rec: "LayerRecord", weights: Tensor | None = None) -> LayerData:
+    """Arrange one module's record as :class:`LayerData` through its handler. Curvature is formed
+    in the parameters' dtype: under autocast the records are bf16/fp16, whose Grams lose the
+    precision the damped inverses need."""
+    h = rec.info.handler
+    a, g = h.arrange(rec.module, rec.inputs, rec.grads)
+    dt = next((p.dtype for p in rec.module.parameters() if p.is_floating_point()), None)
+    if dt is not None:
+        a = a.to(dt) if a.is_floating_point() else a
+        g = None if g is None else g.to(dt)
+        weights = None if weights is None else weights.to(device=g.device if g is not None else a.device, dtype=dt)
+    layout = h.weight_layout(rec.module) if h.family == "affine" else ""
+    return LayerData(h.family, rec.module, a, g, weights, "bias" in rec.info.keys, "weight" in rec.info.keys, layout,
+                     h.params.get("weight", "weight"))
+
+
+def _col0(ld: LayerData) -> Tensor:
+    if ld.g is None:
+        raise ValueError("per-sample gradients need a capture with output gradients (fisher_type='emp')")
+    if ld.g.shape[0] != 1:
+        raise ValueError("per-sample gradients need a single column (fisher_type='emp')")
+    return ld.g[0]
+
+
+def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Per-sample gradients ``{"weight": [N, *W.shape], "bias": [N, *b.shape]}`` of the layer's
+    parameters in ``params`` from the first column; into ``out[...]`` buffers when given."""
+    g, out = _col0(ld), out or {}
+    m = ld.module
+    if ld.kind == "affine":
+        return affine.per_sample_grads(ld.a, g, ld.weight_shape if ld.has_weight else None, ld.has_bias, ld.layout,
+                                       out if ld.has_weight else {k: v for k, v in out.items() if k != "weight"})
+    if ld.kind == "embedding":
+        return {"weight": embedding.per_sample_grads(ld.a, g, m.num_embeddings, m.padding_idx, out.get("weight"))}
+    res = norm.per_sample_grads(ld.a, g, ld.weight_shape if ld.has_weight else None,
+                                tuple(getattr(m, "bias").shape) if ld.has_bias else None)
+    return {k: out[k].copy_(v) if k in out else v for k, v in res.items()}
+
+
+def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
+    """``‖∇_layer ℓ_n‖²`` for each n, ``[N]``, without forming per-sample gradients where cheaper."""
+    g = _col0(ld)
+    if ld.kind == "affine":
+        return affine.per_sample_sq_norms(ld.a, g, ld.has_weight, ld.has_bias)
+    if ld.kind == "embedding":
+        return embedding.per_sample_sq_norms(ld.a, g, ld.module.padding_idx)
+    return norm.per_sample_sq_norms(ld.a, g, ld.has_weight, ld.has_bias)
+
+
+def column(ld: LayerData, k: int) -> LayerData:
+    """The layer data restricted to output-gradient column ``k`` (weight not applied)."""
+    return LayerData(ld.kind, ld.module, ld.a, ld.g[k : k + 1], None, ld.has_bias, ld.has_weight, ld.layout,
+                     ld.weight_attr)
+
+
+def layer_diag_fisher(ld: LayerData) -> dict[str, Tensor]:
+    """diag F = (1/N) Σ_k w_k Σ_n (∇ℓ_nk)² per parameter of the layer (``{"weight", "bias"}``).
+    Affine layers: :func:`curvfun.layers.affine.diag_fisher`; others from the per-sample
+    gradients of each column."""
+    if ld.g is None or ld.weights is None:
+        raise ValueError("a diagonal Fisher needs output gradients and column weights")
+    N = ld.batch_size
+    if ld.kind == "affine":
+        return affine.diag_fisher(ld.a, ld.g, ld.weights, N, ld.weight_shape if ld.has_weight else None,
+                                  ld.has_bias, ld.layout)
+    acc: dict[str, Tensor] = {}
+    for k in range(ld.g.shape[0]):
+        for p, gp in per_sample_layer_grads(column(ld, k)).items():
+            v = ld.weights[k] * gp.pow(2).sum(0) / N
+            acc[p] = acc[p] + v if p in acc else v
+    return acc
+
+
+def layer_column_rows(ld: LayerData) -> Tensor:
+    """Rows U ``[K·N, P_layer]`` with F_layer = UᵀU: per-sample gradients of every column,
+    scaled by sqrt(w_k / N), flattened in the layer's parameter order (weight, bias)."""
+    if ld.g is None or ld.weights is None:
+        raise ValueError("layer rows need output gradients and column weights")
+    N = ld.batch_size
+    rows = []
+    for k in range(ld.g.shape[0]):
+        grads = per_sample_layer_grads(column(ld, k))
+        r = torch.cat([grads[p].reshape(N, -1) for p in ("weight", "bias") if p in grads], 1)
+        rows.append(r * (ld.weights[k].to(r.dtype) / N).sqrt())
+    return torch.cat(rows, 0)

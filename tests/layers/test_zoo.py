@@ -1,0 +1,198 @@
+"""The layer registry on models people bring (tests/zoo.py), against plain autograd in float64:
+per-sample gradients and norms equal the autograd loop, the Fisher / GGN diagonal equals the
+dense matrices' diagonal, every registered layer's arrangement reproduces its per-sample
+gradients, and every maker runs ASDL's README loop with a falling loss."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvfun
+from curvfun.capture import CaptureFallbackWarning, capture
+from curvfun.layers import layer_data, per_sample_layer_grads
+from curvfun.testing import checks, reference as ref
+from zoo import NAMES, build
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def _trainable(model):
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_sample_grads_and_norms_equal_the_autograd_loop(name):
+    model, x, y, _ = build(name)
+    params = _trainable(model)
+    expected = ref.per_sample_grads(model, params, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        checks.assert_close_trees(curvfun.per_sample_grads(model, params, x, y), expected, **TOL, what=name)
+        norms = curvfun.per_sample_grad_norms(model, params, x, y)
+    dense = torch.cat([expected[k].reshape(len(y), -1) for k in params], 1)
+    checks.assert_close(norms, dense.norm(dim=1), **TOL, what=f"{name} norms")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fisher_type", ["emp", "exact"])
+def test_fisher_diagonal_equals_the_dense_diagonal(name, fisher_type):
+    model, x, y, _ = build(name, n=3)
+    params = _trainable(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        diag = curvfun.fisher(model, params, x, y, fisher_type=fisher_type, shape="diag")
+    checks.assert_diag_matches_dense(diag, ref.fisher(model, params, x, y, fisher_type=fisher_type), params, **TOL,
+                                     what=f"{name} {fisher_type}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_registered_layer_arrangement_reproduces_its_gradients(name):
+    """The handler's canonical form (a, g) of every captured layer gives the autograd per-sample
+    gradients through the family route (not the handlers' fast paths)."""
+    model, x, y, _ = build(name)
+    params = _trainable(model)
+    expected = ref.per_sample_grads(model, params, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        cap = capture(model, params, x, y, fisher_type="emp")
+    assert cap.layers, name
+    for lname, rec in cap.layers.items():
+        got = per_sample_layer_grads(layer_data(rec))
+        for role, key in rec.info.keys.items():
+            if sum(key in r.info.keys.values() for r in cap.layers.values()) == 1:  # not tied
+                checks.assert_close(got[role], expected[key], **TOL, what=f"{name}: {lname}.{role}")
+
+
+def test_attention_projections_are_captured_not_fallen_back():
+    """In a TransformerEncoderLayer, MHA's packed in_proj and its out_proj are registered layers
+    of the capture (no fallback warning); a tied head read as ``h @ E.T`` is detected and named."""
+    model, x, y, _ = build("gpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureFallbackWarning)
+        cap = capture(model, _trainable(model), x, y, fisher_type="emp")
+    assert {"block.self_attn", "block.self_attn.out_proj", "block.linear1", "block.linear2"} <= set(cap.layers)
+    model, x, y, _ = build("gpt_tied")
+    with pytest.warns(CaptureFallbackWarning, match=r"tok \(parameter\(s\) \['tok.weight'\] used outside"):
+        cap = capture(model, _trainable(model), x, y, fisher_type="emp")
+    assert "tok" not in cap.layers and "tok" in cap.unsupported
+
+
+def test_cross_attention_falls_back_exactly_and_is_named():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.att(x, 2 * x, x)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Cross().double()
+    x, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    params = dict(model.named_parameters())
+    with pytest.warns(CaptureFallbackWarning, match="att .*cross-attention"):
+        got = curvfun.per_sample_grads(model, params, x, y)
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, x, y), **TOL, what="cross-attention")
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+    lambda: nn.ConvTranspose2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    lambda: nn.ConvTranspose3d(2, 2, 2, stride=2),
+])
+def test_transposed_conv_factor_acts_in_the_weights_own_layout(conv):
+    """The K-FAC factor of a transposed convolution multiplies gradients in the stored layout
+    ``[C_in, C_out/G, *k]``: ``to_dense()`` (parameter order) times vec(G) is vec(matvec(G)), and the
+    weight block is kron(B, A) permuted to that order."""
+    torch.manual_seed(0)
+    c = conv().double()
+    x = torch.randn(3, c.in_channels, *([3] * (c.weight.ndim - 2)), dtype=torch.float64)
+    model = nn.Sequential(c, nn.Flatten(), nn.LazyLinear(2).double())
+    model(x)
+    y = torch.tensor([0, 1, 0])
+    f = curvfun.kfac(model, dict(model.named_parameters()), x, y, fisher_type="emp")["0"]
+    grad = {"weight": torch.randn_like(c.weight), "bias": torch.randn_like(c.bias)}
+    dense = f.to_dense(include_bias=True)
+    out = f.matvec(grad)
+    checks.assert_close(dense @ torch.cat([grad["weight"].reshape(-1), grad["bias"]]),
+                        torch.cat([out["weight"].reshape(-1), out["bias"]]), **TOL, what="to_dense vs matvec")
+    inv = f.damped_inverse(0.1)
+    back = f.matvec(inv.matvec(grad))
+    assert back["weight"].shape == c.weight.shape
+
+
+class Scaled(nn.Module):
+    """A user's own affine layer: ``y = x (2W)ᵀ + b``."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+def test_register_layer_for_a_users_module():
+    """A handler registered for a custom class arranges its record (inputs scaled by 2 so that
+    Σ g aᵀ is the gradient of W); per-sample gradients then come from the capture and equal
+    autograd; unregistered, the same class takes the exact fallback."""
+    from curvfun.layers import LayerHandler, register_layer, unregister_layer
+    from curvfun.layers.linear import tokens_as_positions
+
+    class ScaledHandler(LayerHandler):
+        family = "affine"
+
+        def arrange(self, module, inputs, grads):
+            return tokens_as_positions([2 * x for x in inputs], grads)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    params = dict(model.named_parameters())
+    expected = ref.per_sample_grads(model, params, x, y)
+    register_layer(Scaled, ScaledHandler())
+    try:
+        cap = capture(model, params, x, y, fisher_type="emp")
+        assert "0" in cap.layers
+        checks.assert_close_trees(curvfun.per_sample_grads(model, params, x, y), expected, **TOL, what="registered")
+        assert set(curvfun.kfac(model, params, x, y, fisher_type="emp")) == {"0", "2"}
+    finally:
+        unregister_layer(Scaled)
+    assert "0" in capture(model, params, x, y, fisher_type="emp").unsupported
+    checks.assert_close_trees(curvfun.per_sample_grads(model, params, x, y), expected, **TOL, what="fallback")
+
+
+def test_register_layer_rejects_bad_arguments():
+    from curvfun.layers import LayerHandler, register_layer
+
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_layer(int, LayerHandler())
+    with pytest.raises(TypeError, match="LayerHandler instance"):
+        register_layer(nn.Linear, object())
+
+    class Odd(LayerHandler):
+        family = "spline"
+
+    with pytest.raises(ValueError, match="family is 'spline'"):
+        register_layer(nn.Linear, Odd())
+
+
+def test_a_subclass_overriding_forward_is_not_served_by_its_parents_handler():
+    class LoRA(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.5 * x.sum(-1, keepdim=True)
+
+    from curvfun.layers import handler_for
+
+    assert handler_for(LoRA(2, 3)) is None
+    assert handler_for(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 3)) is not None

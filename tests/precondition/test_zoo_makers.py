@@ -1,0 +1,117 @@
+"""Every gradient maker runs ASDL's README loop on every model of tests/zoo.py (transformers,
+LSTM, 1-D/3-D/transposed convs, BatchNorm ResNet, tied embeddings, a frozen weight): no error,
+finite parameters, frozen parameters untouched, and the loss falls on a repeated batch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from curvfun import precondition as P
+from zoo import NAMES, build
+
+MAKERS = {
+    "kfac": lambda m, c: P.KfacGradientMaker(m, c),
+    "kfac_mc": lambda m, c: P.KfacGradientMaker(m, c, fisher_type="fisher_mc"),
+    "ekfac": lambda m, c: P.EkfacGradientMaker(m, c),
+    "lowrank": lambda m, c: P.LowRankKfacGradientMaker(m, c, rank=4),
+    "diag": lambda m, c: P.DiagNaturalGradientMaker(m, c),
+    "unitwise": lambda m, c: P.UnitWiseNaturalGradientMaker(m, c),
+    "layerwise": lambda m, c: P.LayerWiseNaturalGradientMaker(m, c),
+    "full": lambda m, c: P.FullNaturalGradientMaker(m, c),
+    "emp": lambda m, c: P.EmpNaturalGradientMaker(m, c),
+    "shampoo": lambda m, c: P.ShampooGradientMaker(m, c),
+    "kpsgd": lambda m, c: P.KronPsgdGradientMaker(m, c),
+    "kbfgs": lambda m, c: P.KronBfgsGradientMaker(m, c),
+    "seng": lambda m, c: P.SengGradientMaker(m, c),
+    "smw": lambda m, c: P.SmwEmpNaturalGradientMaker(m, c),
+    "newton": lambda m, c: P.NewtonGradientMaker(m, c),
+    "abs_newton": lambda m, c: P.NewtonGradientMaker(m, c, abs_eigenvalues=True),
+    "curveball": lambda m, c: P.CurveBallGradientMaker(m, c),
+}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_maker_runs_the_readme_loop_on_the_zoo(maker, name):
+    model, x, y, _ = build(name, n=6)
+    frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
+    config = P.PreconditioningConfig(data_size=len(y), damping=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plain-gradient layers are named in warnings; tested elsewhere
+        gm = MAKERS[maker](model, config)
+        for _ in range(8):
+            optimizer.zero_grad()
+            dummy_y = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+            _, loss = gm.forward_and_backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for k, p in model.named_parameters():
+        if k in frozen:
+            assert torch.equal(p, frozen[k]), k
+    if maker == "newton":  # a saddle-seeking step on a non-convex loss: it must move and stay finite
+        assert min(losses) < losses[0], losses
+    else:
+        assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_freezing_mid_run_leaves_the_frozen_parameter_untouched(maker, frozen):
+    """Parameters frozen after some steps (weight or bias of the first layer): the maker goes on,
+    the frozen one stays as it was, the others keep training."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = MAKERS[maker](model, P.PreconditioningConfig(data_size=8, damping=0.1))
+        for step in range(6):
+            if step == 3:
+                getattr(model[0], frozen).requires_grad_(False)
+                getattr(model[0], frozen).grad = None
+                kept = getattr(model[0], frozen).detach().clone()
+                other = model[2].weight.detach().clone()
+            optimizer.zero_grad()
+            dummy_y = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+            gm.forward_and_backward()
+            optimizer.step()
+    assert torch.equal(getattr(model[0], frozen), kept)
+    assert not torch.equal(model[2].weight, other)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_changed_model_is_named_and_reassigned():
+    """A frozen parameter and a replaced layer are named in a warning; the new layer then gets
+    curvature (K-FAC factors of the new module), the step count goes on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    gm = P.KfacGradientMaker(model, P.PreconditioningConfig(data_size=8, damping=0.1))
+
+    def step():
+        dummy_y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+        gm.forward_and_backward()
+
+    step()
+    model[0].bias.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"frozen: \['0.bias'\]"):
+        step()
+    model[2] = torch.nn.Linear(6, 3).double()
+    with pytest.warns(UserWarning, match=r"replaced: \['2'\]"):
+        step()
+    assert gm.step == 3 and gm.module_params("2")["weight"] is model[2].weight
+    assert "2" in gm.curvature and gm.curvature["2"].A.shape == (6, 6)
