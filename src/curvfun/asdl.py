@@ -48,7 +48,8 @@ from .capture import ModuleInfo, layer_kind, record_layers
 from .curvature import fisher as _fisher
 from .curvature import fisher_vp, top_eigenvalues
 from .functional import twice_differentiable
-from .kron import KronFactor, UnitWiseFactor, kfac
+from .kron import KronFactor, UnitWiseFactor
+from .kron_drivers import kfac
 from .layers import layer_data, per_sample_layer_grads
 from .losses import get_likelihood
 from .memory import check_dense_size
