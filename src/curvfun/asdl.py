@@ -54,6 +54,7 @@ from .layers import layer_data, per_sample_layer_grads
 from .losses import get_likelihood
 from .memory import check_dense_size
 from .precondition.asdl_names import (
+    CAPTURE_FISHER_TYPE,
     FISHER_EMP,
     FISHER_EXACT,
     FISHER_MC,
@@ -97,7 +98,7 @@ __all__ = [
 
 FISHER_TYPES = (FISHER_EXACT, FISHER_MC, FISHER_EMP)
 SHAPES = (SHAPE_FULL, SHAPE_LAYER_WISE, SHAPE_KRON, SHAPE_UNIT_WISE, SHAPE_DIAG)
-_TYPE_TO_CURVFUN = {FISHER_EXACT: "exact", FISHER_MC: "mc", FISHER_EMP: "emp"}
+_TYPE_TO_CURVFUN = CAPTURE_FISHER_TYPE
 _NO_DATA_SIZE = -1
 
 

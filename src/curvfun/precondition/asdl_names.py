@@ -51,6 +51,8 @@ LOSS_MSE = "mse"
 FISHER_EXACT = "fisher_exact"
 FISHER_MC = "fisher_mc"
 FISHER_EMP = "fisher_emp"
+#: ASDL's fisher_type names -> the capture's (curvfun's one vocabulary inside): mapped once, here
+CAPTURE_FISHER_TYPE = {FISHER_EXACT: "exact", FISHER_MC: "mc", FISHER_EMP: "emp"}
 SHAPE_FULL = "full"
 SHAPE_LAYER_WISE = "layer_wise"
 SHAPE_KRON = "kron"
