@@ -246,3 +246,27 @@ def test_multihead_attention_call_options_are_captured_exactly(batch_first, need
                                      what="MHA exact Fisher diagonal")
     assert {"att", "att.out_proj", "head"} <= set(factors)
     assert factors["att"].A.shape == (6, 6) and factors["att"].B.shape == (18, 18)
+
+
+def test_transformer_decoder_layer_self_attention_captured_cross_attention_exact_fallback():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.TransformerDecoderLayer(6, 2, 8, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.dec(x, torch.tanh(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Decoder().double().eval()
+    x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 1, 1])
+    params = dict(model.named_parameters())
+    with pytest.warns(CaptureFallbackWarning, match=r"dec.multihead_attn \(called as cross-attention"):
+        cap = capture(model, params, x, y, fisher_type="emp")
+    assert "dec.self_attn" in cap.layers and "dec.self_attn.out_proj" in cap.layers
+    assert "dec.multihead_attn" in cap.unsupported and "dec.multihead_attn.out_proj" in cap.unsupported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        got = curvfun.per_sample_grads(model, params, x, y)
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, x, y), **TOL, what="decoder layer")
