@@ -119,9 +119,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             )
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        reason = linear_or_conv_reason(module)
-        if reason is None and getattr(module, "groups", 1) != 1:
-            return f"unsupported layer class Conv2d with groups={module.groups} (K-BFGS needs groups=1)"
+        reason = linear_or_conv_reason(module, "K-BFGS")
         return reason
 
     def _dampings(self, T: int) -> tuple[float, float]:

@@ -107,9 +107,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             )
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        reason = linear_or_conv_reason(module)
-        if reason is None and getattr(module, "groups", 1) != 1:
-            return f"unsupported layer class Conv2d with groups={module.groups} (SENG needs groups=1)"
+        reason = linear_or_conv_reason(module, "SENG")
         if reason is None and not module.weight.requires_grad:
             return "frozen weight"
         return reason
