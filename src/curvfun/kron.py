@@ -137,7 +137,7 @@ def _layer_dense(left: Tensor, right: Tensor, folded: bool, has_bias: bool, incl
 
 @dataclass(frozen=True)
 class KronFactor:
-    """K-FAC factors of a Linear / Conv2d layer: ``A`` (input side) and ``B`` (output side),
+    """K-FAC factors of an affine layer (Linear, convolution, ...): ``A`` (input side) and ``B`` (output side),
     ``[d, d]`` or ``[groups, d, d]``. Immutable and an optree node (namespace "curvfun")."""
 
     A: Tensor

@@ -50,13 +50,14 @@ def kfac(
     """K-FAC factors of every supported module owning entries of ``params``.
 
     Returns ``{module name (as in model.named_modules()): factor}`` with :class:`KronFactor`
-    for Linear / Conv2d, :class:`EmbeddingFactor`, :class:`UnitWiseFactor` for LayerNorm /
-    BatchNorm. Unsupported modules are named in a warning (``on_unsupported="raise"`` makes it
+    for affine layers (Linear, convolutions, attention's packed in-projection; wrapped in a
+    :class:`RelaidFactor` for transposed convolutions), :class:`EmbeddingFactor`, and
+    :class:`UnitWiseFactor` for norm layers. Unsupported modules are named in a warning (``on_unsupported="raise"`` makes it
     an error, ``"ignore"`` silences it). Embedding always uses K-FAC-expand. Cost: one
     captured forward and one backward per column (see :mod:`curvfun.capture`), plus the
     factor products.
 
-    ``form="auto"``: a Linear / Conv2d factor side with R rows and width d ≥ 2R (a 4096-wide
+    ``form="auto"``: an affine layer's factor side with R rows and width d ≥ 2R (a 4096-wide
     layer at batch 128) is kept as its scaled rows (:class:`curvfun.kron_rows.KronRowsFactor`:
     same ``to_dense`` / ``matvec`` / ``damped_inverse``, Woodbury inverse), skipping its O(R·d²)
     Gram matrix; ``"dense"`` (default): every factor a matrix.
@@ -101,7 +102,7 @@ def ekfac(
     generator: torch.Generator | None = None,
     on_unsupported: str = "warn",
 ) -> dict[str, Any]:
-    """EKFAC factors of Linear / Conv2d layers (the K-FAC eigenbasis with per-sample second
+    """EKFAC factors of affine layers (the K-FAC eigenbasis with per-sample second
     moments from the same capture); other supported layers get their K-FAC factor."""
     out = {}
     for name, data in _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias,
