@@ -37,9 +37,8 @@ from .kron import (
     KronInverse,
     NotPositiveDefiniteError,
     UnitWiseFactor,
-    ekfac,
-    kfac,
 )
+from .kron_drivers import ekfac, kfac
 from .losses import BCEWithLogits, CrossEntropy, Likelihood, MSE, get_likelihood
 from .lowrank import (
     LowRankKron,

@@ -465,7 +465,7 @@ def capture(
 
     Pure: parameters are detached copies' views, buffers are cloned, hooks are removed.
     ``on_unsupported``: ``"ignore"`` | ``"warn"`` | ``"raise"`` for modules that own entries
-    of ``params`` but are not one of :data:`SUPPORTED_LAYERS` (their parameters get no
+    of ``params`` but that no registered handler captures (:mod:`curvfun.layers`; their parameters get no
     record). Cost: one forward, plus one backward per column (see module docstring), with
     no parameter-gradient work. ``columns``: ``output -> (cotangents [K, *output.shape], weights
     [K])`` used instead of ``fisher_type``'s columns (e.g. one per output entry for Jacobians).

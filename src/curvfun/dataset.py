@@ -10,39 +10,24 @@
 * :func:`kfac_lists` gives K-FAC factors per parameter in ``params`` order (``[B, A]`` for a
   weight with block A⊗B... on row-major ``vec(W)`` that is ``kron(B, A)``; ``[B]`` for a bias),
   with the reduction's scaling on B.
-* :func:`scale_factor` multiplies any factor object of :func:`curvfun.kfac` by a scalar.
+* :func:`scale_factor` (from :mod:`curvfun.kron_drivers`) multiplies any factor object of
+  :func:`curvfun.kfac` by a scalar.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping
 
 from torch import Tensor, nn
 
-from .kron import DiagFactor, EmbeddingFactor, KronFactor, RelaidFactor, UnitWiseFactor, kfac
+from .kron import KronFactor
+from .kron_drivers import kfac, scale_factor
 from .kron_rows import KronRowsFactor
 from .reduction import LOSS_MODULES, REDUCTIONS, resolve_loss
 from .tree import tree_map
 
 __all__ = ["accumulate", "kfac_lists", "scale_factor"]
-
-
-def scale_factor(factor: Any, s: float) -> Any:
-    """``s`` times the block a factor of :func:`curvfun.kfac` stands for (B scaled for Kronecker
-    factors, rows by √s)."""
-    if isinstance(factor, (KronFactor, EmbeddingFactor)):
-        return replace(factor, B=factor.B * s)
-    if isinstance(factor, KronRowsFactor):
-        return replace(factor, B=factor.B * (s ** 0.5 if factor.b_rows else s))
-    if isinstance(factor, UnitWiseFactor):
-        return replace(factor, blocks=factor.blocks * s)
-    if isinstance(factor, DiagFactor):
-        return replace(factor, values=factor.values * s)
-    if isinstance(factor, RelaidFactor):
-        return replace(factor, inner=scale_factor(factor.inner, s))
-    raise TypeError(f"cannot scale a {type(factor).__name__}")
 
 
 def _module_of(key: str) -> str:

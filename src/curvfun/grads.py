@@ -1,14 +1,14 @@
 """Per-sample gradients, their norms, Jacobians and Jacobian-vector products.
 
-Per-sample gradients of Linear, Conv2d, Embedding, LayerNorm and BatchNorm (eval mode)
-parameters come from one captured pass (layer inputs and per-sample output-gradients, see
+Per-sample gradients of every layer the registry serves (:mod:`curvfun.layers`: Linear,
+convolutions and transposed convolutions, Embedding, norm layers in eval mode, self-attention)
+come from one captured pass (layer inputs and per-sample output-gradients, see
 :mod:`curvfun.capture`) as batched outer products; any other parameter falls back to
-``torch.func.vmap(torch.func.grad(...))`` restricted to those parameters.
-
-Limitation (documented, not detected): a supported module's parameter that the forward also
-uses *outside* the module's own call (e.g. ``x @ self.embed.weight.T`` instead of calling a
-tied ``nn.Linear``) contributes only through the module calls; tie weights by sharing the
-``Parameter`` between modules instead.
+``torch.func.vmap(torch.func.grad(...))`` restricted to those parameters (a per-sample loop
+where the model cannot be vmapped, e.g. recurrent layers). A registered layer's parameter that
+the forward also uses *outside* the layer's own call (``x @ self.embed.weight.T``, MHA's
+``out_proj`` under cross-attention) is detected by the capture and takes the fallback, named in
+a :class:`~curvfun.capture.CaptureFallbackWarning`.
 """
 
 from __future__ import annotations

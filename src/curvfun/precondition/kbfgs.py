@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..capture import record_layers
 from ..kbfgs_math import bfgs_inverse_update, hessian_action_pair, kbfgs_precondition, powell_lm_damping
-from ..kron import damped_cholesky_inverse
+from ..linalg import damped_cholesky_inverse
 from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, records_to_data
 from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
@@ -119,9 +119,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             )
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        reason = linear_or_conv_reason(module)
-        if reason is None and getattr(module, "groups", 1) != 1:
-            return f"unsupported layer class Conv2d with groups={module.groups} (K-BFGS needs groups=1)"
+        reason = linear_or_conv_reason(module, "K-BFGS")
         return reason
 
     def _dampings(self, T: int) -> tuple[float, float]:

@@ -49,12 +49,10 @@ from ..kron import (
     KFAC_TYPES,
     EKFACFactor,
     KronFactor,
-    NotPositiveDefiniteError,
     DiagFactor,
     _ekfac_from,
-    damped_cholesky_inverse,
-    kron_factors_from_layer,
 )
+from ..kron_math import kron_factors_from_layer
 from ..kron_rows import (
     KronRowsInverse,
     gradient_from_rows,
@@ -63,11 +61,13 @@ from ..kron_rows import (
     rows_gradient_pays,
 )
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
+from ..linalg import NotPositiveDefiniteError, damped_cholesky_inverse, ema
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
 from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
 from ._layer_pass import add_grad, backward_with_rows, holds_gradient, rows_route_module
 from .base import PreconditionedGradientMaker
+from .asdl_names import CAPTURE_FISHER_TYPE
 from .config import NO_EMA, PreconditioningConfig
 from .state_packing import pack, unpack
 
@@ -86,15 +86,7 @@ __all__ = [
 ]
 
 #: ASDL's names -> curvfun's
-FISHER_TYPES = {"fisher_exact": "exact", "fisher_mc": "mc", "fisher_emp": "emp"}
-
-
-def ema(old: Any, new: Any, decay: float) -> Any:
-    """``(1 − decay)·old + decay·new`` leafwise over factor objects (``decay`` = weight of the new);
-    ``old`` None or ``decay`` = -1 (no EMA) returns ``new``."""
-    if old is None or decay == NO_EMA:
-        return new
-    return optree.tree_map(lambda o, n: o.mul(1 - decay).add_(n, alpha=decay), old, new, namespace="curvfun")
+FISHER_TYPES = CAPTURE_FISHER_TYPE  # the makers' fisher_type (ASDL's names) -> the capture's
 
 
 # --- dense / low-rank blocks for layer-wise and full natural gradient -------------------------
@@ -177,7 +169,8 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         config = PreconditioningConfig() if config is None else config
         if not (config.damping >= 0 and math.isfinite(config.damping)):
             raise ValueError(f"config.damping must be a finite number >= 0, got {config.damping}")
-        self.fisher_type = fisher_type
+        self.fisher_type = fisher_type  # ASDL's name, kept for its users
+        self._capture_type = FISHER_TYPES[fisher_type]
         self.loss_type = loss_type
         self.n_mc_samples = n_mc_samples
         self.likelihood = get_likelihood(loss_type)
@@ -227,7 +220,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         for r in records.values():
             r.grads = []
         if leaves:
-            if FISHER_TYPES[self.fisher_type] == "emp":
+            if self._capture_type == "emp":
                 total = self.loss_from_output(self.model_output, reduction="sum")
                 gs = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
                 gs = [(torch.zeros(l.shape, dtype=l.dtype, device=l.device) if g is None else g).unsqueeze(0)
@@ -241,7 +234,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
                         f"{type(logits).__name__}: declare them with gm.setup_logits_repr(dummy_y.logits)"
                     )
                 cot, weights = output_grad_columns(
-                    logits.detach(), self.likelihood, FISHER_TYPES[self.fisher_type], None, self.n_mc_samples,
+                    logits.detach(), self.likelihood, self._capture_type, None, self.n_mc_samples,
                     self.generator,
                 )
                 gs = _batched_backward(logits, leaves, cot.to(logits.dtype), retain=True)

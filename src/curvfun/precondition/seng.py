@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..capture import record_layers
 from ..seng_math import seng_direction, sketch_indices, sketched_gram, sketched_products, truncate_positions
+from ..linalg import NotPositiveDefiniteError, psd_cholesky
 from ._layer_pass import linear_or_conv_reason, module_infos, records_to_data, user_reduction
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
@@ -106,9 +107,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
             )
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        reason = linear_or_conv_reason(module)
-        if reason is None and getattr(module, "groups", 1) != 1:
-            return f"unsupported layer class Conv2d with groups={module.groups} (SENG needs groups=1)"
+        reason = linear_or_conv_reason(module, "SENG")
         if reason is None and not module.weight.requires_grad:
             return "frozen weight"
         return reason
@@ -165,11 +164,9 @@ class SengGradientMaker(PreconditionedGradientMaker):
 
 
 def _cholesky(M: Tensor) -> Tensor:
-    """Cholesky factor of a symmetric positive definite matrix, in float64 when M's dtype fails
-    (the factor is then kept in float64)."""
-    for dtype in dict.fromkeys((M.dtype, torch.float64)):
-        Md = M.to(dtype)
-        L, info = torch.linalg.cholesky_ex((Md + Md.T) / 2)
-        if int(info) == 0:
-            return L
-    return torch.full_like(M, float("nan"))  # rejected by _install_if_finite
+    """:func:`curvfun.linalg.psd_cholesky`, or a NaN matrix (rejected by ``_install_if_finite``)
+    when ``M`` is not positive definite even in float64."""
+    try:
+        return psd_cholesky(M, "SENG Gram matrix")
+    except NotPositiveDefiniteError:
+        return torch.full_like(M, float("nan"))
