@@ -24,14 +24,11 @@ from torch import Tensor, nn
 from .kron import KronFactor
 from .kron_drivers import kfac, scale_factor
 from .kron_rows import KronRowsFactor
+from .rows import module_of
 from .reduction import LOSS_MODULES, REDUCTIONS, resolve_loss
 from .tree import tree_map
 
 __all__ = ["accumulate", "kfac_lists", "scale_factor"]
-
-
-def _module_of(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else ""
 
 
 def kfac_lists(
@@ -54,7 +51,7 @@ def kfac_lists(
     fs = kfac(model, params, inputs, targets, loss, fisher_type, reduction=reduction, **kwargs)
     out = []
     for k in params:
-        m = _module_of(k)
+        m = module_of(k)
         f = fs.get(m)
         if isinstance(f, KronRowsFactor):
             f = f.dense()

@@ -34,8 +34,8 @@ from .layers import affine, column, layer_data, layer_diag_fisher, per_sample_la
 from .memory import check_dense_size
 from .tree import tree_leaves, tree_map
 
-__all__ = ["jacobian_rows", "column_rows", "output_hessian_columns", "hessian_sqrt_columns", "rows_shaped",
-           "diag_from_capture", "flat", "unflat"]
+__all__ = ["jacobian_rows", "jacobian_columns", "column_rows", "layer_rows", "output_hessian_columns",
+           "hessian_sqrt_columns", "rows_shaped", "diag_from_capture", "flat", "unflat", "module_of", "module_indices"]
 
 
 def flat(tree: Mapping[str, Tensor], params: Mapping[str, Tensor], lead: int) -> Tensor:
@@ -244,7 +244,8 @@ def output_hessian_columns(lik, targets: Tensor) -> Callable:
     return columns
 
 
-def _module_of(key: str) -> str:
+def module_of(key: str) -> str:
+    """The module of parameter ``key``: the name up to its last '.', ``""`` for the root."""
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
@@ -253,7 +254,7 @@ def module_indices(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     offsets: dict[str, list[Tensor]] = {}
     i = 0
     for k, p in params.items():
-        offsets.setdefault(_module_of(k), []).append(torch.arange(i, i + p.numel()))
+        offsets.setdefault(module_of(k), []).append(torch.arange(i, i + p.numel()))
         i += p.numel()
     return {m: torch.cat(idx) for m, idx in offsets.items()}
 
