@@ -3,11 +3,14 @@ per_sample_grads, the public GGN / exact-Fisher diagonal against a forward+backw
 BackPACK's DiagGGNExact where importable), the full GGN of a small CNN against ASDL's (and
 BackPACK's). One thread, ratios against baselines measured in the same run.
 
-``python benchmarks/bench_rows.py [--quick]``
+``python benchmarks/bench_rows.py [--quick]``. BackPACK is a benchmark-only dependency: put an
+installation on ``PYTHONPATH`` (e.g. ``pip install --no-deps --target /tmp/bp backpack-for-pytorch
+einops unfoldNd``, which leaves the torch build alone); its rows are left out otherwise.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -81,7 +84,7 @@ def _backpack_diag(model, x, y):
         from backpack.extensions import DiagGGNExact
     except ImportError:
         return None
-    m = extend(model)
+    m = extend(copy.deepcopy(model))  # BackPACK hooks stay on the module: its own copy
     lf = extend(nn.CrossEntropyLoss())
 
     def run():
@@ -112,7 +115,8 @@ def diagonal(quick: bool) -> None:
             out.append((f"{name} N=128: ggn diag / BackPACK", t_g, t_g / t_b))
     if not any("BackPACK" in r[0] for r in out):
         print("\n[BackPACK not importable: its DiagGGNExact rows are left out]")
-    table("GGN / exact-Fisher diagonal through the public function (ratio to forward+backward)", out)
+    table("GGN / exact-Fisher diagonal through the public function (ratio to forward+backward; "
+          "target <= 1.2x BackPACK)", out)
 
 
 def _asdl_full(model, x, y):
@@ -120,7 +124,7 @@ def _asdl_full(model, x, y):
         import asdl
         from asdl.fisher import FisherConfig, get_fisher_maker
     except ImportError:
-        return None, None
+        return None
     fm = get_fisher_maker(model, FisherConfig(fisher_type=asdl.FISHER_EXACT, fisher_shapes=[asdl.SHAPE_FULL],
                                               loss_type=asdl.LOSS_CROSS_ENTROPY, data_size=x.shape[0]))
 
@@ -129,7 +133,27 @@ def _asdl_full(model, x, y):
         fm.setup_loss_call(F.cross_entropy, dummy, y)
         fm.forward_and_backward()
         return model.fisher.data
-    return run, asdl
+    return run
+
+
+def _backpack_full(model, x, y):
+    """BackPACK's SqrtGGNExact rows ``[C, N, *shape]`` per parameter, then VᵀV."""
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import SqrtGGNExact
+    except ImportError:
+        return None
+    m = extend(copy.deepcopy(model))
+    lf = extend(nn.CrossEntropyLoss(reduction="sum"))
+    N = x.shape[0]
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        with backpack(SqrtGGNExact()):
+            lf(m(x), y).backward()
+        V = torch.cat([p.sqrt_ggn_exact.reshape(p.sqrt_ggn_exact.shape[0] * N, -1) for p in m.parameters()], 1)
+        return V.T @ V / N
+    return run
 
 
 def full_ggn(quick: bool) -> None:
@@ -139,7 +163,8 @@ def full_ggn(quick: bool) -> None:
     x, y = small_batch(500)
     t_g = median_time(lambda: curvfun.ggn(model, params, x, y), 1, 3 if quick else 9)
     out = [("curvfun ggn(shape='full')", t_g, 1.0)]
-    run, _ = _asdl_full(model, x, y)
+    bp = _backpack_full(model, x, y)  # before ASDL: its maker leaves backward hooks on the model
+    run = _asdl_full(model, x, y)
     if run is not None:
         G = curvfun.ggn(model, params, x, y)
         A = run()
@@ -147,8 +172,13 @@ def full_ggn(quick: bool) -> None:
         t_a = median_time(run, 1, 3 if quick else 9)
         out.append((f"ASDL fisher_exact SHAPE_FULL (rel. diff {err:.1e})", t_a, t_a / t_g))
         out.append(("curvfun / ASDL", t_g, t_g / t_a))
+    if bp is not None:
+        err = ((bp() - curvfun.ggn(model, params, x, y)).norm() / curvfun.ggn(model, params, x, y).norm()).item()
+        t_b = median_time(bp, 1, 3 if quick else 9)
+        out.append((f"BackPACK SqrtGGNExact, VᵀV (rel. diff {err:.1e})", t_b, t_b / t_g))
+        out.append(("curvfun / BackPACK", t_g, t_g / t_b))
     table(f"full GGN, small CNN (P = {sum(p.numel() for p in params.values())}), N = 500, 10 classes "
-          f"(target curvfun <= 1.0x ASDL)", out)
+          f"(target curvfun <= 1.0x ASDL / BackPACK)", out)
 
 
 def main(quick: bool = False) -> None:

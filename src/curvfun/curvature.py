@@ -247,7 +247,7 @@ def _reshape_dense(M: Tensor, params: Mapping[str, Tensor], shape: str):
     return {m: M[ix][:, ix] for m, ix in module_indices(params).items()}
 
 
-def _mean_loss_fn(model, params, inputs, targets, lik) -> Callable[[Tensor], Tensor]:
+def _sum_loss_fn(model, params, inputs, targets, lik) -> Callable[[Tensor], Tensor]:
     def f(flat_: Tensor) -> Tensor:
         out = call_model(model, unflat(flat_, params), inputs)
         return lik.per_sample(out, targets).sum()
@@ -273,7 +273,7 @@ def hessian(
     flat_ = torch.cat([p.detach().reshape(-1) for p in params.values()])
     with torch.no_grad():
         out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
-    H = torch.func.jacrev(torch.func.grad(_mean_loss_fn(model, params, inputs, targets, lik)))(flat_)
+    H = torch.func.jacrev(torch.func.grad(_sum_loss_fn(model, params, inputs, targets, lik)))(flat_)
     H = (H + H.T) / 2 * fac(out, targets)
     res = unit_wise_from_dense(H, params, units) if units is not None else _reshape_dense(H, params, shape)
     return _finish(res, 1.0, out, loss, lik, fac, targets, return_output)
