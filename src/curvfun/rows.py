@@ -142,14 +142,18 @@ def _captured(model, params, inputs, targets, lik, columns: Callable):
     return cap, rest
 
 
-def _once(columns: Callable) -> Callable:
+def _once(columns: Callable, check: Callable[[int, int], None] | None = None) -> Callable:
     """``columns`` evaluated once (MC columns are random: the capture and the fallback must see the
-    same draws)."""
+    same draws); ``check(K, N)`` runs on the first call, i.e. after the forward and before any
+    backward or row is allocated."""
     memo: list = []
 
     def cached(out: Tensor):
         if not memo:
-            memo.append(columns(out))
+            cols = columns(out)
+            if check is not None:
+                check(cols[1].shape[0], out.shape[0])
+            memo.append(cols)
         return memo[0]
 
     return cached
@@ -166,14 +170,13 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
     """Rows of the columns ``columns(output) -> (cot [K, *output.shape], weights [K])``: a dict like
     ``params`` with leaves ``[K, N, *shape]`` (``[N, K, *shape]`` when ``sample_major``), the weights
     and the (detached) output. Registered layers from the capture, the rest by the exact fallback."""
-    columns = _once(columns)
-    cap, rest = _captured(model, params, inputs, targets, lik, columns)
-    result: dict[str, Tensor] = {}
     first = next(iter(params.values()))
     P = sum(p.numel() for p in params.values())
+    columns = _once(columns, lambda K, N: _check_rows(what, K, N, P, first, sample_major))
+    cap, rest = _captured(model, params, inputs, targets, lik, columns)
+    result: dict[str, Tensor] = {}
     if cap is not None:
         out, weights = cap.output, cap.weights
-        _check_rows(what, weights.shape[0], out.shape[0], P, first, sample_major)
         for rec in cap.layers.values():
             for role, r in layer_rows(layer_data(rec), sample_major).items():
                 key = rec.info.keys[role]
@@ -183,7 +186,6 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
         with torch.no_grad():
             out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
         cot, weights = columns(out)
-        _check_rows(what, weights.shape[0], out.shape[0], P, first, sample_major)
     if rest:
         result.update(_fallback_rows(model, params, rest, inputs, out, columns, sample_major, cot))
     K, N = weights.shape[0], out.shape[0]
