@@ -2,17 +2,18 @@
 parameter order, Kronecker factors as lists, accumulation over batches, create_graph, dict /
 tuple inputs and plain callable models; each against torch.autograd on the same objective."""
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
 from torch import nn
 from torch.func import functional_call
 
 import curvfun
-from curvfun.testing import checks, reference as ref, strategies as cst
+from curvfun.testing import checks
+from curvfun.testing import reference as ref
+from curvfun.testing import strategies as cst
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +81,7 @@ def test_loss_modules_equal_autograd_on_the_module(case):
     module, x, y = _module_cases()[case]  # built in float64 (the conftest fixture)
     model = _mlp()
     params = dict(model.named_parameters())
-    obj = lambda out: module(out, y)  # noqa: E731
+    obj = lambda out: module(out, y)
     H = _autograd_hessian(model, params, x, obj)
     G = _autograd_ggn(model, params, x, obj)
     checks.assert_close(curvfun.hessian(model, params, x, y, loss=module), H)
@@ -132,7 +133,7 @@ def test_return_output_gives_output_and_reduced_loss():
             checks.assert_close(out, model(x))
             checks.assert_close(value, F.cross_entropy(model(x), y, reduction=red))
             checks.assert_close_trees(res, fn(model, params, x, y, reduction=red, **kw))
-    J, out = curvfun.jacobian(model, params, x, return_output=True)
+    _, out = curvfun.jacobian(model, params, x, return_output=True)
     checks.assert_close(out, model(x))
 
 

@@ -4,14 +4,16 @@ nothing of size P x P or K·N·P."""
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+import zoo
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import curvfun
 from curvfun.memory import CurvfunMemoryError, dense_limit
-from curvfun.testing import checks, reference as ref, strategies as cst
-
-import zoo
+from curvfun.testing import checks
+from curvfun.testing import reference as ref
+from curvfun.testing import strategies as cst
 
 LIKELIHOODS = cst.losses()
 ANY_LOSS = st.one_of(cst.losses(), st.just(cst.logcosh_loss))
@@ -81,7 +83,7 @@ def test_mc_fisher_is_the_empirical_fisher_at_the_sampled_targets(pb, M, seed):
 def test_zoo_models_equal_the_dense_reference(name):
     """Transformers (tied embeddings, attention's packed projection), an LSTM (exact fallback),
     transposed convolutions, eval-mode BatchNorm."""
-    model, x, y, C = zoo.build(name, n=2)
+    model, x, y, _ = zoo.build(name, n=2)
     params = dict(model.named_parameters())
     with curvfun.functional.twice_differentiable():
         J = curvfun.jacobian(model, params, x)
@@ -148,10 +150,9 @@ def test_diag_stays_under_a_limit_that_refuses_the_rows(conv):
 
 
 def test_rows_are_refused_before_allocating_with_the_instruction():
-    model, params, x, y = _wide(False)
-    with dense_limit(1000):
-        with pytest.raises(CurvfunMemoryError) as info:
-            curvfun.jacobian(model, params, x)
+    model, params, x, _ = _wide(False)
+    with dense_limit(1000), pytest.raises(CurvfunMemoryError) as info:
+        curvfun.jacobian(model, params, x)
     msg = str(info.value)
     assert msg.startswith("jacobian needs a 8 x 10 x ") and "use shape='diag', jvp / vjp" in msg, msg
     assert "curvfun.memory.set_dense_limit(...)" in msg

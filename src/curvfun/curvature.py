@@ -350,7 +350,6 @@ def fisher_vp(
     canon = lik.canonical_output(out)
     u = Jv.reshape(canon.shape)
     if fisher_type == "exact":
-        C = canon.shape[-1]
         S = lik.hessian_sqrt(canon, targets if hasattr(lik, "mask") else None)
         S = S.reshape(*canon.shape, S.shape[-1])
         w = torch.einsum("...ck,...c->...k", S, u)

@@ -17,15 +17,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
 from .kron import KronFactor
 from .kron_drivers import kfac, scale_factor
 from .kron_rows import KronRowsFactor
-from .rows import module_of
 from .reduction import LOSS_MODULES, REDUCTIONS, resolve_loss
+from .rows import module_of
 from .tree import tree_map
 
 __all__ = ["accumulate", "kfac_lists", "scale_factor"]

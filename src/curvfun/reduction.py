@@ -27,13 +27,14 @@ Every curvature is first the curvature of the *sum* Σ_n ℓ_n (curvfun's per-sa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
-from .losses import BCEWithLogits, CrossEntropy, Likelihood, MSE, get_likelihood
+from .losses import MSE, BCEWithLogits, CrossEntropy, Likelihood, get_likelihood
 
-__all__ = ["REDUCTIONS", "resolve_loss", "loss_value"]
+__all__ = ["REDUCTIONS", "loss_value", "resolve_loss"]
 
 REDUCTIONS = ("mean", "sum")
 

@@ -22,7 +22,8 @@ Rows are laid out ``[K, N, *param.shape]`` per parameter (a dict in the insertio
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +31,30 @@ from torch.func import functional_call, jacrev, vmap
 
 from .capture import capture, output_grad_columns, supported_modules
 from .functional import as_tuple, call_model
-from .layers import affine, column, layer_data, layer_diag_fisher, per_sample_layer_grads
+from .layers import (
+    affine,
+    column,
+    layer_data,
+    layer_diag_fisher,
+    per_sample_layer_grads,
+)
 from .memory import check_dense_size
 from .tree import tree_leaves, tree_map
 
-__all__ = ["jacobian_rows", "jacobian_columns", "column_rows", "layer_rows", "output_hessian_columns",
-           "hessian_sqrt_columns", "rows_shaped", "diag_from_capture", "flat", "unflat", "module_of", "module_indices"]
+__all__ = [
+    "column_rows",
+    "diag_from_capture",
+    "flat",
+    "hessian_sqrt_columns",
+    "jacobian_columns",
+    "jacobian_rows",
+    "layer_rows",
+    "module_indices",
+    "module_of",
+    "output_hessian_columns",
+    "rows_shaped",
+    "unflat",
+]
 
 
 def flat(tree: Mapping[str, Tensor], params: Mapping[str, Tensor], lead: int) -> Tensor:
@@ -60,7 +79,6 @@ def _affine_rows(ld, sample_major: bool) -> dict[str, Tensor]:
     (``[N, K, ...]`` when ``sample_major``). One batched GEMM, O(K·N·G·T·d·o)."""
     a, g = ld.a, ld.g  # [N, G, T, d], [K, N, G, T, o]
     K, N = g.shape[0], g.shape[1]
-    lead = (N, K) if sample_major else (K, N)
     res = {}
     if ld.has_weight:
         if a.shape[2] == 1:  # an outer product per sample and column: one broadcast multiply
@@ -198,7 +216,7 @@ def column_rows(model, params: Mapping[str, Tensor], inputs: Any, targets, lik, 
 
 def jacobian_columns(output: Tensor) -> tuple[Tensor, Tensor]:
     """One column per output entry o: ``e_o`` at every sample, ``[O, *output.shape]``, weights 1."""
-    N, O = output.shape[0], output[0].numel()
+    O = output[0].numel()
     eye = torch.eye(O, dtype=output.dtype, device=output.device)
     cot = eye.reshape(O, 1, *output.shape[1:]).expand(O, *output.shape)
     return cot, torch.ones(O, dtype=output.dtype, device=output.device)
