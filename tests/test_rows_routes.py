@@ -8,6 +8,7 @@ import zoo
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.func import functional_call
 
 import curvfun
 from curvfun.memory import CurvfunMemoryError, dense_limit
@@ -114,6 +115,24 @@ def test_unused_registered_layer_gets_zero_rows():
     J = curvfun.jacobian(model, params, x)
     assert torch.count_nonzero(J["spare.weight"]) == 0 and J["spare.weight"].shape == (3, 2, 2, 2)
     checks.assert_close(curvfun.ggn(model, params, x, y), ref.ggn(model, params, x, y))
+
+
+def test_train_mode_batchnorm_couples_the_samples():
+    """Batch statistics make f_n depend on every sample: the routes take the whole-batch Jacobian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).train()
+    params = dict(model.named_parameters())
+    x, y = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    f = lambda th: functional_call(model, ref.unflatten(th, params), (x,))  # noqa: E731
+    J = torch.autograd.functional.jacobian(f, theta)  # [N, C, P]
+    out = f(theta).detach()
+    H = torch.autograd.functional.hessian(
+        lambda o: torch.nn.functional.cross_entropy(o.reshape(5, 3), y, reduction="sum"), out.reshape(-1))
+    G = J.reshape(15, -1).T @ H @ J.reshape(15, -1) / 5
+    checks.assert_close(curvfun.jacobian(model, params, x, flatten=True), J)
+    checks.assert_close(curvfun.ggn(model, params, x, y), G)
+    checks.assert_diag_matches_dense(curvfun.fisher(model, params, x, y, shape="diag"), G, params)
 
 
 # --- memory: the diagonal forms no P x P and no K·N·P ----------------------------------

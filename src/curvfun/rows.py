@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from .capture import capture, output_grad_columns, supported_modules
-from .functional import as_tuple, call_model
+from .functional import as_tuple, call_model, has_train_mode_batchnorm
 from .layers import (
     affine,
     column,
@@ -104,9 +104,18 @@ def layer_rows(ld, sample_major: bool = False) -> dict[str, Tensor]:
 
 def _fallback_jacobian(model, params: Mapping[str, Tensor], keys: list[str], inputs: Any) -> dict[str, Tensor]:
     """Exact per-sample Jacobians ``[N, O, *shape]`` of ``keys`` only (others held fixed): ``vmap``
-    over samples of ``jacrev``; a per-sample loop where the model cannot be vmapped."""
+    over samples of ``jacrev``; a per-sample loop where the model cannot be vmapped; ``jacrev`` of
+    the whole batch where train-mode BatchNorm couples the samples (f_n then depends on every
+    sample, and ∂f_n/∂θ includes that)."""
     args = as_tuple(inputs)
     sub = {k: params[k].detach() for k in keys}
+    if isinstance(model, nn.Module) and has_train_mode_batchnorm(model):
+        # batch statistics couple the samples: the Jacobian of the whole batch output, O(N²)
+        def whole(s):
+            out = call_model(model, {**{k: v.detach() for k, v in params.items()}, **s}, inputs)
+            return out.reshape(out.shape[0], -1)
+
+        return jacrev(whole)(sub)  # [N, O, *shape]: ∂f_n/∂θ through every sample's use of θ
     if isinstance(model, nn.Module):
         own = dict(model.named_parameters())
         fixed = {k: v.detach() for k, v in {**own, **params}.items() if k not in keys}
@@ -149,7 +158,7 @@ def _fallback_rows(model, params, keys: list[str], inputs, out: Tensor, columns:
 
 def _captured(model, params, inputs, targets, lik, columns: Callable):
     """Capture with custom columns; returns (capture or None, [unsupported keys])."""
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module) or has_train_mode_batchnorm(model):
         return None, list(params)
     infos, _ = supported_modules(model, params)
     if not infos:
