@@ -296,7 +296,7 @@ def rows_shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], sca
         return unflat((rows.pow(2) * w).sum((0, 1)) * scale, params)
     P = rows.shape[-1]
     R = rows.reshape(-1, P)
-    Rw = (rows * w).reshape(-1, P)
+    Rw = R if bool((weights == 1).all()) else (rows * w).reshape(-1, P)
 
     def gram(idx=None):
         A, B = (R, Rw) if idx is None else (R[:, idx], Rw[:, idx])
