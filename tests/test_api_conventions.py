@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
@@ -96,6 +97,25 @@ def test_loss_modules_equal_autograd_on_the_module(case):
     _, out, value = curvfun.fisher(model, params, x, y, loss=module, fisher_type="emp", return_output=True)
     checks.assert_close(value, module(model(x), y))
     checks.assert_close(out, model(x))
+
+
+@given(cst.problems(loss=st.sampled_from(["mse", "bce_with_logits"]), kinds=("mlp", "cnn", "sequence"), max_n=3,
+                    subset=False), st.sampled_from(["mean", "sum"]))
+def test_elementwise_loss_modules_on_any_output_shape(pb, red):
+    """nn.MSELoss / nn.BCEWithLogitsLoss on [N, *positions, C] outputs: curvfun's curvature with the
+    module equals autograd on the module applied to the whole output."""
+    module = nn.MSELoss(reduction=red) if pb.loss == "mse" else nn.BCEWithLogitsLoss(reduction=red)
+    f = ref.output_fn(pb.model, pb.params, pb.inputs)
+    theta = _flat(pb.params)
+    H = torch.autograd.functional.hessian(lambda th: module(f(th), pb.targets), theta)
+    out = f(theta).detach()
+    J = torch.autograd.functional.jacobian(f, theta).reshape(out.numel(), -1)
+    Ho = torch.autograd.functional.hessian(lambda o: module(o.reshape(out.shape), pb.targets), out.reshape(-1))
+    G = J.T @ Ho @ J
+    checks.assert_close(curvfun.hessian(pb.model, pb.params, pb.inputs, pb.targets, loss=module), H)
+    checks.assert_close(curvfun.ggn(pb.model, pb.params, pb.inputs, pb.targets, loss=module), G)
+    checks.assert_diag_matches_dense(
+        curvfun.fisher(pb.model, pb.params, pb.inputs, pb.targets, loss=module, shape="diag"), G, pb.params)
 
 
 @given(cst.problems(loss=cst.losses(), kinds=("mlp", "cnn", "sequence"), max_n=3))
