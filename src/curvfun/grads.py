@@ -8,7 +8,9 @@ come from one captured pass (layer inputs and per-sample output-gradients, see
 where the model cannot be vmapped, e.g. recurrent layers). A registered layer's parameter that
 the forward also uses *outside* the layer's own call (``x @ self.embed.weight.T``, MHA's
 ``out_proj`` under cross-attention) is detected by the capture and takes the fallback, named in
-a :class:`~curvfun.capture.CaptureFallbackWarning`.
+a :class:`~curvfun.capture.CaptureFallbackWarning`. Jacobians take the same route with one
+output-gradient column per output entry (:mod:`curvfun.rows`). ``model`` may also be a plain
+callable ``f(params, *inputs)``: every parameter then takes the fallback.
 """
 
 from __future__ import annotations
