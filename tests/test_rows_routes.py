@@ -117,6 +117,30 @@ def test_unused_registered_layer_gets_zero_rows():
     checks.assert_close(curvfun.ggn(model, params, x, y), ref.ggn(model, params, x, y))
 
 
+@pytest.mark.parametrize("P", [300, 700, 2100])
+def test_sym_gram_is_the_gram_matrix(P):
+    R = torch.randn(40, P, generator=torch.Generator().manual_seed(P))
+    M = curvfun.rows.sym_gram(R)
+    checks.assert_close(M, R.T @ R)
+    assert torch.equal(M, M.T)
+
+
+def test_indefinite_output_hessian_takes_signed_columns():
+    """ℓ = Σ sin(f): H_n = -diag(sin f_n) is indefinite; the GGN Jᵀ H J keeps its sign."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = dict(model.named_parameters())
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    loss = lambda out, t: torch.sin(out - t).sum(-1)  # noqa: E731
+    G = ref.ggn(model, params, x, y, loss)
+    assert torch.linalg.eigvalsh(G).min() < 0
+    checks.assert_close(curvfun.ggn(model, params, x, y, loss), G)
+    checks.assert_diag_matches_dense(curvfun.ggn(model, params, x, y, loss, shape="diag"), G, params)
+    R, w = curvfun.ggn_rows(model, params, x, y, loss, flatten=True)
+    assert (w < 0).any()
+    checks.assert_close(torch.einsum("k,knp,knq->pq", w, R, R) / 4, G)
+
+
 def test_train_mode_batchnorm_couples_the_samples():
     """Batch statistics make f_n depend on every sample: the routes take the whole-batch Jacobian."""
     torch.manual_seed(0)

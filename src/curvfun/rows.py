@@ -53,6 +53,7 @@ __all__ = [
     "module_of",
     "output_hessian_columns",
     "rows_shaped",
+    "sym_gram",
     "unflat",
 ]
 
@@ -288,6 +289,27 @@ def module_indices(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {m: torch.cat(idx) for m, idx in offsets.items()}
 
 
+def sym_gram(R: Tensor, width: int = 256) -> Tensor:
+    """RᵀR for ``R`` ``[M, P]``, exactly symmetric: column blocks of about ``width`` (at most 8),
+    the products of the upper block triangle only, mirrored: (b+1)/(2b) of the GEMM work."""
+    P = R.shape[1]
+    b = min(8, P // width)
+    if b < 2:
+        M = R.T @ R
+        return (M + M.T) / 2
+    edges = [round(i * P / b) for i in range(b + 1)]
+    M = R.new_empty(P, P)
+    for i in range(b):
+        rows_i = slice(edges[i], edges[i + 1])
+        M[rows_i, edges[i]:] = R[:, rows_i].T @ R[:, edges[i]:]
+        Mii = M[rows_i, rows_i]
+        M[rows_i, rows_i] = (Mii + Mii.T) / 2
+    for i in range(b - 1):
+        rows_i = slice(edges[i], edges[i + 1])
+        M[edges[i + 1]:, rows_i] = M[rows_i, edges[i + 1]:].T
+    return M
+
+
 def rows_shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], scale: float, shape: str):
     """``scale · Σ_k w_k Σ_n r_kn r_knᵀ`` from rows ``[K, N, P]``, as ``shape``: ``"full"``
     ``[P, P]``, ``"block"`` module -> ``[P_m, P_m]``, ``"diag"`` a dict like ``params``."""
@@ -295,13 +317,18 @@ def rows_shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], sca
     if shape == "diag":
         return unflat((rows.pow(2) * w).sum((0, 1)) * scale, params)
     P = rows.shape[-1]
-    R = rows.reshape(-1, P)
-    Rw = R if bool((weights == 1).all()) else (rows * w).reshape(-1, P)
+    if bool((weights >= 0).all()):  # one matrix R with RᵀR, the upper block triangle only
+        R = rows.reshape(-1, P) if bool((weights == 1).all()) else (rows * w.sqrt()).reshape(-1, P)
 
-    def gram(idx=None):
-        A, B = (R, Rw) if idx is None else (R[:, idx], Rw[:, idx])
-        M = A.T @ B * scale
-        return (M + M.T) / 2
+        def gram(idx=None):
+            return sym_gram(R if idx is None else R[:, idx]) * scale
+    else:  # an indefinite output Hessian: Σ_k w_k R_kᵀ R_k with signed weights
+        R, Rw = rows.reshape(-1, P), (rows * w).reshape(-1, P)
+
+        def gram(idx=None):
+            A, B = (R, Rw) if idx is None else (R[:, idx], Rw[:, idx])
+            M = A.T @ B * scale
+            return (M + M.T) / 2
 
     if shape == "full":
         return gram()
