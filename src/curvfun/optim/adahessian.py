@@ -206,14 +206,16 @@ class AdaHessian(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             state["step"] += 1
             t = state["step"]
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
             k = group["hessian_power"]
-            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).pow(k).add_(group["eps"])
-            update = (m / (1 - beta1**t)).div_(denom)
-            if group["weight_decay"] != 0:
-                update.add_(p, alpha=group["weight_decay"])
-            p.add_(update, alpha=-group["lr"])
+            denom = v.sqrt().div_(math.sqrt(1 - beta2**t))
+            if k != 1:
+                denom.pow_(k)
+            denom.add_(group["eps"])
+            if group["weight_decay"] != 0:  # p − lr·wd·p, then − lr·m̂/denom (the same update)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
         # drop the gradients' graphs (create_graph=True makes parameter <-> gradient reference cycles)
         for p in params:
             p.grad = p.grad.detach()
