@@ -5,9 +5,10 @@ is not importable), on the 784-512-512-10 MLP at batch 128 (benchmarks/common.py
 A step is ``zero_grad()``, ``loss.backward(create_graph=...)``, ``step()``. Rows "graph every step"
 pass ``create_graph=True`` on every step (the usual loop); rows "graph when needed" pass it only on
 the steps that estimate the Hessian (curvfun: ``optimizer.needs_graph()``; pytorch-optimizer: its
-schedule, steps 1, k + 1, ...). The variants run interleaved (one cycle of each per round: one step
-at period 1, ten at period 10), medians over rounds of the per-step time after a warm-up round;
-ratios against the SGD step, and curvfun against pytorch-optimizer at equal period and loop.
+schedule, steps 1, k + 1, ...). The variants run interleaved (eleven rounds, one cycle of each per
+round: one step at period 1, ten at period 10), medians over rounds of the per-step time after a
+warm-up round; ratios against the SGD step, and curvfun against pytorch-optimizer at equal period
+and loop.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
     for _, make, graph, _ in variants:
         model = copy.deepcopy(base)
         steps.append(_stepper(model, x, t, make(model.parameters()), graph))
-    secs = _interleaved_times(steps, [c for *_, c in variants], rounds=7)
+    secs = _interleaved_times(steps, [c for *_, c in variants], rounds=11)
     table(f"MLP (batch {x.shape[0]}, {torch.get_num_threads()} threads), ratio to SGD",
           [(name, sec, sec / secs[0]) for (name, *_), sec in zip(variants, secs)])
     if TheirAdaHessian is not None:
