@@ -274,6 +274,24 @@ def test_absolute_damping_moves_to_float64():
         assert float((got - ref).norm() / ref.norm()) <= 3e-3
 
 
+@pytest.mark.parametrize("kw", [{}, dict(data_space="never", root_method="warm", basis_every=2)], ids=["rows", "warm"])
+def test_lowered_damping_moves_to_float64(kw):
+    """Relative damping lowered after the statistics were made in float32: they (and the kept roots
+    and bases) move to float64, also between refreshes (roots every 2 steps, statistics every step)."""
+    model, x, t = _ill_conditioned()
+    config = PreconditioningConfig(damping=1e-2, curvature_upd_interval=1, preconditioner_upd_interval=2)
+    gm, _ = _preconditioned(model, x, t, config, 1, **kw)
+    assert all(S.dtype == torch.float32 for tiles in gm.statistics.values() for pair in tiles for S in pair)
+    config.damping = 1e-12
+    for _ in range(3):  # step 1 keeps the old roots, step 2 refreshes them
+        model.zero_grad(set_to_none=True)
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        assert all(S.dtype == torch.float64 for tiles in gm.statistics.values() for pair in tiles for S in pair)
+        assert all(p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
 def test_precision_rules():
     assert needs_float64(torch.float32, 1e-5) and needs_float64(torch.bfloat16, 1e-12)
     assert not needs_float64(torch.float32, 1e-4) and not needs_float64(torch.float64, 1e-12)

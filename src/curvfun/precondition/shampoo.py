@@ -93,6 +93,7 @@ Differences from ASDL 0.1 (``asdl/precondition/shampoo.py``):
 
 from __future__ import annotations
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -320,11 +321,14 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                     for r, c in block_slices((p.shape[0], p[0].numel()), self.block_size)
                 ]
             new, tiles = self._updated_statistics(key, p, stats, decay)
-            if self._promote(p, new):  # absolute damping below what the parameter's dtype resolves
+            if self._promote(p, new):  # damping below what the parameter's dtype resolves
                 stats = [[S.double() for S in pair] for pair in stats]
                 if rows:
                     self._rows[key] = tuple(t.double() for t in self._rows[key])
                     self._row_tiles.pop(key, None)
+                for kept in (self.roots, self.bases):  # applied to float64 gradients from now on
+                    if key in kept:
+                        kept[key] = optree.tree_map(lambda t: t.double(), kept[key])
                 new, tiles = self._updated_statistics(key, p, stats, decay)
             # PSD matrices are finite iff their diagonals are (|S_ij| <= sqrt(S_ii S_jj), NaN shows on
             # the diagonal): a d-vector check instead of a scan of every entry
@@ -358,13 +362,17 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         return p.dtype
 
     def _promote(self, p: Tensor, new: list) -> bool:
-        """``precision="auto"`` with absolute damping δ: whether statistics still in the parameter's
-        dtype must move to float64, i.e. :func:`needs_float64` at δ / (largest diagonal entry, a lower
-        bound of λ_max); once moved they stay."""
-        if self.precision != "auto" or self.damping_mode != "absolute" or new[0][0].dtype == torch.float64:
+        """``precision="auto"``: whether statistics still in the parameter's dtype must move to
+        float64 (:func:`needs_float64`): at relative damping ε (e.g. lowered since they were made),
+        or at absolute δ against their largest diagonal entry (a lower bound of λ_max); once moved
+        they stay."""
+        if self.precision != "auto" or new[0][0].dtype == torch.float64:
             return False
+        damping = float(self.config.damping)
+        if self.damping_mode == "relative":
+            return needs_float64(p.dtype, damping)
         top = max(float(S.diagonal().max()) for pair in new for S in pair)
-        return top > 0 and needs_float64(p.dtype, float(self.config.damping) / top)
+        return top > 0 and needs_float64(p.dtype, damping / top)
 
     def _keeps_basis(self, key: str) -> bool:
         """``"warm"``: whether the next refresh of ``key`` keeps its basis (see :meth:`_warm_bases`)."""
