@@ -157,10 +157,14 @@ class AdaHessian(torch.optim.Optimizer):
         outs = [grads[i] for i in with_graph]
         keys = [str(i) for i in range(len(params))]
 
+        calls = [0]
+
         def matvec(v: dict[str, Tensor]) -> dict[str, Tensor]:
+            calls[0] += 1  # the graph is freed after the last sample's product
             with torch.enable_grad():
                 hv = torch.autograd.grad(
-                    outs, params, grad_outputs=[v[keys[i]] for i in with_graph], retain_graph=True, allow_unused=True
+                    outs, params, grad_outputs=[v[keys[i]] for i in with_graph],
+                    retain_graph=calls[0] < self.n_samples, allow_unused=True,
                 )
             return {k: torch.zeros_like(p) if h is None else h for k, p, h in zip(keys, params, hv)}
 
