@@ -331,7 +331,7 @@ def hutchinson_diag(
     if n_samples == 1:  # v ⊙ Mv as it is (no accumulator passes)
         v = _rademacher(like, generator)
         Mv = matvec(v)
-        return {k: v[k].mul_(Mv[k]) for k in like}
+        return {k: v[k] * Mv[k] for k in like}
     acc = {k: torch.zeros_like(v) for k, v in like.items()}
     for _ in range(n_samples):
         v = _rademacher(like, generator)
