@@ -2,7 +2,7 @@
 
 Each section prints medians after warm-up and ratios against a baseline measured in the
 same run (threads fixed to 2). Sections: grads (issue 2), kron (issue 3), lowrank (issue 4),
-makers (issue 5), others (issue 6), distributed (issue 7), when present.
+makers (issue 5), others (issue 6), distributed (issue 7), shampoo_precision and adahessian (issue 16), when present.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ SECTIONS = {
     "lowrank": "bench_lowrank",
     "makers": "bench_makers",
     "others": "bench_others",
+    "shampoo_precision": "bench_shampoo_precision",
     "adafisher": "bench_adafisher",
+    "adahessian": "bench_adahessian",
     "distributed": "bench_distributed",
     "transformer": "bench_transformer",
     "guards": "bench_guards",

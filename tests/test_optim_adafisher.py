@@ -3,7 +3,8 @@
 Ground truth: per-sample output gradients ĝ_n = ∂ℓ_n/∂(layer output) by an autograd loop over
 samples (one backward per sample, hooks written here), layer inputs read by hooks, im2col by
 ``F.unfold``; then diag(A) = Σ a²/(N·T) (with a homogeneous 1 for a bias), diag(B) = Σ ĝ²/N,
-the EMA (corrected: γH + (1−γ)Ĥ starting at Ĥ₀; paper: 0.1γH + 0.01γ·MinMax(Ĥ) starting at ones),
+the EMA (corrected: γH + (1−γ)Ĥ starting at Ĥ₀; paper: 0.1γH + 0.01γ·MinMax(Ĥ) starting at ones,
+MinMax's 1e-6 on the published scale: B of the mean loss's output gradients over N·T rows),
 F̃ = diag(B) ⊗ diag(A) + λ, and the Adam-like first moment. No code is shared with
 ``curvfun.diag_kron`` / ``curvfun.layers``.
 """
@@ -117,8 +118,9 @@ def make_batch(kind: str, step: int, N: int = 6):
 # --------------------------------------------------------------------------------------
 # the reference: per-sample autograd loop
 # --------------------------------------------------------------------------------------
-def reference_factors(model: nn.Module, x, t):
-    """(factors {layer: (A, B)}, grads {param name: g}) from a per-sample autograd loop."""
+def reference_factors(model: nn.Module, x, t, positions: dict | None = None):
+    """(factors {layer: (A, B)}, grads {param name: g}) from a per-sample autograd loop;
+    ``positions`` (if given) receives each layer's output positions per sample and channel, T."""
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm2d))}
     ins, outs = {}, {}
@@ -146,6 +148,8 @@ def reference_factors(model: nn.Module, x, t):
     factors = {}
     for n, m in layers.items():
         a, g = ins[n], ghat[n]
+        if positions is not None:  # Conv2d / BatchNorm2d: H·W of the output; Linear / Embedding: the sequence
+            positions[n] = g[0].numel() // (g.shape[1] if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) else g.shape[-1])
         if isinstance(m, nn.Linear):
             a2 = a.reshape(N, -1, a.shape[-1])
             A = a2.pow(2).sum((0, 1)) / a2[:, :, 0].numel()
@@ -208,14 +212,16 @@ def run_against_reference(kind, cls, ema, TCov, steps=3, lr=0.05, beta=0.8, gamm
         opt.zero_grad()
         F.cross_entropy(model(x), t).backward()
         opt.step()
-        fac, grads = reference_factors(ref, x, t)
+        T = {}
+        fac, grads = reference_factors(ref, x, t, T)
         if s % TCov == 0:
             for n, (A, B) in fac.items():
                 if ema == "corrected":
                     H[n] = (A, B) if n not in H else (gamma * H[n][0] + (1 - gamma) * A, gamma * H[n][1] + (1 - gamma) * B)
-                else:
+                else:  # MinMax of B on the published scale: the mean loss's output gradients over N·T rows
                     old = H.get(n, (torch.ones_like(A), torch.ones_like(B)))
-                    H[n] = (0.1 * gamma * old[0] + 0.01 * gamma * minmax(A), 0.1 * gamma * old[1] + 0.01 * gamma * minmax(B))
+                    B_pub = B / (x.shape[0] ** 2 * T[n])
+                    H[n] = (0.1 * gamma * old[0] + 0.01 * gamma * minmax(A), 0.1 * gamma * old[1] + 0.01 * gamma * minmax(B_pub))
         with torch.no_grad():
             for pname, p in ref.named_parameters():
                 ln, k = owner[pname]
@@ -240,6 +246,77 @@ def test_adafisher_update_equals_formula(kind, ema, TCov):
         A, B = H[n]
         torch.testing.assert_close(f.A.reshape(-1), A.reshape(-1), **TOL)
         torch.testing.assert_close(f.B.reshape(-1), B.reshape(-1), **TOL)
+
+
+def published_first_step(model: nn.Module, x, t, lr, gamma, lam, minmax_eps=1e-6):
+    """One step of the published AdaFisher (ema="paper") from its formulas, in float64: from the
+    mean loss's own output gradients s (not rescaled) and layer inputs a over the rows (N, or N·T
+    positions for Conv2d, im2col by F.unfold), diag H = Σ ā²/rows (ā = [a, 1] with a bias) and
+    diag S = Σ s²/rows; each averaged from ones, 0.1γ·1 + 0.01γ·MinMax (eps added to the range);
+    F = S ⊗ H + λ; the first moment's first step is the gradient: p ← p − lr·g/F."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    ins, outs = {}, {}
+
+    def keep(m, a, o, n):
+        ins[n], outs[n] = a[0].detach(), o
+
+    hs = [m.register_forward_hook(lambda m, a, o, n=n: keep(m, a, o, n)) for n, m in layers.items()]
+    try:
+        loss = F.cross_entropy(model(x), t)
+    finally:
+        for h in hs:
+            h.remove()
+    names = list(layers)
+    s_all = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names], retain_graph=True)))
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+
+    def normalised(v):
+        return (v - v.min()) / (v.max() - v.min() + minmax_eps)
+
+    new = {}
+    for n, m in layers.items():
+        a, s = ins[n], s_all[n]
+        if isinstance(m, nn.Conv2d):
+            a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2).reshape(-1, m.weight[0].numel())
+            s = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])
+        a = torch.cat([a, torch.ones(a.shape[0], 1)], 1) if m.bias is not None else a
+        H = 0.1 * gamma + 0.01 * gamma * normalised(a.pow(2).sum(0) / a.shape[0])
+        S = 0.1 * gamma + 0.01 * gamma * normalised(s.pow(2).sum(0) / s.shape[0])
+        Fm = S[:, None] * H[None, :] + lam
+        d = m.weight[0].numel()
+        with torch.no_grad():
+            new[f"{n}.weight"] = m.weight - lr * grads[f"{n}.weight"] / Fm[:, :d].reshape(m.weight.shape)
+            if m.bias is not None:
+                new[f"{n}.bias"] = m.bias - lr * grads[f"{n}.bias"] / Fm[:, d]
+    return new
+
+
+def test_paper_mode_is_the_published_step():
+    """ema="paper" reproduces the published code's first step to rounding in float64: its
+    MinMax adds 1e-6 to the range of factors on the mean loss's gradient scale (B 1/(N²·T) of
+    curvfun's), which the step puts at the same place; taken on curvfun's scale instead the
+    step differs visibly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 5), nn.Tanh(),
+                          nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(8, 2, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    lr, gamma, lam = 0.01, 0.8, 1e-3
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    want = published_first_step(copy.deepcopy(model), x, t, lr, gamma, lam)
+    opt = AdaFisher(model, lr=lr, gamma=gamma, Lambda=lam, TCov=1, ema="paper")
+    F.cross_entropy(model(x), t).backward()
+    opt.step()
+    got = {k: p.detach() for k, p in model.named_parameters()}
+    for k, w in want.items():
+        torch.testing.assert_close(got[k] - before[k], w - before[k], rtol=1e-12, atol=0)
+
+    def step(new):
+        return torch.cat([(new[k] - before[k]).flatten() for k in before])
+
+    # the 1e-6 on curvfun's scale (the Linear layers' B N² larger): far from the published step
+    other = published_first_step(copy.deepcopy(model), x, t, lr, gamma, lam, 1e-6 / x.shape[0] ** 2)
+    assert float((step(other) - step(want)).norm() / step(want).norm()) > 1e-5
 
 
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])

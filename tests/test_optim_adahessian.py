@@ -88,6 +88,42 @@ def test_two_steps_equal_hand_computation(n_samples, k, wd):
     assert all(not p.grad.requires_grad for p in model.parameters())
 
 
+def test_update_period_equals_hand_computation():
+    """update_period=3: D from the Hutchinson draws of steps 1 and 4 (the generator advances only
+    there), reused on steps 2-3 and 5-6, m and v updated every step; the reuse steps' gradients
+    come without a graph (``needs_graph()``)."""
+    model = small_cnn()
+    ref = copy.deepcopy(model)
+    lr, (b1, b2), eps, wd, seed, period = 0.1, (0.8, 0.9), 1e-4, 0.1, 99, 3
+    opt = AdaHessian(model.parameters(), lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, seed=seed,
+                     update_period=period)
+    gen = torch.Generator().manual_seed(seed)
+    m = [torch.zeros_like(p) for p in ref.parameters()]
+    v = [torch.zeros_like(p) for p in ref.parameters()]
+    D = None
+    for s in range(6):
+        x, t = batch(s)
+        assert opt.needs_graph() == (s % period == 0)
+        opt.zero_grad()
+        F.cross_entropy(model(x), t).backward(create_graph=opt.needs_graph())
+        opt.step()
+        grads = torch.autograd.grad(F.cross_entropy(ref(x), t), list(ref.parameters()))
+        if s % period == 0:
+            H = dense_hessian(ref, x, t)
+            r = torch.cat([(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype).reshape(-1)
+                           for p in ref.parameters()])
+            D = [d.reshape(p.shape) for p, d in zip(ref.parameters(), torch.split(r * (H @ r), [p.numel() for p in ref.parameters()]))]
+            D = [d.mean((2, 3), keepdim=True).expand_as(d) if d.ndim == 4 else d for d in D]
+        with torch.no_grad():
+            for i, (p, d) in enumerate(zip(ref.parameters(), D)):
+                m[i] = b1 * m[i] + (1 - b1) * grads[i]
+                v[i] = b2 * v[i] + (1 - b2) * d * d
+                denom = v[i].sqrt() / (1 - b2 ** (s + 1)) ** 0.5 + eps
+                p -= lr * (m[i] / (1 - b1 ** (s + 1)) / denom + wd * p)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, **TOL, msg=lambda msg: f"step {s}, {n}: {msg}")
+
+
 @pytest.fixture
 def one_thread():
     old = torch.get_num_threads()
@@ -111,10 +147,11 @@ def test_trains_digits(one_thread):
     assert acc >= 0.9, acc
 
 
-def test_resume_is_bit_exact():
+@pytest.mark.parametrize("period", [1, 4])  # saved after step 3: mid-period for 4
+def test_resume_is_bit_exact(period):
     def run(steps, start=None):
         model = small_cnn()
-        opt = AdaHessian(model.parameters(), lr=0.05, n_samples=2, seed=7)
+        opt = AdaHessian(model.parameters(), lr=0.05, n_samples=2, seed=7, update_period=period)
         if start is not None:
             model.load_state_dict(start[0])
             opt.load_state_dict(torch.load(io.BytesIO(start[1]), weights_only=True))
@@ -154,6 +191,8 @@ def test_bad_input_raises_with_message():
         (dict(n_samples=0), ValueError, "Invalid n_samples"),
         (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay"),
         (dict(seed=1.5), TypeError, "seed must be an int"),
+        (dict(update_period=0), ValueError, "Invalid update_period: 0 \\(expected an int >= 1"),
+        (dict(update_period=2.0), ValueError, "Invalid update_period"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):

@@ -16,8 +16,8 @@ from torch import nn
 
 from curvfun.precondition import PreconditioningConfig
 from curvfun.precondition.shampoo import ShampooGradientMaker
-from curvfun.roots import eigen_power, inverse_root, sym_eigh
-from curvfun.shampoo_math import block_slices, merge_blocks, split_blocks
+from curvfun.roots import eigen_power, eigen_power_from, inverse_root, sym_eigh
+from curvfun.shampoo_math import block_slices, merge_blocks, needs_float64, resolved_floor, split_blocks
 from digits_helper import train_digits
 from maker_checks import check_resume_bit_exact, run_readme_loop
 
@@ -99,6 +99,24 @@ def test_sym_eigh_retries_in_float64(monkeypatch):
     assert torch.allclose((Q * lam) @ Q.T, M, atol=1e-4)
     R = inverse_root(M, 4, 1e-3)
     assert R.dtype == torch.float32 and bool(torch.isfinite(R).all())
+
+
+@given(d=st.integers(2, 7), k=st.integers(1, 7), floor=st.sampled_from([0.0, 1e-9, 1e-3, 0.5]),
+       eps=st.sampled_from([0.0, 1e-6, 1e-2]), relative=st.booleans(), seed=st.integers(0, 2**16))
+def test_eigen_power_floor_is_the_floored_root(d, k, floor, eps, relative, seed):
+    """(Q diag(max(λ, f·λ_max)) Qᵀ + δI)^{-1/4} against SciPy's fractional power of that matrix."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d, k, generator=g, dtype=torch.float64)
+    M = X @ X.T
+    lam, Q = torch.linalg.eigh(M)
+    lam_max = float(lam.max())
+    floored = (Q * torch.maximum(lam, torch.tensor(floor * lam_max))) @ Q.T if floor else (Q * lam.clamp_min(0)) @ Q.T
+    delta = eps * lam_max if relative else eps
+    if delta == 0 and (floor == 0 and k < d):
+        return  # singular without damping or floor: no root
+    want = np.real(scipy.linalg.fractional_matrix_power(floored.numpy() + delta * np.eye(d), -0.25))
+    got = eigen_power_from(lam, Q, -0.25, eps, relative, floor).matrix().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
 
 
 def test_roots_bad_input():
@@ -189,6 +207,98 @@ def test_interval_roots_lag_statistics():
 # --- training, README loop, resume, bad input ------------------------------------------------
 
 
+def _ill_conditioned():
+    """Widths 24-48-40-6 on 16 samples of rank-3 inputs with a common offset: every factor is
+    singular, with eigenvalues spread over many decades."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 6)).float()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g) @ torch.randn(3, 24, generator=g) + 1.0
+    return model, x.float(), torch.randint(0, 6, (16,), generator=g)
+
+
+def _preconditioned(model, x, t, config, steps=1, **kw):
+    """The preconditioned gradients of ``steps`` maker steps on one batch (no parameter update)."""
+    gm = ShampooGradientMaker(model, config, **kw)
+    out = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        out.append(torch.cat([p.grad.flatten().double() for p in model.parameters()]))
+    return gm, out
+
+
+@pytest.mark.parametrize("damping", [1e-12, 1e-8, 1e-6, 1e-2])
+@pytest.mark.parametrize("kw", [{}, dict(data_space="never"), dict(root_method="warm", basis_every=2)],
+                         ids=["rows", "formed", "warm"])
+def test_float32_matches_float64_at_any_damping(damping, kw):
+    """float32 parameters against the same maker on a float64 copy of the model (relative
+    distance of all preconditioned gradients <= 3e-3, three steps): below the damping float32
+    resolves the statistics are float64 (the float32 ones were 4.1 away at 1e-12, 0.07 at 1e-8)."""
+    model, x, t = _ill_conditioned()
+    config = PreconditioningConfig(damping=damping)
+    _, ref = _preconditioned(copy.deepcopy(model).double(), x.double(), t, config, 3, **kw)
+    gm, got = _preconditioned(model, x, t, config, 3, **kw)
+    for a, b in zip(got, ref):
+        assert float((a - b).norm() / b.norm()) <= 3e-3
+    wide = needs_float64(torch.float32, damping)
+    assert all(S.dtype == (torch.float64 if wide else torch.float32)
+               for tiles in gm.statistics.values() for pair in tiles for S in pair)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_native_precision_is_the_float32_computation():
+    """``precision="native"`` keeps float32 statistics: far from float64 at damping 1e-12;
+    ``"float64"`` matches it whatever the damping."""
+    model, x, t = _ill_conditioned()
+    config = PreconditioningConfig(damping=1e-12)
+    _, (ref,) = _preconditioned(copy.deepcopy(model).double(), x.double(), t, config)
+    _, (native,) = _preconditioned(copy.deepcopy(model), x, t, config, precision="native")
+    _, (wide,) = _preconditioned(copy.deepcopy(model), x, t, config, precision="float64")
+    assert float((native - ref).norm() / ref.norm()) > 0.5
+    assert float((wide - ref).norm() / ref.norm()) <= 3e-3
+
+
+def test_absolute_damping_moves_to_float64():
+    """``damping_mode="absolute"``: statistics move to float64 once δ falls below what float32
+    resolves next to their largest diagonal entry, and stay float32 otherwise."""
+    model, x, t = _ill_conditioned()
+    for damping, wide in ((1e-14, True), (10.0, False)):
+        config = PreconditioningConfig(damping=damping)
+        _, (ref,) = _preconditioned(copy.deepcopy(model).double(), x.double(), t, config, damping_mode="absolute")
+        gm, (got,) = _preconditioned(copy.deepcopy(model), x, t, config, damping_mode="absolute")
+        assert {S.dtype for tiles in gm.statistics.values() for pair in tiles for S in pair} == {
+            torch.float64 if wide else torch.float32}
+        assert float((got - ref).norm() / ref.norm()) <= 3e-3
+
+
+@pytest.mark.parametrize("kw", [{}, dict(data_space="never", root_method="warm", basis_every=2)], ids=["rows", "warm"])
+def test_lowered_damping_moves_to_float64(kw):
+    """Relative damping lowered after the statistics were made in float32: they (and the kept roots
+    and bases) move to float64, also between refreshes (roots every 2 steps, statistics every step)."""
+    model, x, t = _ill_conditioned()
+    config = PreconditioningConfig(damping=1e-2, curvature_upd_interval=1, preconditioner_upd_interval=2)
+    gm, _ = _preconditioned(model, x, t, config, 1, **kw)
+    assert all(S.dtype == torch.float32 for tiles in gm.statistics.values() for pair in tiles for S in pair)
+    config.damping = 1e-12
+    for _ in range(3):  # step 1 keeps the old roots, step 2 refreshes them
+        model.zero_grad(set_to_none=True)
+        y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, y, t)
+        gm.forward_and_backward()
+        assert all(S.dtype == torch.float64 for tiles in gm.statistics.values() for pair in tiles for S in pair)
+        assert all(p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+def test_precision_rules():
+    assert needs_float64(torch.float32, 1e-5) and needs_float64(torch.bfloat16, 1e-12)
+    assert not needs_float64(torch.float32, 1e-4) and not needs_float64(torch.float64, 1e-12)
+    assert resolved_floor(torch.float32) == pytest.approx((300 * torch.finfo(torch.float32).eps) ** 2)
+    assert resolved_floor(torch.float64) < 1e-25 and resolved_floor(torch.bfloat16) == 1e-4
+
+
 def test_trains_digits():
     """lr 0.1, damping 1e-4 (relative), statistics and roots refreshed every step."""
     acc = train_digits(
@@ -205,8 +315,9 @@ def test_readme_loop():
     assert ns["gm"].step == 8 and set(ns["gm"].roots) == {"conv.weight", "fc1.weight", "fc2.weight"}
 
 
-def test_resume_is_bit_exact():
-    config = PreconditioningConfig(damping=1e-3, preconditioner_upd_interval=2, curvature_upd_interval=1)
+@pytest.mark.parametrize("damping", [1e-3, 1e-12])  # float32 / float64 statistics
+def test_resume_is_bit_exact(damping):
+    config = PreconditioningConfig(damping=damping, preconditioner_upd_interval=2, curvature_upd_interval=1)
     # the live maker keeps training after the save: the saved copy must not move
     check_resume_bit_exact(Net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                            lambda m: ShampooGradientMaker(m, config, block_size=3), batches(6), 3)
@@ -220,6 +331,8 @@ def test_bad_input():
         ShampooGradientMaker(model, PreconditioningConfig(), block_size=2.5)
     with pytest.raises(ValueError, match="damping_mode must be one of"):
         ShampooGradientMaker(model, PreconditioningConfig(), damping_mode="trace")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ShampooGradientMaker(model, PreconditioningConfig(), precision="float32")
     with pytest.raises(ValueError, match="damping must be >= 0"):
         ShampooGradientMaker(model, PreconditioningConfig(damping=-1.0))
 

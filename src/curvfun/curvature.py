@@ -368,7 +368,7 @@ def fisher_vp(
 
 def _rademacher(like: Mapping[str, Tensor], generator) -> dict[str, Tensor]:
     return {
-        k: torch.randint(0, 2, v.shape, generator=generator, device=v.device).to(v.dtype) * 2 - 1
+        k: torch.randint(0, 2, v.shape, generator=generator, device=v.device, dtype=v.dtype).mul_(2).sub_(1)
         for k, v in like.items()
     }
 
@@ -379,6 +379,10 @@ def hutchinson_diag(
     """diag(M) ≈ (1/S) Σ_s v_s ⊙ M v_s with Rademacher v_s (unbiased; variance Σ_{j≠i} M_ij²/S)."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    if n_samples == 1:  # v ⊙ Mv as it is (no accumulator passes)
+        v = _rademacher(like, generator)
+        Mv = matvec(v)
+        return {k: v[k] * Mv[k] for k in like}
     acc = {k: torch.zeros_like(v) for k, v in like.items()}
     for _ in range(n_samples):
         v = _rademacher(like, generator)

@@ -36,6 +36,12 @@ Moving averages of the factors, refreshed every ``TCov`` steps (``mode``):
   ``MinMax(x) = (x − min x)/(max x − min x + 1e-6)`` over the whole layer factor (+inf read as 1,
   −inf as 0). The coefficients sum to 0.11γ, not 1: the factors settle near
   0.01γ/(1 − 0.1γ) ≈ 0.009 (γ = 0.8) whatever the curvature, and λ = 1e-3 dominates F̃.
+  MinMax is scale-free but for its 1e-6, which the published code adds on its own scale: its
+  B is built from the output gradients of the loss as called (a mean loss: ĝ/N) averaged over
+  the N·T rows, i.e. curvfun's B / (r²·T) (r = N for a mean loss, 1 for a sum; T positions per
+  sample), while its A is curvfun's. ``paper_scale = (s_A, s_B)`` of :func:`update_diag_kron`
+  (the published factors are A/s_A, B/s_B) puts the 1e-6 at ``1e-6·s`` on curvfun's scale, so
+  the result is the published one.
 
 These functions keep no state; :class:`curvfun.optim.AdaFisher` holds the averages and calls
 them.
@@ -184,25 +190,27 @@ def ema_corrected(old: Tensor | None, new: Tensor, gamma: float) -> Tensor:
     return gamma * old + (1.0 - gamma) * new
 
 
-def ema_paper(old: Tensor | None, new: Tensor, gamma: float) -> Tensor:
-    """The published rule ``0.1γ·old + 0.01γ·MinMax(new)``, with ``old`` = ones at the start."""
+def ema_paper(old: Tensor | None, new: Tensor, gamma: float, eps: float = PAPER_MINMAX_EPS) -> Tensor:
+    """The published rule ``0.1γ·old + 0.01γ·MinMax(new)``, with ``old`` = ones at the start and
+    ``eps`` MinMax's (:func:`min_max_normalise`)."""
     if old is None:
         old = torch.ones_like(new)
-    return (0.1 * gamma) * old + (0.01 * gamma) * min_max_normalise(new)
+    return (0.1 * gamma) * old + (0.01 * gamma) * min_max_normalise(new, eps)
 
 
-def update_diag_kron(old: DiagKron | None, new: DiagKron, gamma: float, mode: str = "corrected") -> DiagKron:
-    """Both factors of a layer averaged by ``mode`` (``"corrected"`` or ``"paper"``)."""
+def update_diag_kron(old: DiagKron | None, new: DiagKron, gamma: float, mode: str = "corrected",
+                     paper_scale: tuple[float, float] = (1.0, 1.0)) -> DiagKron:
+    """Both factors of a layer averaged by ``mode`` (``"corrected"`` or ``"paper"``).
+    ``paper_scale = (s_A, s_B)`` (``"paper"`` only): the published code's factors are ``new.A / s_A``
+    and ``new.B / s_B``, so its MinMax eps is ``PAPER_MINMAX_EPS · s`` here (module docstring)."""
     if mode == "corrected":
-        rule = ema_corrected
-    elif mode == "paper":
-        rule = ema_paper
-    else:
-        raise ValueError(f"unknown ema mode {mode!r}; expected one of {EMA_MODES}")
-    return DiagKron(
-        rule(None if old is None else old.A, new.A, gamma),
-        rule(None if old is None else old.B, new.B, gamma),
-    )
+        return DiagKron(ema_corrected(None if old is None else old.A, new.A, gamma),
+                        ema_corrected(None if old is None else old.B, new.B, gamma))
+    if mode == "paper":
+        s_A, s_B = paper_scale
+        return DiagKron(ema_paper(None if old is None else old.A, new.A, gamma, PAPER_MINMAX_EPS * s_A),
+                        ema_paper(None if old is None else old.B, new.B, gamma, PAPER_MINMAX_EPS * s_B))
+    raise ValueError(f"unknown ema mode {mode!r}; expected one of {EMA_MODES}")
 
 
 def diag_kron_fisher(

@@ -161,21 +161,29 @@ def _damping_for(lam: Tensor, damping: float, relative: bool) -> Tensor:
 
 
 def eigen_power(M: Tensor, exponent: float, damping: float = 0.0, relative: bool = False,
-                symmetrize: bool = True) -> EigenPower:
+                symmetrize: bool = True, floor: float = 0.0) -> EigenPower:
     """``(M + δI)^exponent`` of a symmetric PSD ``M`` in factored form (see the module docstring
-    for δ; ``symmetrize`` as in :func:`sym_eigh`). A negative exponent with δ = 0 and a singular
-    M gives ``inf`` entries (the caller decides what to do with a non-finite result)."""
+    for δ; ``symmetrize`` as in :func:`sym_eigh`; ``floor`` as in :func:`eigen_power_from`). A
+    negative exponent with δ = 0 and a singular M gives ``inf`` entries (the caller decides what
+    to do with a non-finite result)."""
     _check_square(M, "eigen_power")
     if not (isinstance(damping, (int, float)) and damping >= 0 and damping == damping and damping != float("inf")):
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     lam, Q = sym_eigh(M, symmetrize)
-    return eigen_power_from(lam, Q, exponent, damping, relative)
+    return eigen_power_from(lam, Q, exponent, damping, relative, floor)
 
 
-def eigen_power_from(lam: Tensor, Q: Tensor, exponent: float, damping: float = 0.0, relative: bool = False) -> EigenPower:
-    """``Q diag((max(λ, 0) + δ)^exponent) Qᵀ`` in factored form from given eigenvalues λ and basis
-    Q (e.g. :func:`warm_eigh`'s); δ as in the module docstring, with λ_max = max(λ)."""
-    lam = lam.clamp_min(0)
+def eigen_power_from(lam: Tensor, Q: Tensor, exponent: float, damping: float = 0.0, relative: bool = False,
+                     floor: float = 0.0) -> EigenPower:
+    """``Q diag((max(λ, f·λ_max) + δ)^exponent) Qᵀ`` in factored form from given eigenvalues λ and
+    basis Q (e.g. :func:`warm_eigh`'s); δ as in the module docstring, with λ_max = max(λ), and
+    ``floor`` f >= 0 a relative eigenvalue floor (default 0: only negative rounding is clamped)
+    for eigenvalues below what the data behind M resolves (e.g. Shampoo's statistics of rounded
+    gradients, :func:`curvfun.shampoo_math.resolved_floor`)."""
+    if floor:
+        lam = torch.maximum(lam, float(floor) * lam.amax(-1, keepdim=True).clamp_min(0))
+    else:
+        lam = lam.clamp_min(0)
     lam = lam + _damping_for(lam, float(damping), relative)
     return EigenPower(Q, lam.pow(exponent))
 

@@ -375,7 +375,7 @@ for _spec in [
                   requires=(_P, "NewtonGradientMaker"), default_compare=False),
     # optimizers that read curvature themselves
     OptimizerSpec("adahessian", "AdaHessian (Hutchinson Hessian diagonal)", _adahessian,
-                  dict(lr=0.15, betas=[0.9, 0.999], eps=1e-4, weight_decay=0.0, hessian_power=1.0),
+                  dict(lr=0.15, betas=[0.9, 0.999], eps=1e-4, weight_decay=0.0, hessian_power=1.0, update_period=1),
                   requires=(_O, "AdaHessian"), distributed=False),
     OptimizerSpec("adafisher", "AdaFisher (diagonal Kronecker Fisher)", _model_optimizer("AdaFisher"),
                   dict(lr=3e-3, TCov=5), requires=(_O, "AdaFisher")),

@@ -65,12 +65,19 @@ Differences from the published AdaFisher code (read for behaviour only):
   parameter the fallback above;
 * its factor average ``H ← 0.1γ·H + 0.01γ·MinMax(Ĥ)`` is not a convex combination (the weights sum
   to 0.11γ), so the factors shrink to ~0.009 and damping dominates; the default here is
-  ``ema="corrected"``, ``ema="paper"`` reproduces the published rule;
+  ``ema="corrected"``, ``ema="paper"`` reproduces the published rule (for Linear and Conv2d
+  layers the published step, to rounding in float64);
 * its output gradients are those of the mean loss (a factor 1/N² in B, and for Conv2d also 1/T),
-  removed by its min-max normalisation; curvfun uses the K-FAC scaling of :mod:`curvfun.kron`
-  (which the corrected average keeps);
-* its norm-layer factors are sums over the batch squared; curvfun's are the per-channel
-  diagonal-Kronecker factors above (a 1x1 unit per channel);
+  removed by its min-max normalisation but for the 1e-6 that normalisation adds to the range,
+  which ``ema="paper"`` adds on that scale too (:func:`~curvfun.diag_kron.update_diag_kron`);
+  curvfun uses the K-FAC scaling of :mod:`curvfun.kron` (which the corrected average keeps);
+* its BatchNorm factors (``BatchNorm2d`` only; LayerNorm's are built alike) are not those of γ
+  and β: A is one 2-vector for the whole layer, [Σ_c (Σ_{n,h,w} x_nchw / (HW)²)², C] / N², from the layer's
+  *input* x (not the normalised x̂ that γ multiplies), which min-max turns into {0, 1}, and B is
+  the squared batch sum (Σ_{n,h,w} s_nchw)² / N of the output gradients, not a sum of per-sample
+  squares; curvfun's are the per-channel diagonal-Kronecker factors above (a 1x1 unit per
+  channel: A_c the mean of x̂², B_c the per-sample mean of ĝ², the diagonal of the layer's
+  K-FAC block), in every mode;
 * ``state_dict()`` here also holds the optimizer's step count, the averaged factors and the EMA
   mode, by layer name, so training resumes exactly;
 * ``dist=True`` all-reduces the factors on every step there; here (``torch.distributed``
@@ -285,6 +292,7 @@ class _AdaFisherBase(torch.optim.Optimizer):
     # --- factors ----------------------------------------------------------------------------
     def _refresh_factors(self) -> None:
         news: dict[str, DiagKron] = {}
+        b_scales: dict[str, float] = {}  # ema="paper": the published B is this B / scale (update_diag_kron)
         for name, entries in self._records.items():
             done = [e for e in entries if e[2] is not None]
             if not done:
@@ -306,6 +314,10 @@ class _AdaFisherBase(torch.optim.Optimizer):
                 news[name] = conv2d_diag_kron(inputs, grads, info.module, "bias" in info.keys)
             else:
                 news[name] = diag_kron_factors(layer_data(LayerRecord(info, inputs=inputs, grads=grads), None))
+            # the published code's B: output gradients as the loss gives them (not rescaled by N),
+            # averaged over the N·T rows: ours / (scale²·T), T positions per sample
+            N, scale = done[0][0].shape[0], float(done[0][0].shape[0]) if self.loss_reduction == "mean" else 1.0
+            b_scales[name] = scale**2 * sum(g.numel() for _, _, g in done) / (N * news[name].B.numel())
         if self.dist:
             # this refresh's factors averaged over ranks (one coalesced all-reduce, refresh steps only)
             news = cfd.all_reduce_tree_mean(news, "curvature", self._steps)
@@ -318,7 +330,8 @@ class _AdaFisherBase(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 continue
-            self._factors[name] = update_diag_kron(self._factors.get(name), new, self.gamma, self.ema)
+            self._factors[name] = update_diag_kron(self._factors.get(name), new, self.gamma, self.ema,
+                                                   (1.0, b_scales.get(name, 1.0)))
             self._ftilde.pop(name, None)
         for r in self._records.values():
             r.clear()
