@@ -386,22 +386,15 @@ def _default_digits_run(names):
     return {r.optimizer: r for r in results}
 
 
-def _needs_kfac():
-    if O.resolve("curvfun.precondition", "KfacGradientMaker") is None:
-        pytest.skip("curvfun.precondition.KfacGradientMaker is not in this build yet")
-
-
 def test_kfac_reaches_lower_train_loss_than_sgd_at_equal_steps():
     """The seeds' claim on the default digits run: K-FAC's final train loss (full training set)
     is at most 0.8 x SGD's (measured: 0.0016 vs 0.033 at seed 0, about 20x lower)."""
-    _needs_kfac()
     by = _default_digits_run(["sgd", "kfac"])
     assert by["kfac"].steps_done == by["sgd"].steps_done == 300
     assert by["kfac"].final["train_loss"] <= 0.8 * by["sgd"].final["train_loss"], (by["kfac"].final, by["sgd"].final)
 
 
 def test_every_default_optimizer_reaches_90_percent_test_accuracy():
-    _needs_kfac()
     names = O.available_names(default_only=True)
     by = _default_digits_run(names)
     assert all(r.status == "ok" for r in by.values()), {n: r.status for n, r in by.items()}
