@@ -22,6 +22,7 @@ SECTIONS = {
     "adafisher": "bench_adafisher",
     "distributed": "bench_distributed",
     "transformer": "bench_transformer",
+    "operators": "bench_operators",
 }
 
 
