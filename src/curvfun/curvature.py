@@ -387,8 +387,9 @@ def top_eigenvalues(
     """The ``k`` algebraically largest eigenpairs of a symmetric matrix given by ``matvec``.
 
     ``method="lanczos"``: Lanczos with full re-orthogonalisation, at most ``iters`` steps
-    (default min(P, max(3k, 30))), stopping early once every top-k Ritz residual is at most
-    ``tol`` times the largest ‖M q‖ seen, restarted with a fresh orthogonal direction whenever the
+    (default min(P, max(10k, 100))), stopping once every top-k Ritz residual ‖M u − θ u‖ is at
+    most ``max(tol, sqrt(eps))`` times the largest ‖M q‖ seen (eps of the vectors' dtype; a Ritz
+    value's error is at most residual²/gap), restarted with a fresh orthogonal direction whenever the
     Krylov space becomes invariant (so repeated eigenvalues are found), Ritz values from the
     tridiagonal Qᵀ M Q (float64); cost iters matvecs + O(P·iters²), basis in the vectors' dtype.
     ``matvec`` may be a :mod:`curvfun.operators` operator (then ``like`` may be left out and
@@ -416,7 +417,8 @@ def top_eigenvalues(
 
     x0 = torch.randn(P, generator=generator, dtype=ref.dtype, device=ref.device)
     if method == "lanczos":
-        m = min(P, iters or max(3 * k, 30))
+        m = min(P, iters or max(10 * k, 100))
+        conv_tol = max(tol, torch.finfo(ref.dtype).eps ** 0.5)  # what the vectors' dtype can resolve
         Q = torch.zeros(m, P, dtype=ref.dtype, device=ref.device)  # the basis, one row per step
         alpha = torch.zeros(m, dtype=torch.float64)
         beta = torch.zeros(m, dtype=torch.float64)
@@ -444,7 +446,7 @@ def top_eigenvalues(
             if j + 1 >= min(m, 2 * k + 1) and j + 1 < m:  # converged: every top-k Ritz residual |b·u_j| small
                 ev, U = torch.linalg.eigh(torch.diag(alpha[: j + 1]) + torch.diag(beta[:j], 1) + torch.diag(beta[:j], -1))
                 top = torch.argsort(ev, descending=True)[:k]
-                if bool((b * U[j, top].abs() <= tol * max(scale, 1e-30)).all()):
+                if bool((b * U[j, top].abs() <= conv_tol * max(scale, 1e-30)).all()):
                     break
             if j + 1 == m:
                 break
