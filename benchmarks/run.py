@@ -22,6 +22,7 @@ SECTIONS = {
     "adafisher": "bench_adafisher",
     "distributed": "bench_distributed",
     "transformer": "bench_transformer",
+    "guards": "bench_guards",
     "operators": "bench_operators",
 }
 

@@ -28,7 +28,7 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: a second intra-op thread only adds contention on a shared machine."""
     old = torch.get_num_threads()

@@ -21,7 +21,7 @@ from torch import nn
 
 import curvfun
 from curvfun.capture import capture
-from curvfun.kron import kron_factors_from_layer
+from curvfun.kron_math import kron_factors_from_layer
 from curvfun.layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norms
 
 if not (hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported()):  # pragma: no cover

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from curvfun.kron import KronFactor, NotPositiveDefiniteError, _layer_data_of, kron_factors_from_layer
+from curvfun.kron import KronFactor, NotPositiveDefiniteError
+from curvfun.kron_drivers import _layer_data_of
+from curvfun.kron_math import kron_factors_from_layer
 from curvfun.kron_rows import KronRowsFactor, KronRowsInverse, kron_rows_from_layer, prefer_rows, woodbury_core
 from curvfun.precondition import KfacGradientMaker, NonFiniteCurvatureWarning, PreconditioningConfig
 from rows_models import CentredWeightLinear, Detached, KeywordCall, LoRALinear, Siamese

@@ -54,15 +54,8 @@ MAKERS = {
 
 
 # unsupported layers keep the plain gradient and the makers say so; tests that check the warning record it
-pytestmark = pytest.mark.filterwarnings("ignore::curvfun.precondition.UnsupportedModuleWarning")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore::curvfun.precondition.UnsupportedModuleWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 def make(kind: str, model: nn.Module, config: PreconditioningConfig, fisher_type: str = "fisher_emp", **kw):

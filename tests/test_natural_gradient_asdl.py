@@ -44,15 +44,10 @@ from asdl.precondition import PreconditioningConfig as AsdlConfig  # noqa: E402
 from curvfun.precondition import KfacGradientMaker, PreconditioningConfig  # noqa: E402
 from test_natural_gradient import batch, flat, kfac_expected, linear_factors, mlp, plain_grad  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # ASDL's deprecated backward hooks etc.
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# ASDL's deprecated backward hooks etc.
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -26,14 +26,8 @@ from test_natural_gradient import MAKERS, kfac_expected, linear_factors, maker_s
 
 
 # unit-wise makers leave Linear layers plain and say so; tests that check the warning record it
-pytestmark = pytest.mark.filterwarnings("ignore::curvfun.precondition.UnsupportedModuleWarning")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore::curvfun.precondition.UnsupportedModuleWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 def model_fn(seed: int = 0) -> nn.Module:

@@ -256,6 +256,9 @@ def test_bad_inputs_are_refused_with_the_reason():
         op.matvec({k: torch.zeros(4, 5) if k == "0.weight" else torch.zeros_like(v) for k, v in params.items()})
     with pytest.raises(NotImplementedError, match="no cheap diagonal: use curvfun.fisher / ggn"):
         op.diag()
+    from curvfun.memory import CurvfunMemoryError, dense_limit
+    with dense_limit(1000), pytest.raises(CurvfunMemoryError, match=rf"GGNOperator.to_dense\(\) needs a {P} x {P} float64 matrix .* use products"):
+        op.to_dense()
     with pytest.raises(ValueError, match="unknown reduction 'avg'"):
         GGNOperator(model, params, x, y, reduction="avg")
     with pytest.raises(ValueError, match="give either inputs .* or data=an iterable"):

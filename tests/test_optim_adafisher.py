@@ -32,7 +32,7 @@ from curvfun.diag_kron import (  # noqa: E402
     ema_corrected,
     ema_paper,
 )
-from curvfun.kron import kron_factors_from_layer  # noqa: E402
+from curvfun.kron_math import kron_factors_from_layer  # noqa: E402
 from curvfun.layers import layer_data  # noqa: E402
 from curvfun.optim import AdaFisher, AdaFisherW  # noqa: E402
 

@@ -1,5 +1,6 @@
-"""KronPsgdGradientMaker and curvfun.psgd_math: one factor update against a hand-computed float64
-reference (autograd Hessian-vector product, explicit inverses), training, README loop, resume, bad input."""
+"""KronPsgdGradientMaker, PsgdGradientMaker and curvfun.psgd_math: one factor update against a
+hand-computed float64 reference (autograd Hessian-vector product, explicit inverses), training,
+README loop, resume, bad input."""
 
 from __future__ import annotations
 
@@ -12,18 +13,13 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from curvfun.precondition import PreconditioningConfig
-from curvfun.precondition.psgd import KronPsgdGradientMaker
-from curvfun.psgd_math import psgd_precondition, psgd_update
+from curvfun.precondition.psgd import KronPsgdGradientMaker, PsgdGradientMaker
+from curvfun.psgd_math import psgd_full_precondition, psgd_full_update, psgd_precondition, psgd_update
 from digits_helper import train_digits
 from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
@@ -168,3 +164,116 @@ def test_bad_input():
         KronPsgdGradientMaker(model, PreconditioningConfig(), init_scale=-1.0)
     with pytest.raises(ValueError, match="psgd_update: dX"):
         psgd_update(torch.eye(2), torch.eye(3), torch.ones(3, 2), torch.ones(3, 2), 0.1)
+
+
+# ==============================================================================================
+# full-matrix PSGD
+# ==============================================================================================
+
+
+def flat_of(d: dict, keys) -> torch.Tensor:
+    return torch.cat([d[k].reshape(-1) for k in keys])
+
+
+FULL_KEYS = ["conv.weight", "conv.bias", "fc1.weight", "fc1.bias", "fc2.weight"]
+
+
+def test_full_maker_equals_dense_formula():
+    """Two steps in float64: the probe pair is (v, H v) with H v by reverse-over-reverse autograd, Q
+    follows a = Q dg, b = Q⁻ᵀ dx (explicit inverse), Q − μ/max|∇|·∇Q, and the gradient is QᵀQ g."""
+    torch.manual_seed(0)
+    model = Net().double()
+    mu = 0.2
+    gm = PsgdGradientMaker(model, PreconditioningConfig(seed=4), precond_lr=mu, init_scale=0.8)
+    assert gm.num_params == sum(dict(model.named_parameters())[k].numel() for k in FULL_KEYS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    Q = 0.8 * torch.eye(gm.num_params, dtype=torch.float64)
+    for x, t in batches(2):
+        x = x.double()
+        params = dict(model.named_parameters())
+        plain = dict(zip(params, torch.autograd.grad(F.cross_entropy(model(x), t), list(params.values()))))
+        step(gm, model, x, t)
+        dx, dg = gm.pairs["all"]
+        sizes = [params[k].numel() for k in FULL_KEYS]
+        v = {k: c.reshape(params[k].shape) for k, c in zip(FULL_KEYS, torch.split(dx, sizes))}
+        assert torch.allclose(dg, flat_of(autograd_hvp(model, x, t, v), FULL_KEYS), rtol=1e-10, atol=1e-12)
+        a, b = Q @ dg, torch.linalg.inv(Q).T @ dx
+        grad = torch.triu(torch.outer(a, a) - torch.outer(b, b))
+        Q = Q - mu / grad.abs().max() * grad @ Q
+        assert torch.allclose(gm.Q, Q, rtol=1e-10, atol=1e-13)
+        assert torch.allclose(flat_of({k: p.grad for k, p in params.items()}, FULL_KEYS),
+                              Q.T @ Q @ flat_of(plain, FULL_KEYS), rtol=1e-9, atol=1e-12)
+        for k in ("norm.weight", "norm.bias"):  # not preconditioned
+            assert torch.allclose(params[k].grad, plain[k], rtol=1e-12, atol=1e-15)
+        opt.step()
+    assert not torch.equal(torch.triu(gm.Q), gm.Q * 0) and torch.equal(torch.triu(gm.Q), gm.Q)
+
+
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_full_update_is_pure_and_reduces_criterion_for_small_steps(n, seed):
+    """For a small step the update lowers dgᵀ P dg + dxᵀ P⁻¹ dx, P = QᵀQ; the inputs stay."""
+    g = torch.Generator().manual_seed(seed)
+    Q = (torch.triu(torch.randn(n, n, generator=g, dtype=torch.float64)) + 2 * torch.eye(n, dtype=torch.float64))
+    dx, dg = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    keep = Q.clone()
+
+    def crit(Q):
+        P = Q.T @ Q
+        return dg @ P @ dg + dx @ torch.linalg.solve(P, dx)
+
+    new = psgd_full_update(Q, dx, dg, 1e-4)
+    assert torch.equal(Q, keep) and torch.equal(torch.triu(new), new)
+    assert crit(new) <= crit(Q) + 1e-12
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    assert torch.allclose(psgd_full_precondition(Q, v), Q.T @ Q @ v, atol=1e-12)
+
+
+def test_full_trains_digits():
+    """The loss falls on a small learnable task (digits, MLP 64-8-10, P = 610)."""
+    def make(m):
+        gm = PsgdGradientMaker(m, PreconditioningConfig(seed=0), precond_lr=0.1)
+        return torch.optim.SGD(m.parameters(), lr=0.3), gm
+
+    from digits_helper import digits_data
+
+    x, y, _, _ = digits_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).to(x.dtype)
+    opt, gm = make(model)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        opt.zero_grad()
+        _, loss = step(gm, model, x[idx], y[idx])
+        opt.step()
+        losses.append(float(loss))
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
+
+
+def test_full_resume_is_bit_exact():
+    config = PreconditioningConfig(seed=5, preconditioner_upd_interval=2, curvature_upd_interval=1)
+    check_resume_bit_exact(Net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                           lambda m: PsgdGradientMaker(m, config, precond_lr=0.1), batches(6), 3)
+
+
+def test_full_guard_and_bad_input():
+    model = Net()
+    with pytest.raises(ValueError, match=r"PsgdGradientMaker: the model has 151 parameters to precondition, "
+                                          r"more than max_params=100; the dense factor Q needs 151² = 22,801"):
+        PsgdGradientMaker(model, max_params=100)
+    with pytest.raises(ValueError, match="max_params must be a positive int"):
+        PsgdGradientMaker(model, max_params=0)
+    with pytest.raises(ValueError, match=r"precond_lr must be in \(0, 1\]"):
+        PsgdGradientMaker(model, precond_lr=1.5)
+    with pytest.raises(ValueError, match="psgd_full_update: Q"):
+        psgd_full_update(torch.eye(3), torch.ones(2), torch.ones(2), 0.1)
+    from curvfun.memory import CurvfunMemoryError, dense_limit
+
+    with dense_limit(1000), pytest.raises(CurvfunMemoryError, match="PsgdGradientMaker's dense factor Q needs a "
+                                                                   "151 x 151"):
+        PsgdGradientMaker(model)
+    # ASDL's positional signature (model, config, precond_lr, init_scale, use_functorch); config optional
+    gm = PsgdGradientMaker(model, None, 0.05, 2.0, True)
+    assert gm.precond_lr == 0.05 and torch.equal(gm.Q, 2.0 * torch.eye(151))

@@ -17,12 +17,7 @@ from digits_helper import train_digits
 from maker_checks import check_resume_bit_exact, run_readme_loop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvNet(nn.Module):

@@ -109,6 +109,10 @@ def build(name: str, n: int = 4, seed: int = 0):
         model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
         model[0].weight.requires_grad_(False)
         x, C = torch.randn(n, 4, generator=g), 3
+    elif name == "frozen_bias":
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3))
+        model[0].bias.requires_grad_(False)
+        x, C = torch.randn(n, 1, 4, 4, generator=g), 3
     else:
         raise KeyError(name)
     model = model.to(DT)
@@ -125,4 +129,4 @@ def build(name: str, n: int = 4, seed: int = 0):
     return model, x, y, C
 
 
-NAMES = ("gpt", "gpt_tied", "hand_attention", "lstm", "conv1d", "conv3d", "unet", "resnet_bn", "frozen_weight")
+NAMES = ("gpt", "gpt_tied", "hand_attention", "lstm", "conv1d", "conv3d", "unet", "resnet_bn", "frozen_weight", "frozen_bias")

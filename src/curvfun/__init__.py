@@ -35,9 +35,8 @@ from .kron import (
     KronInverse,
     NotPositiveDefiniteError,
     UnitWiseFactor,
-    ekfac,
-    kfac,
 )
+from .kron_drivers import ekfac, kfac
 from .losses import BCEWithLogits, CrossEntropy, Likelihood, MSE, get_likelihood
 from .lowrank import (
     LowRankKron,

@@ -420,12 +420,21 @@ def output_grad_columns(
     raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
 
 
+#: the message for a batch of 0 samples (``who``: the caller)
+EMPTY_BATCH = (
+    "{who} got an empty batch (0 samples); every gradient and curvature is a mean over the samples: pass at "
+    "least one sample (skip empty batches, e.g. DataLoader(..., drop_last=True))"
+)
+
+
 def check_batch(inputs: Any, targets: Tensor | None) -> int:
     """Batch size N of ``inputs`` (first tensor's leading dim), checked against ``targets``."""
     first = next((t for t in as_tuple(inputs) if isinstance(t, Tensor)), None)
     if first is None or first.ndim == 0:
         raise ValueError("inputs must be a tensor (or a tuple of tensors) with a leading batch dimension")
     N = first.shape[0]
+    if N == 0:
+        raise ValueError(EMPTY_BATCH.format(who="curvfun"))
     if targets is not None:
         if not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
@@ -452,7 +461,7 @@ def capture(
 
     Pure: parameters are detached copies' views, buffers are cloned, hooks are removed.
     ``on_unsupported``: ``"ignore"`` | ``"warn"`` | ``"raise"`` for modules that own entries
-    of ``params`` but are not one of :data:`SUPPORTED_LAYERS` (their parameters get no
+    of ``params`` but that no registered handler captures (:mod:`curvfun.layers`; their parameters get no
     record). Cost: one forward, plus one backward per column (see module docstring), with
     no parameter-gradient work. Under ``torch.compile`` it runs eagerly (one graph break per
     call: its hooks mutate modules and it walks the autograd graph); the math on what it

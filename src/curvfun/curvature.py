@@ -38,6 +38,7 @@ from .capture import capture
 from .layers import layer_data
 from .precision import full_precision
 from .unit_wise import unit_wise_from_dense, unit_wise_from_layer, unit_wise_modules
+from .memory import check_square
 
 __all__ = [
     "fisher",
@@ -153,6 +154,8 @@ def fisher(
     _check_fisher_type(fisher_type)
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
+    if shape != "diag":
+        check_square(f"fisher(shape={shape!r})", params, shape, "pass shape='diag', use fisher_vp or curvfun.kfac")
     if fisher_type != "emp" and not lik.is_likelihood:
         lik.sample(None)  # raises the explanatory error
     if shape == "unit":
@@ -217,6 +220,7 @@ def ggn(
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
     units = unit_wise_modules(model, params) if shape == "unit" else None
+    check_square(f"ggn(shape={shape!r})", params, "full", "use ggn_vp, hutchinson_diag or curvfun.kfac")
     detached = {k: v.detach() for k, v in params.items()}
     out = call_model(model, detached, inputs)
     lik.check(out, targets)
@@ -257,6 +261,7 @@ def hessian(
     _check_shape(shape)
     params, N, lik = _setup(model, params, inputs, targets, loss)
     units = unit_wise_modules(model, params) if shape == "unit" else None
+    check_square(f"hessian(shape={shape!r})", params, "full", "use hessian_vp, hutchinson_diag or top_eigenvalues")
     flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
     H = torch.func.jacrev(torch.func.grad(_mean_loss_fn(model, params, inputs, targets, lik)))(flat)
     if units is not None:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["check_params", "model_fn", "call_model", "has_train_mode_batchnorm", "as_tuple", "twice_differentiable"]
+__all__ = ["check_params", "check_out", "model_fn", "call_model", "has_train_mode_batchnorm", "as_tuple",
+           "twice_differentiable"]
 
 
 def as_tuple(inputs: Any) -> tuple:
@@ -54,6 +55,33 @@ def check_params(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Te
                 f"{tuple(known[name].shape)}"
             )
     return dict(params)
+
+
+def check_out(out: Any, params: Mapping[str, Tensor], N: int) -> None:
+    """Validate preallocated ``out`` buffers for per-sample results: a mapping whose entries name
+    entries of ``params`` and are tensors of shape ``[N, *param.shape]`` with the parameter's dtype
+    and device. Raises ``TypeError`` / ``ValueError`` naming the key, the expected and the given
+    shape."""
+    if out is None:
+        return
+    if not isinstance(out, Mapping):
+        raise TypeError(f"out must be a dict name -> preallocated tensor [N, *param.shape], got {type(out).__name__}")
+    for key, buf in out.items():
+        if key not in params:
+            raise ValueError(f"out has an entry {key!r} that is not in params; its keys must be among {list(params)}")
+        p = params[key]
+        want = (N, *p.shape)
+        if not isinstance(buf, Tensor):
+            raise TypeError(f"out[{key!r}] must be a tensor of shape {want}, got {type(buf).__name__}")
+        if tuple(buf.shape) != want:
+            raise ValueError(
+                f"out[{key!r}] has shape {tuple(buf.shape)}, expected {want} ([N, *params[{key!r}].shape] "
+                f"for N = {N} samples): allocate it with torch.empty({N}, *params[{key!r}].shape)"
+            )
+        if buf.dtype != p.dtype or buf.device != p.device:
+            raise ValueError(
+                f"out[{key!r}] is {buf.dtype} on {buf.device}, expected {p.dtype} on {p.device} like params[{key!r}]"
+            )
 
 
 def _buffers(model: nn.Module) -> dict[str, Tensor]:

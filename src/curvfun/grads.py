@@ -1,14 +1,14 @@
 """Per-sample gradients, their norms, Jacobians and Jacobian-vector products.
 
-Per-sample gradients of Linear, Conv2d, Embedding, LayerNorm and BatchNorm (eval mode)
-parameters come from one captured pass (layer inputs and per-sample output-gradients, see
+Per-sample gradients of every layer the registry serves (:mod:`curvfun.layers`: Linear,
+convolutions and transposed convolutions, Embedding, norm layers in eval mode, self-attention)
+come from one captured pass (layer inputs and per-sample output-gradients, see
 :mod:`curvfun.capture`) as batched outer products; any other parameter falls back to
-``torch.func.vmap(torch.func.grad(...))`` restricted to those parameters.
-
-Limitation (documented, not detected): a supported module's parameter that the forward also
-uses *outside* the module's own call (e.g. ``x @ self.embed.weight.T`` instead of calling a
-tied ``nn.Linear``) contributes only through the module calls; tie weights by sharing the
-``Parameter`` between modules instead.
+``torch.func.vmap(torch.func.grad(...))`` restricted to those parameters (a per-sample loop
+where the model cannot be vmapped, e.g. recurrent layers). A registered layer's parameter that
+the forward also uses *outside* the layer's own call (``x @ self.embed.weight.T``, MHA's
+``out_proj`` under cross-attention) is detected by the capture and takes the fallback, named in
+a :class:`~curvfun.capture.CaptureFallbackWarning`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .capture import capture, check_batch, supported_modules
-from .functional import as_tuple, call_model, check_params, has_train_mode_batchnorm
+from .functional import as_tuple, call_model, check_out, check_params, has_train_mode_batchnorm
 from .layers import layer_data, per_sample_layer_grads, per_sample_layer_sq_norms
 from .layers.affine import prefers_materialising
 from .layers.registry import LayerHandler
 from .losses import get_likelihood
+from .memory import check_jacobian_size, check_per_sample_size
 
 __all__ = ["per_sample_grads", "per_sample_grad_norms", "jacobian", "jvp", "vjp"]
 
@@ -99,6 +100,8 @@ def per_sample_grads(
     """
     params = check_params(model, params)
     N = check_batch(inputs, targets)
+    check_out(out, params, N)
+    check_per_sample_size("per_sample_grads", params, N)
     _no_train_batchnorm(model, "a per-sample gradient")
     lik = get_likelihood(loss)
     infos, unsupported = supported_modules(model, params)
@@ -194,8 +197,9 @@ def jacobian(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> dic
     ``[N, *output.shape[1:], *param.shape]``. Reverse mode, one backward per output entry
     of the batch (vectorised by ``torch.func.jacrev``)."""
     params = check_params(model, params)
-    check_batch(inputs, None)
+    N = check_batch(inputs, None)
     detached = {k: v.detach() for k, v in params.items()}
+    check_jacobian_size(model, detached, inputs, N)
     return torch.func.jacrev(lambda p: call_model(model, p, inputs))(detached)
 
 

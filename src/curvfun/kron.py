@@ -28,18 +28,22 @@ when the factor's dtype fails; a factor that is not positive definite even then 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import optree
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .capture import Capture, capture
-from .layers import LayerData, layer_data
+from .layers import LayerData
+from .linalg import (
+    MIN_DAMPING,
+    NotPositiveDefiniteError,
+    check_damping,
+    damped_cholesky_inverse,
+    pi_damping,
+)
 from .layers.affine import layout_permutation, matrix_as_weight, weight_as_matrix
-from .precision import full_precision
 
 __all__ = [
     "KronFactor",
@@ -52,20 +56,12 @@ __all__ = [
     "NotPositiveDefiniteError",
     "pi_damping",
     "damped_cholesky_inverse",
-    "kron_factors_from_layer",
-    "kfac",
-    "ekfac",
     "KFAC_TYPES",
     "BIAS_MODES",
 ]
 
 KFAC_TYPES = ("expand", "reduce")
 BIAS_MODES = ("separate", "folded")
-MIN_DAMPING = 1e-7
-
-
-class NotPositiveDefiniteError(ValueError):
-    """A damped factor has no Cholesky factorisation, even in float64."""
 
 
 def _register(cls):
@@ -83,60 +79,6 @@ def _register(cls):
 
 
 # --- pure helpers ---------------------------------------------------------------------
-
-
-def damping_from_traces(trace_a: Tensor, dim_a: int, trace_b: Tensor, dim_b: int, damping: float,
-                        heuristic: str = "pi") -> tuple[Tensor, Tensor]:
-    """(δ_A, δ_B) of the GUIDE's π-damped factored Tikhonov from the factors' traces (tensors,
-    any batch shape): π = sqrt((tr A/dim A)/(tr B/dim B)), δ_A = sqrt(λ)·π, δ_B = sqrt(λ)/π,
-    δ_A = δ_B = sqrt(λ) when π is 0 or not finite or ``heuristic="none"``; each at least 1e-7.
-    The one implementation of the formula (K-FAC and low-rank K-FAC both call it). O(1)."""
-    if heuristic not in ("pi", "none"):
-        raise ValueError(f"unknown damping heuristic {heuristic!r}; expected 'pi' or 'none'")
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-    root = math.sqrt(damping)
-    if heuristic == "none":
-        pi = torch.ones_like(trace_b)
-    else:
-        pi = torch.sqrt((trace_a / dim_a) / (trace_b / dim_b))
-        pi = torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
-    return (root * pi).clamp_min(MIN_DAMPING), (root / pi).clamp_min(MIN_DAMPING)
-
-
-def pi_damping(A: Tensor, B: Tensor, damping: float, heuristic: str = "pi", a_diag: bool = False):
-    """(δ_A, δ_B) for factors A, B (batched over a leading group dim; ``a_diag``: A given as its
-    diagonal): :func:`damping_from_traces` of their traces."""
-    trA = A.sum(-1) if a_diag else torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
-    trB = torch.diagonal(B, dim1=-2, dim2=-1).sum(-1)
-    return damping_from_traces(trA, A.shape[-1], trB, B.shape[-1], damping, heuristic)
-
-
-def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "factor") -> Tensor:
-    """(M + δI)^{-1} via Cholesky (batched over leading dims; half precision computed in float32),
-    retried in float64 if needed; returned in M's dtype."""
-    d = M.shape[-1]
-    eye = torch.eye(d, dtype=M.dtype, device=M.device)
-    delta = torch.as_tensor(delta, dtype=M.dtype, device=M.device)
-    # float16 / bfloat16 factors are inverted in float32 (no half-precision Cholesky on the CPU, and
-    # too few digits for a damped inverse anyway), then float64 on failure
-    first = M.dtype if torch.finfo(M.dtype).bits >= 32 else torch.float32
-    for dtype in (first, torch.float64):
-        Md = (M.to(dtype) + delta.to(dtype)[..., None, None] * eye.to(dtype))
-        L, info = torch.linalg.cholesky_ex(Md)
-        # a NaN / Inf anywhere in row i of L reaches L_ii = sqrt(M_ii - Σ_k L_ik²): the diagonal
-        # tells, and one host sync covers both tests
-        if bool((info == 0).all() & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()):
-            # L^{-1} by one triangular solve, then L^{-T} L^{-1} by one GEMM: symmetric by
-            # construction and ~3x faster than torch.cholesky_inverse on CPU
-            Linv = torch.linalg.solve_triangular(L, eye.to(dtype).expand_as(L), upper=False)
-            return (Linv.transpose(-1, -2) @ Linv).to(M.dtype)
-        if dtype == torch.float64:
-            break
-    raise NotPositiveDefiniteError(
-        f"the damped {what} is not positive definite (or not finite) even in float64; "
-        f"increase the damping or check the captured data for NaN/Inf"
-    )
 
 
 def _groups(X: Tensor) -> Tensor:
@@ -195,7 +137,7 @@ def _layer_dense(left: Tensor, right: Tensor, folded: bool, has_bias: bool, incl
 
 @dataclass(frozen=True)
 class KronFactor:
-    """K-FAC factors of a Linear / Conv2d layer: ``A`` (input side) and ``B`` (output side),
+    """K-FAC factors of an affine layer (Linear, convolution, ...): ``A`` (input side) and ``B`` (output side),
     ``[d, d]`` or ``[groups, d, d]``. Immutable and an optree node (namespace "curvfun")."""
 
     A: Tensor
@@ -366,8 +308,7 @@ class EKFACFactor:
 
     def damped_inverse(self, damping: float) -> "EKFACFactor":
         """(Q diag(S) Qᵀ + λI)^{-1} = Q diag(1/(S+λ)) Qᵀ: exact inverse of the damped EKFAC."""
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        check_damping(damping)
         if self.inverse:
             raise ValueError("this EKFAC factor is already an inverse")
         return replace(self, inverse=True, delta=max(float(damping), MIN_DAMPING))
@@ -495,8 +436,7 @@ class UnitWiseFactor:
 
     def damped_inverse(self, damping: float, heuristic: str = "none") -> "UnitWiseFactor":
         """(block_c + λI)^{-1} per unit (plain Tikhonov: unit-wise blocks have no π)."""
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        check_damping(damping)
         inv = damped_cholesky_inverse(self.blocks, max(float(damping), MIN_DAMPING), "unit-wise block")
         return replace(self, blocks=inv)
 
@@ -548,8 +488,7 @@ class DiagFactor:
         return {k: grad[k] * v for k, v in self.values.items() if k in grad}
 
     def damped_inverse(self, damping: float, heuristic: str = "none") -> "DiagFactor":
-        if not (damping >= 0 and math.isfinite(damping)):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        check_damping(damping)
         lam = max(float(damping), MIN_DAMPING)
         return DiagFactor({k: 1.0 / (v + lam) for k, v in self.values.items()}, True)
 
@@ -618,183 +557,17 @@ class RelaidFactor:
 _register(RelaidFactor)
 
 
-# --- factors from captured data ----------------------------------------------------------
 
 
-def _weighted(g: Tensor, w: Tensor) -> Tensor:
-    """g_k·sqrt(w_k) per column k; no copy when every weight is 1 (emp, exact, one MC sample)."""
-    if not torch.compiler.is_compiling() and bool((w == 1).all()):  # (compiled: multiply, no host sync)
-        return g
-    return g * w.sqrt().to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
+_MOVED = {"kfac": "kron_drivers", "ekfac": "kron_drivers", "_layer_data_of": "kron_drivers",
+          "kron_factors_from_layer": "kron_math", "factor_rows": "kron_math"}
 
 
-def _gram(X: Tensor) -> Tensor:
-    """Xᵀ X over the rows of ``[R, d]`` or ``[G, R, d]``. Tall and wide ones (one group, d ≥ 256,
-    R ≥ 4d: a compute-bound GEMM, e.g. conv patches) by two column blocks, computing the upper
-    block row and the lower-right block and mirroring the rest: 3/4 of the GEMM work of X.T @ X."""
-    if X.ndim != 2:
-        return X.transpose(1, 2) @ X
-    R, d = X.shape
-    if d < 256 or R < 4 * d:
-        return X.T @ X
-    h = d // 2
-    M = X.new_empty(d, d)
-    torch.mm(X[:, :h].T, X, out=M[:h])
-    torch.mm(X[:, h:].T, X[:, h:], out=M[h:, h:])
-    M[h:, :h] = M[:h, h:].T
-    return M
+def __getattr__(name: str) -> Any:
+    """The factor constructors and drivers live in :mod:`curvfun.kron_math` and
+    :mod:`curvfun.kron_drivers`; their old names here still resolve."""
+    if name in _MOVED:
+        import importlib
 
-
-def factor_rows(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):
-    """The rows behind a Linear / Conv2d layer's factors: ``((X_A, c_A), (X_B, c_B))`` with
-    A = X_Aᵀ X_A / c_A and B = X_Bᵀ X_B / c_B; X ``[R, d]`` (one group) or ``[G, R, d]``.
-    Expand: X_A = the N·T inputs (folded: [a, 1]), c_A = N·T; X_B = the K·N·T weighted output
-    gradients, c_B = N. Reduce: position-means of the inputs and position-sums of the output
-    gradients, c_A = c_B = N. No copies beyond the reshapes (and the fold's concatenation)."""
-    N = data.batch_size
-    g = _weighted(data.g, data.weights)
-    a = data.a  # [N, G, T, d]
-    if bias == "folded" and data.has_bias:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
-    Gr, T = a.shape[1], a.shape[2]
-    if kfac_type == "expand":
-        am = a.reshape(N * T, -1) if Gr == 1 else a.transpose(0, 1).reshape(Gr, N * T, -1)
-        gm = g.reshape(-1, g.shape[-1]) if Gr == 1 else g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
-        return (am, N * T), (gm, N)
-    am = a.mean(2)[:, 0] if Gr == 1 else a.mean(2).transpose(0, 1)  # [N, d] / [G, N, d]
-    gs = g.sum(3)
-    gm = gs.reshape(-1, g.shape[-1]) if Gr == 1 else gs.permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
-    return (am, N), (gm, N)
-
-
-def kron_factors_from_layer(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):
-    """The factor object of one layer from its :class:`~curvfun.layers.LayerData`.
-
-    Cost: Linear/Conv2d O(N·T·(d_in² + K·d_out²)); Embedding O(K·N·T·D²); norm layers O(K·N·T·C).
-    """
-    if kfac_type not in KFAC_TYPES:
-        raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
-    if bias not in BIAS_MODES:
-        raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
-    if data.g is None:
-        raise ValueError("K-FAC needs a capture with output gradients (fisher_type 'emp', 'mc' or 'exact')")
-    m, N = data.module, data.batch_size
-    g = _weighted(data.g, data.weights)
-    if data.kind == "affine":
-        (am, a_count), (gm, g_count) = factor_rows(data, kfac_type, bias)
-        folded = bias == "folded" and data.has_bias and data.has_weight
-        G = data.a.shape[1]
-        if data.layout:
-            mat_shape = (G * data.g.shape[-1], data.a.shape[-1])
-            inner = KronFactor(_gram(am) / a_count, _gram(gm) / g_count, mat_shape, data.has_bias, folded)
-            return RelaidFactor(inner, data.weight_shape, data.layout, G)
-        return KronFactor(_gram(am) / a_count, _gram(gm) / g_count, data.weight_shape, data.has_bias, folded)
-    if data.kind == "embedding":
-        ids = data.a  # [N, T]
-        valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
-        counts = torch.zeros(m.num_embeddings, dtype=g.dtype, device=g.device)
-        counts.index_add_(0, ids[valid], torch.ones(int(valid.sum()), dtype=g.dtype, device=g.device))
-        A = counts / (N * ids.shape[1])
-        B = _gram(g.reshape(-1, g.shape[-1])) / N
-        return EmbeddingFactor(A, B)
-    # layernorm / batchnorm: exact unit-wise blocks
-    u = [(g * data.a).sum(2)]  # [K, N, C]
-    if data.has_bias:
-        u.append(g.sum(2))
-    U = torch.stack(u, -1)  # [K, N, C, p]
-    blocks = torch.einsum("kncp,kncq->cpq", U, U) / N
-    return UnitWiseFactor(blocks, data.weight_shape, data.has_bias)
-
-
-def _warn_unsupported(cap: Capture, on_unsupported: str) -> None:
-    if not cap.unsupported or on_unsupported == "ignore":
-        return
-    import warnings
-
-    msg = "no Kronecker factors for: " + ", ".join(
-        f"{n or '<root>'} ({cls}; parameters {keys})" for n, (cls, keys) in cap.unsupported.items()
-    )
-    if on_unsupported == "raise":
-        raise ValueError(msg + ". Exclude their parameters from params, or use on_unsupported='warn'.")
-    warnings.warn(msg + ": they get no factor (the supported layers still do)", stacklevel=3)
-
-
-def kfac(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    inputs: Any,
-    targets: Tensor | None = None,
-    loss: Any = "cross_entropy",
-    fisher_type: str = "mc",
-    kfac_type: str = "expand",
-    bias: str = "separate",
-    n_mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-    on_unsupported: str = "warn",
-    form: str = "dense",
-) -> dict[str, Any]:
-    """K-FAC factors of every supported module owning entries of ``params``.
-
-    Returns ``{module name (as in model.named_modules()): factor}`` with :class:`KronFactor`
-    for Linear / Conv2d, :class:`EmbeddingFactor`, :class:`UnitWiseFactor` for LayerNorm /
-    BatchNorm. Unsupported modules are named in a warning (``on_unsupported="raise"`` makes it
-    an error, ``"ignore"`` silences it). Embedding always uses K-FAC-expand. Cost: one
-    captured forward and one backward per column (see :mod:`curvfun.capture`), plus the
-    factor products.
-
-    ``form="auto"``: a Linear / Conv2d factor side with R rows and width d ≥ 2R (a 4096-wide
-    layer at batch 128) is kept as its scaled rows (:class:`curvfun.kron_rows.KronRowsFactor`:
-    same ``to_dense`` / ``matvec`` / ``damped_inverse``, Woodbury inverse), skipping its O(R·d²)
-    Gram matrix; ``"dense"`` (default): every factor a matrix.
-    """
-    if form not in ("dense", "auto"):
-        raise ValueError(f"unknown form {form!r}; expected 'dense' (matrices) or 'auto' (rows where 2R <= d)")
-    data = _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples,
-                          generator, on_unsupported)
-    if form == "auto":
-        from .kron_rows import kron_rows_from_layer
-
-        make = lambda ld: (kron_rows_from_layer(ld, kfac_type, bias) if ld.kind == "affine" and not ld.layout  # noqa: E731
-                           else kron_factors_from_layer(ld, kfac_type, bias))
-    else:
-        make = lambda ld: kron_factors_from_layer(ld, kfac_type, bias)  # noqa: E731
-    with full_precision():  # the model ran under the caller's autocast; the factors never do
-        return {name: make(ld) for name, ld in data.items()}
-
-
-def _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias, n_mc_samples, generator,
-                   on_unsupported) -> dict[str, LayerData]:
-    """Validate the K-FAC options, capture once, name the unsupported modules, arrange the data."""
-    if kfac_type not in KFAC_TYPES:
-        raise ValueError(f"unknown kfac_type {kfac_type!r}; expected one of {KFAC_TYPES}")
-    if bias not in BIAS_MODES:
-        raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
-    if fisher_type == "emp" and targets is None:
-        raise ValueError("fisher_type='emp' needs the data targets")
-    cap = capture(model, params, inputs, targets, loss, fisher_type, n_mc_samples, generator)
-    _warn_unsupported(cap, on_unsupported)
-    return {name: layer_data(rec, cap.weights) for name, rec in cap.layers.items()}
-
-
-def ekfac(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    inputs: Any,
-    targets: Tensor | None = None,
-    loss: Any = "cross_entropy",
-    fisher_type: str = "mc",
-    kfac_type: str = "expand",
-    bias: str = "separate",
-    n_mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-    on_unsupported: str = "warn",
-) -> dict[str, Any]:
-    """EKFAC factors of Linear / Conv2d layers (the K-FAC eigenbasis with per-sample second
-    moments from the same capture); other supported layers get their K-FAC factor."""
-    out = {}
-    for name, data in _layer_data_of(model, params, inputs, targets, loss, fisher_type, kfac_type, bias,
-                                     n_mc_samples, generator, on_unsupported).items():
-        with full_precision():
-            f = kron_factors_from_layer(data, kfac_type, bias)
-            out[name] = f.ekfac(data) if isinstance(f, KronFactor) else f
-    return out
+        return getattr(importlib.import_module(f"curvfun.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'curvfun.kron' has no attribute {name!r}")

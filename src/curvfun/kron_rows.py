@@ -28,16 +28,10 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .kron import (
-    KronInverse,
-    KronFactor,
-    _layer_dense,
-    _register,
-    damped_cholesky_inverse,
-    damping_from_traces,
-    factor_rows,
-)
+from .kron import KronFactor, KronInverse, _layer_dense, _register
+from .kron_math import gram, factor_rows, kron_factors_from_layer
 from .layers import LayerData
+from .linalg import damped_cholesky_inverse, damping_from_traces, woodbury_core
 
 __all__ = ["KronRowsFactor", "KronRowsInverse", "prefer_rows", "kron_rows_from_layer", "woodbury_core",
            "gradient_from_rows", "preconditioned_gradient_from_rows", "rows_gradient_pays"]
@@ -47,15 +41,6 @@ def prefer_rows(rows: int, dim: int) -> bool:
     """Whether a side of ``rows`` rows and width ``dim`` is cheaper as rows: 2R ≤ d (then the
     Woodbury apply, 2·o·d·R, is at most the dense apply o·d², and the refresh O(R²d) ≪ O(d³))."""
     return 2 * rows <= dim
-
-
-def woodbury_core(Y: Tensor, delta: Tensor, gram: Tensor | None = None) -> Tensor:
-    """K = (δI + Y Yᵀ)⁻¹ Y ``[R, d]`` for rows Y ``[R, d]``: one R x R Gram (or ``gram`` = Y Yᵀ when
-    already formed), its damped Cholesky inverse (:func:`curvfun.kron.damped_cholesky_inverse`,
-    retried in float64) and one GEMM. O(R²d + R³). Then (YᵀY + δI)⁻¹ G = (G − Yᵀ(K G))/δ: two
-    GEMMs through the R rows."""
-    gram = Y @ Y.T if gram is None else gram
-    return damped_cholesky_inverse(gram, delta, "R x R Woodbury core of a K-FAC factor") @ Y
 
 
 def _two_sided(grad: Mapping[str, Tensor], left, right, folded: bool) -> dict[str, Tensor]:
@@ -226,16 +211,14 @@ def kron_rows_from_layer(data: LayerData, kfac_type: str = "expand", bias: str =
     so (default :func:`prefer_rows`), else dense; a plain :class:`~curvfun.kron.KronFactor` when no
     side is (or the layer has groups). Same matrices as :func:`curvfun.kron.kron_factors_from_layer`.
     Cost: O(R·d) per rows side (a scaled copy), O(R·d²) per dense side."""
-    from .kron import _gram, kron_factors_from_layer
-
     if data.kind != "affine":
         raise ValueError(f"K-FAC rows exist for affine layers (Linear, convolutions) only, got a {data.kind} layer")
     (am, ca), (gm, cb) = factor_rows(data, kfac_type, bias)
     if am.ndim != 2:  # grouped convolution: block-diagonal over groups, always dense
         return kron_factors_from_layer(data, kfac_type, bias)
     a_rows, b_rows = prefer(am.shape[0], am.shape[1]), prefer(gm.shape[0], gm.shape[1])
-    A = am * (1.0 / ca) ** 0.5 if a_rows else _gram(am) / ca
-    B = gm * (1.0 / cb) ** 0.5 if b_rows else _gram(gm) / cb
+    A = am * (1.0 / ca) ** 0.5 if a_rows else gram(am) / ca
+    B = gm * (1.0 / cb) ** 0.5 if b_rows else gram(gm) / cb
     folded = bias == "folded" and data.has_bias
     if not (a_rows or b_rows):
         return KronFactor(A, B, data.weight_shape, data.has_bias, folded)

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Likelihood", "CrossEntropy", "MSE", "BCEWithLogits", "CallableLoss", "get_likelihood", "LOSSES"]
+__all__ = ["Likelihood", "CrossEntropy", "MSE", "BCEWithLogits", "CallableLoss", "get_likelihood", "LOSSES",
+           "swapped_arguments"]
 
 
 class Likelihood:
@@ -68,6 +69,9 @@ class Likelihood:
             raise TypeError(f"{self.name}: the model output must be a tensor, got {type(output).__name__}")
         if not isinstance(target, Tensor):
             raise TypeError(f"{self.name}: targets must be a tensor, got {type(target).__name__}")
+        swapped = swapped_arguments(output, target, "the model output", "the targets")
+        if swapped:
+            raise ValueError(f"{self.name}: {swapped}")
         if output.shape[0] != target.shape[0]:
             raise ValueError(
                 f"{self.name}: batch sizes differ: the output has {output.shape[0]} samples, "
@@ -93,6 +97,24 @@ class Likelihood:
         return f"{type(self).__name__}()"
 
 
+def swapped_arguments(output, target, output_name: str = "the first argument", target_name: str = "the second argument",
+                      fix: str = "pass the model output first and the targets second") -> str | None:
+    """Why ``(output, target)`` look like swapped loss arguments (integer output, or integer
+    output with floating targets), or None. Model outputs (logits, predictions) are floating
+    point; only targets are integer class indices."""
+    if not (isinstance(output, Tensor) and isinstance(target, Tensor)):
+        return None
+    if output.dtype.is_floating_point or output.is_complex():
+        return None
+    also = ""
+    if target.dtype.is_floating_point:
+        also = f" while {target_name} is {target.dtype} of shape {tuple(target.shape)}"
+    return (
+        f"{output_name} has integer dtype {output.dtype} (shape {tuple(output.shape)}){also}: were the output and "
+        f"the targets swapped? Model outputs are floating point, class-index targets integer: {fix}"
+    )
+
+
 def _positions_sum(x: Tensor, n: int) -> Tensor:
     return x.reshape(n, -1).sum(1)
 
@@ -116,8 +138,12 @@ class CrossEntropy(Likelihood):
                 f"{tuple(output.shape)}"
             )
         if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+            hint = ""
+            if tuple(target.shape) == tuple(output.shape):
+                hint = (" of the logits' shape: were the logits passed as targets (arguments swapped)? Pass the "
+                        "targets as integer class indices of shape " + str(tuple(output.shape[:-1])))
             raise ValueError(
-                f"cross_entropy: targets must be integer class indices, got dtype {target.dtype}"
+                f"cross_entropy: targets must be integer class indices, got dtype {target.dtype}{hint}"
             )
         if tuple(target.shape) != tuple(output.shape[:-1]):
             raise ValueError(

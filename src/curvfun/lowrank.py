@@ -36,6 +36,8 @@ import optree
 import torch
 from torch import Tensor
 
+from .linalg import damping_from_traces
+
 __all__ = [
     "PowerIterationResult",
     "power_iteration",
@@ -56,7 +58,6 @@ __all__ = [
 
 PYTREE_NAMESPACE = "curvfun"
 
-_MIN_DAMPING = 1e-7
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,8 +642,6 @@ def pi_damping(trace_a: float, dim_a: int, trace_b: float, dim_b: int, damping: 
     lam = _check_nonneg(damping, "damping", where)
     if heuristic not in ("pi", "none"):
         raise ValueError(f"{where}: heuristic must be 'pi' or 'none', got {heuristic!r}.")
-    from .kron import damping_from_traces  # the one implementation of the formula
-
     as_t = lambda v: torch.tensor(float(v), dtype=torch.float64)  # noqa: E731
     da, db = damping_from_traces(as_t(trace_a), dim_a, as_t(trace_b), dim_b, lam, heuristic)
     return float(da), float(db)

@@ -41,6 +41,7 @@ from .capture import FISHER_TYPES, check_batch, output_grad_columns, supported_m
 from .functional import call_model, check_params
 from .kron import EKFACFactor, KronFactor, RelaidFactor
 from .losses import get_likelihood
+from .memory import check_dense_size
 
 __all__ = [
     "CurvatureOperator",
@@ -139,8 +140,11 @@ class CurvatureOperator:
         return self
 
     def to_dense(self) -> Tensor:
-        """The ``[P, P]`` matrix by P products (block of identity columns): small P only."""
+        """The ``[P, P]`` matrix by P products (block of identity columns): small P only; sized
+        first against the dense limit (:func:`curvfun.memory.check_dense_size`)."""
         P = self.shape[0]
+        check_dense_size(f"{type(self).__name__}.to_dense()", (P, P), self.dtype, self.device,
+                         instead="use products (op @ x), .to_scipy() or curvfun.top_eigenvalues(op)")
         return self @ torch.eye(P, dtype=self.dtype, device=self.device)
 
     def diag(self) -> Tensor:

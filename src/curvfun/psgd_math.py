@@ -26,6 +26,14 @@ computes B as Q_l⁻¹ dX Q_r⁻ᵀ — its port of Li's code to ``torch.linalg.
 the ``transpose=True`` of the original ``torch.triangular_solve`` calls — which is Q⁻¹·dX rather
 than Q⁻ᵀ·dX; the two agree only while Q_l and Q_r are diagonal. This module follows Li's
 definition (B = Q⁻ᵀ dX).
+
+Full-matrix PSGD (:func:`psgd_full_update`, :func:`psgd_full_precondition`) fits one dense
+upper-triangular Q (P x P over the flattened parameters) to a pair of vectors (dx, dg) with the
+same criterion: a = Q dg, b = Q⁻ᵀ dx, ∇ = triu(a aᵀ − b bᵀ), Q ← Q − μ/(max|∇| + tiny) · ∇ Q;
+the preconditioned gradient is Qᵀ Q g. Cost O(P²) time and memory: the triangular solve, and ∇ Q
+from the rank-two structure of ∇, row i of triu(a aᵀ) Q being a_i Σ_{j≥i} a_j Q[j, :] (suffix
+sums), instead of the O(P³) product. ASDL 0.1's ``PsgdGradientMaker`` applies the same rule (its b
+is Q⁻ᵀ dx, as in Li's code) with the O(P³) product.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["psgd_balance", "psgd_update", "psgd_precondition"]
+__all__ = ["psgd_balance", "psgd_update", "psgd_precondition", "psgd_full_update", "psgd_full_precondition"]
 
 TINY = 1.2e-38
 
@@ -66,3 +74,28 @@ def psgd_update(Ql: Tensor, Qr: Tensor, dX: Tensor, dG: Tensor, step: float, tin
 def psgd_precondition(Ql: Tensor, Qr: Tensor, G: Tensor) -> Tensor:
     """``Q_lᵀ Q_l G Q_rᵀ Q_r``."""
     return torch.linalg.multi_dot([Ql.T, Ql, G, Qr.T, Qr])
+
+
+def psgd_full_update(Q: Tensor, dx: Tensor, dg: Tensor, step: float, tiny: float = TINY) -> Tensor:
+    """One full-matrix PSGD update of the upper-triangular Q (P x P) from a pair of vectors
+    (dx, dg) of length P (see the module docstring); returns a new Q, the inputs are not modified."""
+    if Q.ndim != 2 or Q.shape[0] != Q.shape[1] or dx.shape != (Q.shape[0],) or dg.shape != dx.shape:
+        raise ValueError(
+            f"psgd_full_update: Q {tuple(Q.shape)} must be square (P x P) and dx {tuple(dx.shape)}, "
+            f"dg {tuple(dg.shape)} vectors of length P"
+        )
+    a = Q @ dg
+    b = torch.linalg.solve_triangular(Q.T, dx.unsqueeze(1), upper=False).squeeze(1)  # Q^{-T} dx
+    # a aᵀ − b bᵀ is symmetric: the largest |entry| of its upper triangle is its largest |entry|
+    scale = torch.addr(torch.outer(a, a), b, b, alpha=-1).abs_().amax()
+    # ∇Q without forming ∇: row i of triu(v vᵀ) Q is v_i Σ_{j≥i} v_j Q[j, :]; the suffix sums run
+    # along the contiguous dimension of Qᵀ (a cumulative sum down the rows of Q is several times slower)
+    Qt = Q.T.contiguous()
+    Sa = (Qt * a).flip(1).cumsum(1).flip(1).mul_(a)
+    Sb = (Qt * b).flip(1).cumsum(1).flip(1).mul_(b)
+    return Q - step / (scale + tiny) * Sa.sub_(Sb).T.contiguous()
+
+
+def psgd_full_precondition(Q: Tensor, g: Tensor) -> Tensor:
+    """``Qᵀ Q g`` for a vector g."""
+    return Q.T @ (Q @ g)

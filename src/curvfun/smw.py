@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linalg import cholesky_solve_psd
+
 __all__ = ["layer_gram", "rows_gram", "smw_coefficients", "cholesky_solve_psd"]
 
 
@@ -61,24 +63,6 @@ def layer_gram(a: Tensor, g: Tensor, has_bias: bool) -> Tensor:
     return K
 
 
-def cholesky_solve_psd(M: Tensor, rhs: Tensor) -> Tensor:
-    """``M^{-1} rhs`` for a symmetric positive definite ``M`` by Cholesky, retried in float64 when
-    the factorisation fails in M's dtype; raises ``torch.linalg.LinAlgError`` if float64 fails too."""
-    for dtype in dict.fromkeys((M.dtype, torch.float64)):
-        Md = M.to(dtype)
-        Md = (Md + Md.T) / 2
-        L, info = torch.linalg.cholesky_ex(Md)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
-            r = rhs.to(dtype)
-            vec = r.ndim == 1
-            x = torch.cholesky_solve(r.unsqueeze(-1) if vec else r, L)
-            return (x.squeeze(-1) if vec else x).to(M.dtype)
-    raise torch.linalg.LinAlgError(
-        "the damped Gram matrix is not positive definite even in float64: increase the damping or check "
-        "the gradients for inf/NaN"
-    )
-
-
 def smw_coefficients(K: Tensor, damping: float, scale: float) -> Tensor:
     """``c = (scale·K + λI)^{-1} scale·1``: the per-sample cotangents whose VJP ``Uᵀc`` is the
     damped empirical natural gradient ``(scale·UᵀU + λI)^{-1} scale·Uᵀ1`` (``scale`` = 1/N for a
@@ -87,4 +71,4 @@ def smw_coefficients(K: Tensor, damping: float, scale: float) -> Tensor:
         raise ValueError(f"damping must be > 0 for the Sherman-Morrison-Woodbury solve, got {damping}")
     N = K.shape[0]
     M = scale * K + damping * torch.eye(N, dtype=K.dtype, device=K.device)
-    return cholesky_solve_psd(M, torch.full((N,), scale, dtype=K.dtype, device=K.device))
+    return cholesky_solve_psd(M, torch.full((N,), scale, dtype=K.dtype, device=K.device), "damped Gram matrix")

@@ -196,3 +196,77 @@ def test_a_subclass_overriding_forward_is_not_served_by_its_parents_handler():
 
     assert handler_for(LoRA(2, 3)) is None
     assert handler_for(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 3)) is not None
+
+
+class MHAOnly(nn.Module):
+    """One MultiheadAttention with the call options under test, pooled, linear head."""
+
+    def __init__(self, batch_first, need_weights, average, mask, pad):
+        super().__init__()
+        self.att = nn.MultiheadAttention(6, 3, batch_first=batch_first)
+        self.head = nn.Linear(6, 2)
+        self.opts = dict(need_weights=need_weights, average_attn_weights=average)
+        self.mask, self.pad = mask, pad
+
+    def forward(self, x):
+        T = x.shape[1]
+        h = x if self.att.batch_first else x.transpose(0, 1)
+        kw = dict(self.opts)
+        if self.mask == "bool":
+            kw["attn_mask"] = torch.ones(T, T, dtype=torch.bool).triu(1)
+        elif self.mask == "float":
+            kw["attn_mask"] = 0.3 * torch.arange(T * T, dtype=x.dtype).reshape(T, T).sin()
+        if self.pad:
+            kw["key_padding_mask"] = torch.zeros(x.shape[0], T, dtype=torch.bool).index_fill_(1, torch.tensor([T - 1]), True)
+        out, w = self.att(h, h, h, **kw)
+        out = out if self.att.batch_first else out.transpose(0, 1)
+        extra = 0 if w is None else 0.1 * w.sum()
+        return self.head(out.mean(1)) + extra
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_multihead_attention_call_options_are_captured_exactly(batch_first, need_weights, average, mask, pad):
+    """Every call option of self-attention (batch_first, need_weights and head averaging, bool
+    and float masks, key padding): captured without fallback, per-sample gradients and the exact
+    Fisher diagonal equal autograd, K-FAC has the in-projection and out_proj."""
+    torch.manual_seed(0)
+    model = MHAOnly(batch_first, need_weights, average, mask, pad).double().eval()
+    x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 1, 1])
+    params = dict(model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureFallbackWarning)
+        got = curvfun.per_sample_grads(model, params, x, y)
+        diag = curvfun.fisher(model, params, x, y, fisher_type="exact", shape="diag")
+        factors = curvfun.kfac(model, params, x, y, fisher_type="emp", on_unsupported="raise")
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, x, y), **TOL, what="MHA per-sample grads")
+    checks.assert_diag_matches_dense(diag, ref.fisher(model, params, x, y, fisher_type="exact"), params, **TOL,
+                                     what="MHA exact Fisher diagonal")
+    assert {"att", "att.out_proj", "head"} <= set(factors)
+    assert factors["att"].A.shape == (6, 6) and factors["att"].B.shape == (18, 18)
+
+
+def test_transformer_decoder_layer_self_attention_captured_cross_attention_exact_fallback():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.TransformerDecoderLayer(6, 2, 8, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.dec(x, torch.tanh(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Decoder().double().eval()
+    x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 1, 1])
+    params = dict(model.named_parameters())
+    with pytest.warns(CaptureFallbackWarning, match=r"dec.multihead_attn \(called as cross-attention"):
+        cap = capture(model, params, x, y, fisher_type="emp")
+    assert "dec.self_attn" in cap.layers and "dec.self_attn.out_proj" in cap.layers
+    assert "dec.multihead_attn" in cap.unsupported and "dec.multihead_attn.out_proj" in cap.unsupported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        got = curvfun.per_sample_grads(model, params, x, y)
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, x, y), **TOL, what="decoder layer")

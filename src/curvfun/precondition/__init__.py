@@ -85,10 +85,14 @@ from .curveball import CurveBallGradientMaker  # noqa: E402
 
 __all__ += ["NewtonGradientMaker", "CurveBallGradientMaker"]
 from .shampoo import ShampooGradientMaker  # noqa: E402
-from .psgd import KronPsgdGradientMaker  # noqa: E402
+from .psgd import KronPsgdGradientMaker, PsgdGradientMaker  # noqa: E402
 from .kbfgs import KronBfgsGradientMaker  # noqa: E402
 from .seng import SengGradientMaker  # noqa: E402
 from .smw import SmwEmpNaturalGradientMaker  # noqa: E402
 
-__all__ += ["ShampooGradientMaker", "KronPsgdGradientMaker", "KronBfgsGradientMaker", "SengGradientMaker",
+__all__ += ["ShampooGradientMaker", "KronPsgdGradientMaker", "PsgdGradientMaker", "KronBfgsGradientMaker", "SengGradientMaker",
             "SmwEmpNaturalGradientMaker"]
+from .asdl_names import *  # noqa: F401,F403,E402
+from .asdl_names import __all__ as _asdl_all  # noqa: E402
+
+__all__ += list(_asdl_all)

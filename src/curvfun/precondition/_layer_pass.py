@@ -25,14 +25,19 @@ __all__ = [
 ]
 
 
-def linear_or_conv_reason(module: nn.Module) -> str | None:
+def linear_or_conv_reason(module: nn.Module, maker: str | None = None) -> str | None:
     """None for a layer the registry serves as a plain affine map with ``weight`` / ``bias`` stored
-    as ``[out, in...]`` (Linear, Conv1d/2d/3d), else why not."""
+    as ``[out, in...]`` (Linear, Conv1d/2d/3d), else why not. With ``maker`` (its name), grouped
+    convolutions are refused too (that maker's factors need groups=1)."""
     h = handler_for(module)
     if h is None or h.family != "affine" or h.params != LayerHandler.params or h.weight_layout(module):
         return f"unsupported layer class {type(module).__name__} (Linear and convolutions only)"
     why = h.reason(module)
-    return None if why is None else f"unsupported layer {why}"
+    if why is not None:
+        return f"unsupported layer {why}"
+    if maker is not None and getattr(module, "groups", 1) != 1:
+        return f"unsupported layer class {type(module).__name__} with groups={module.groups} ({maker} needs groups=1)"
+    return None
 
 
 def module_infos(modules: Mapping[str, nn.Module]) -> dict[str, ModuleInfo]:

@@ -1,4 +1,5 @@
-"""The ASDL-compatible ``GradientMaker`` interface and the ``PreconditionedGradientMaker`` base.
+"""The ``PreconditionedGradientMaker`` base (the ASDL interface it extends is in
+:mod:`curvfun.precondition.interface`, the module assignment in :mod:`curvfun.precondition.assignment`).
 
 ``GradientMaker`` is the plain interface: set up the model call and the loss call with dummies,
 then ``forward_and_backward()`` gives exactly the gradients of ``loss.backward()``.
@@ -46,17 +47,15 @@ from __future__ import annotations
 
 import abc
 import copy
-import inspect
 import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import optree
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .config import (
     SCHEDULE_KINDS,
@@ -65,9 +64,18 @@ from .config import (
     is_update_step,
     resolve_schedule,
 )
-from ..precision import autocast_as, autocast_state, full_precision
+from ..precision import autocast_state, full_precision
 from ..layers.registry import handler_for
-from .dummy import DummyObject, contains_dummy, default_logits_dummy, replace_dummies, replay
+from .dummy import DummyObject
+from . import guards
+from .assignment import (
+    ModuleAssignment,
+    assign_modules,
+    describe_structure_change,
+    model_structure_signature,
+    unwrap_model,
+)
+from .interface import GradientMaker
 
 __all__ = [
     "GradientMaker",
@@ -93,544 +101,11 @@ class UnsupportedModuleWarning(UserWarning):
     """Some layers with trainable parameters are of a class the maker cannot precondition."""
 
 
-# ==============================================================================================
-# GradientMaker
-# ==============================================================================================
-
-
-class _BoundCall(nn.Module):
-    """Holds ``model`` as submodule ``m`` and calls ``fn``: lets ``functional_call`` swap the
-    parameters of ``model`` under any callable that uses it (a lambda, a bound method ...)."""
-
-    def __init__(self, model: nn.Module, fn: Callable) -> None:
-        super().__init__()
-        self.m = model
-        object.__setattr__(self, "_fn", fn)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(*args, **kwargs)
-
-
-class GradientMaker:
-    """The ASDL ``GradientMaker`` interface; with no preconditioning it gives exactly the gradients
-    of ``loss.backward()``.
-
-    Example (ASDL's README loop; only the import differs)::
-
-        gm = GradientMaker(model)
-        for x, t in loader:
-            optimizer.zero_grad()
-            dummy_y = gm.setup_model_call(model, x)
-            gm.setup_loss_call(F.cross_entropy, dummy_y, t)
-            y, loss = gm.forward_and_backward()
-            optimizer.step()
-
-    Model outputs may be tensors, tuples, dicts, dataclasses or anything else; the dummy returned by
-    :meth:`setup_model_call` records attribute reads, indexing and calls (see
-    :mod:`curvfun.precondition.dummy`) and is replayed on the real output.
-
-    Subclass hook (as in ASDL): ``_loss_reduction`` (None, ``'mean'``, ``'sum'`` or ``'none'``)
-    makes :meth:`call_loss` run the loss with that reduction.
-    """
-
-    _loss_reduction: str | None = None
-
-    #: the caller's autocast settings while a preconditioned step runs (see forward_and_backward)
-    _autocast: tuple = ()
-    #: whether the latest pass's gradient was written by the maker (not by ``loss.backward()``)
-    _grads_written: bool = False
-    #: makers whose curvature is each rank's own (no reduction implemented): under
-    #: ``torch.distributed`` their preconditioned gradients are averaged at the end of the step, so
-    #: the ranks take the same step (each preconditioned with its own batch's curvature)
-    _local_curvature: bool = False
-
-    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if config is not None:
-            if not isinstance(config, PreconditioningConfig):
-                raise TypeError(
-                    f"config must be a curvfun.precondition.PreconditioningConfig, got {type(config).__name__}"
-                )
-            config.validate()
-        self.model = model
-        #: accepted so that the README's ``XXXGradientMaker(model, config)`` line also works with the
-        #: plain maker (ASDL's takes only ``model``); the plain maker does not use it.
-        self.config = config
-        self._model_fn: Callable | None = None
-        self._model_args: tuple = ()
-        self._model_kwargs: dict = {}
-        self._model_output: Any = None
-        self._logits: Any = None
-        self._loss_fn: Callable | None = None
-        self._loss_fn_args: tuple = ()
-        self._loss_fn_kwargs: dict = {}
-        self._dummy_loss: DummyObject | None = None
-        self._dummy_logits: DummyObject = default_logits_dummy()
-        self._loss: Tensor | None = None
-        self._pass_count = 0  # completed forward+backward passes
-        self._backward_pending = False  # a forward has run whose loss was not back-propagated
-
-    # --- setup -------------------------------------------------------------------------------
-    def setup_model_call(self, model_fn: Callable, *args: Any, **kwargs: Any) -> DummyObject:
-        """Register ``model_fn(*args, **kwargs)`` as the model call; returns a dummy of its output."""
-        if not callable(model_fn):
-            raise TypeError(f"model_fn must be callable (e.g. the model), got {type(model_fn).__name__}")
-        if contains_dummy(args) or contains_dummy(kwargs):
-            raise TypeError("setup_model_call: a DummyObject stands for the model's output and cannot be its input")
-        self._model_fn = model_fn
-        self._model_args = args
-        self._model_kwargs = kwargs
-        self._backward_pending = False
-        return DummyObject()
-
-    def setup_loss_call(self, loss_fn: Callable, *args: Any, **kwargs: Any) -> None:
-        """Register ``loss_fn(*args, **kwargs)``; dummies among the arguments (also inside tuples,
-        lists and dicts) are replaced by their replay on the model output. Replaces a previous
-        :meth:`setup_loss_repr`."""
-        self._require_model_setup("setup_loss_call")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (e.g. F.cross_entropy), got {type(loss_fn).__name__}")
-        self._loss_fn = loss_fn
-        self._loss_fn_args = args
-        self._loss_fn_kwargs = kwargs
-        self._dummy_loss = None
-
-    def setup_loss_repr(self, dummy_loss: DummyObject) -> None:
-        """Declare the loss as a chain on the model output, e.g. ``dummy_y.loss`` or
-        ``dummy_y[1].sum()``. Replaces a previous :meth:`setup_loss_call`."""
-        self._require_model_setup("setup_loss_repr")
-        if not isinstance(dummy_loss, DummyObject):
-            raise TypeError(
-                f"dummy_loss must be a DummyObject (the return value of setup_model_call or a chain on it), "
-                f"got {type(dummy_loss).__name__}"
-            )
-        self._dummy_loss = dummy_loss
-        self._loss_fn = None
-        self._loss_fn_args, self._loss_fn_kwargs = (), {}
-
-    def setup_logits_repr(self, dummy_logits: DummyObject) -> None:
-        """Declare which (replayed) value are the logits, e.g. ``dummy_y.logits``. Until called, the
-        logits are ``out[0]`` for tuple/list outputs, ``out["logits"]`` / ``out.logits`` where present,
-        else the output itself."""
-        self._require_model_setup("setup_logits_repr")
-        if not isinstance(dummy_logits, DummyObject):
-            raise TypeError(
-                f"dummy_logits must be a DummyObject (the return value of setup_model_call or a chain on "
-                f"it), got {type(dummy_logits).__name__}"
-            )
-        self._dummy_logits = dummy_logits
-
-    def _require_model_setup(self, what: str) -> None:
-        if self._model_fn is None:
-            raise RuntimeError(
-                f"{what}() was called before setup_model_call(): call dummy_y = "
-                f"gm.setup_model_call(model, x) first and pass dummy_y (or a chain on it) here"
-            )
-
-    # --- results -----------------------------------------------------------------------------
-    @property
-    def model_output(self) -> Any:
-        """The output of the latest model call."""
-        return self._model_output
-
-    @property
-    def loss(self) -> Tensor | None:
-        """The loss of the latest loss call."""
-        return self._loss
-
-    @property
-    def logits(self) -> Any:
-        """The logits of the latest model call (see :meth:`setup_logits_repr`)."""
-        return self._logits
-
-    # --- the pass ----------------------------------------------------------------------------
-    def call_model(self) -> Any:
-        """Run the registered model call; sets :attr:`model_output` and :attr:`logits`."""
-        if self._model_fn is None:
-            raise RuntimeError(
-                "no model call is set up: call gm.setup_model_call(model, x) (and gm.setup_loss_call(...)) "
-                "before forward_and_backward()"
-            )
-        with autocast_as(self._autocast):
-            self._model_output = self._model_fn(*self._model_args, **self._model_kwargs)
-            self._logits = replay(self._dummy_logits, self._model_output)
-        return self._model_output
-
-    def call_loss(self) -> Tensor:
-        """Evaluate the registered loss on :attr:`model_output`; sets :attr:`loss`."""
-        with autocast_as(self._autocast):
-            self._loss = self.loss_from_output(self._model_output, reduction=self._loss_reduction)
-        self._backward_pending = True
-        return self._loss
-
-    def forward(self) -> None:
-        """:meth:`call_model` then :meth:`call_loss`."""
-        self._require_loss_setup()
-        self.call_model()
-        self.call_loss()
-
-    def backward(self) -> None:
-        """``loss.backward()`` on the loss of the latest :meth:`forward`."""
-        self._loss_to_differentiate().backward()
-        self._backward_done()
-
-    def _backward_done(self) -> None:
-        """Count the latest forward's backward as done (for subclasses that differentiate the loss
-        themselves, e.g. with ``torch.autograd.grad``)."""
-        self._backward_pending = False
-        self._pass_count += 1
-        self._grads_written = False
-
-    def _loss_to_differentiate(self) -> Tensor:
-        """The latest forward's loss, checked: a pending scalar that requires grad."""
-        if self._loss is None:
-            raise RuntimeError("backward() was called before forward(): there is no loss to differentiate")
-        if not self._backward_pending:
-            raise RuntimeError(
-                "backward() already ran for the latest forward(); call forward() again for a new pass"
-            )
-        loss = self._loss
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"the loss must be a tensor to call backward(), got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"the loss must be a scalar to call backward(), got shape {tuple(loss.shape)}: reduce it in "
-                f"loss_fn (e.g. reduction='mean')"
-            )
-        if not loss.requires_grad:
-            raise RuntimeError(
-                "the loss does not require grad: is the model call inside torch.no_grad(), or are all "
-                "parameters frozen?"
-            )
-        from .. import distributed as cfd
-
-        count = cfd.local_sample_count()  # None outside forward_and_backward
-        if count is not None and cfd.is_distributed() and cfd.is_ddp(self.model):
-            # DDP averages over ranks unweighted: scale by W·n_r/N (1.0 for equal batches)
-            scale = cfd.ddp_loss_scale(count, loss.device, self._pass_count)
-            if scale != 1.0:
-                loss = loss * scale
-        return loss
-
-    def forward_and_backward(self) -> tuple[Any, Tensor]:
-        """Model call, loss call, ``loss.backward()``; returns ``(model_output, loss)``."""
-        self._require_ready()
-        with self._sample_weighting():
-            self.forward()
-            self.backward()
-            self._average_gradients()
-        return self._model_output, self._loss
-
-    def sample_count(self) -> int | None:
-        """This process's number of samples in the latest pass: the leading dimension of the logits
-        (:meth:`setup_logits_repr`; else the first tensor of the model output); None if there is
-        none. Under ``torch.distributed`` the means over ranks are weighted by it, so the loss must
-        be the mean over that dimension (the GUIDE's convention)."""
-        out = self._logits if isinstance(self._logits, Tensor) else next(
-            (t for t in optree.tree_leaves(self._model_output) if isinstance(t, Tensor)), None)
-        return int(out.shape[0]) if isinstance(out, Tensor) and out.ndim > 0 else None
-
-    def _sample_weighting(self):
-        """Under ``torch.distributed``: means over ranks inside are weighted by :meth:`sample_count`
-        (:func:`curvfun.distributed.sample_weighting`); a null context otherwise."""
-        import contextlib
-
-        from .. import distributed as cfd
-
-        return cfd.sample_weighting(self.sample_count) if cfd.is_distributed() else contextlib.nullcontext()
-
-    def _average_gradients(self, step: int | None = None) -> None:
-        """Under ``torch.distributed`` with a model that is not wrapped in
-        ``DistributedDataParallel`` (which averages in backward), or whose gradient this maker wrote
-        itself (:meth:`_record_pass`: DDP's backward hooks never ran): ``param.grad`` ← mean over
-        ranks, one coalesced all-reduce (:func:`curvfun.distributed.average_gradients`). No-op
-        otherwise."""
-        from .. import distributed as cfd
-
-        if cfd.is_distributed() and (not cfd.is_ddp(self.model) or self._grads_written):
-            cfd.average_gradients(unwrap_model(self.model).parameters(), self._pass_count - 1 if step is None else step)
-
-    def _require_loss_setup(self) -> None:
-        if self._loss_fn is None and self._dummy_loss is None:
-            raise RuntimeError(
-                "no loss is set up: call gm.setup_loss_call(loss_fn, dummy_y, t) or "
-                "gm.setup_loss_repr(dummy_y.loss) before forward_and_backward()"
-            )
-
-    def _require_ready(self) -> None:
-        if self._model_fn is None:
-            raise RuntimeError(
-                "forward_and_backward() was called before setup_model_call(): call dummy_y = "
-                "gm.setup_model_call(model, x) and gm.setup_loss_call(loss_fn, dummy_y, t) first"
-            )
-        self._require_loss_setup()
-
-    def _record_pass(self, model_output: Any, loss: Tensor) -> None:
-        """For subclasses that compute the gradient themselves (e.g. functionally) and write it into
-        ``param.grad``: record the pass as if :meth:`forward` and :meth:`backward` had run."""
-        self._model_output = model_output
-        self._logits = replay(self._dummy_logits, model_output)
-        self._loss = loss
-        self._backward_pending = False
-        self._pass_count += 1
-        self._grads_written = True
-
-    def delegate_forward_and_backward(self, other: "GradientMaker", *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
-        """Run ``other.forward_and_backward(*args, **kwargs)`` with this maker's setup and keep the
-        results here (ASDL's method of the same name)."""
-        self._require_ready()
-        other.setup_model_call(self._model_fn, *self._model_args, **self._model_kwargs)
-        if self._loss_fn is None:
-            other.setup_loss_repr(self._dummy_loss)
-        else:
-            other.setup_loss_call(self._loss_fn, *self._loss_fn_args, **self._loss_fn_kwargs)
-        other.setup_logits_repr(self._dummy_logits)
-        other.forward_and_backward(*args, **kwargs)
-        self._model_output, self._loss, self._logits = other.model_output, other.loss, other.logits
-        self._pass_count += 1
-        self._backward_pending = False
-        return self._model_output, self._loss
-
-    # --- pure helpers for subclasses ------------------------------------------------------------
-    def loss_from_output(self, output: Any, reduction: str | None = None) -> Tensor:
-        """The registered loss evaluated on ``output`` (no state is changed).
-
-        ``reduction`` overrides the loss function's reduction for this call only (an ``nn.Module``
-        loss with a ``reduction`` attribute, or a function with a ``reduction`` parameter); the
-        user's arguments are left as they were.
-        """
-        self._require_loss_setup()
-        if self._loss_fn is None:
-            if reduction is not None:
-                raise TypeError(
-                    "a loss declared with setup_loss_repr has no reduction to override; use setup_loss_call"
-                )
-            return replay(self._dummy_loss, output)
-        args = replace_dummies(tuple(self._loss_fn_args), output)
-        kwargs = replace_dummies(dict(self._loss_fn_kwargs), output)
-        fn = self._loss_fn
-        if reduction is None:
-            return fn(*args, **kwargs)
-        if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
-            old = fn.reduction
-            fn.reduction = reduction
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                fn.reduction = old
-        if _accepts_reduction(fn):
-            kwargs["reduction"] = reduction
-            return fn(*args, **kwargs)
-        raise TypeError(
-            f"{type(self).__name__} needs the loss with reduction={reduction!r}, but loss_fn "
-            f"{getattr(fn, '__name__', fn)!r} has no 'reduction' option: use e.g. F.cross_entropy or nn.MSELoss"
-        )
-
-    def logits_from_output(self, output: Any) -> Any:
-        """The declared logits replayed on ``output`` (no state is changed)."""
-        return replay(self._dummy_logits, output)
-
-    def model_output_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None) -> Any:
-        """The registered model call evaluated with ``params`` in place of the model's parameters.
-
-        A pure function of ``params`` (names as in ``self.model.named_parameters()``, or as in the
-        module inside a DDP wrapper, which is evaluated directly; parameters left out keep their
-        values), suitable for ``torch.func`` transforms. Buffers are copies, so BatchNorm running
-        statistics are not updated; pass ``buffers`` to use others. Runs under the
-        caller's autocast, like :meth:`call_model` (one precision for every model evaluation).
-        """
-        with autocast_as(self._autocast):
-            return self._model_output_at(params, buffers)
-
-    def _model_output_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None) -> Any:
-        if self._model_fn is None:
-            raise RuntimeError("model_output_at() needs a model call: call setup_model_call() first")
-        from ..functional import check_params
-
-        model, fn = self.model, self._model_fn
-        depth, inner = 0, model
-        while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner, depth = inner.module, depth + 1
-        prefix = "module." * depth
-        if depth and fn is model:
-            # a DDP / DataParallel wrapper called as is: evaluate the wrapped module (the wrapper's
-            # forward only syncs buffers and prepares its gradient hooks, and is not a pure function)
-            model = fn = inner
-            params = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in params.items()}
-            if buffers is not None:
-                buffers = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in buffers.items()}
-        elif depth:  # a custom call of the wrapper: its names
-            params = {k if k.startswith(prefix) else prefix + k: v for k, v in params.items()}
-        params = check_params(model, params)
-        if buffers is None:
-            buffers = {k: b.clone() for k, b in model.named_buffers()}
-        if fn is model:
-            return functional_call(
-                model, (dict(params), dict(buffers)), self._model_args, self._model_kwargs,
-                tie_weights=True, strict=False,
-            )
-        bound = _BoundCall(self.model, fn)
-        prefixed = {f"m.{k}": v for k, v in params.items()}
-        prefixed_buffers = {f"m.{k}": v for k, v in buffers.items()}
-        return functional_call(
-            bound, (prefixed, prefixed_buffers), self._model_args, self._model_kwargs,
-            tie_weights=True, strict=False,
-        )
-
-
-def _accepts_reduction(fn: Callable) -> bool:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return False
-    return "reduction" in sig.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
-    )
-
-
-# ==============================================================================================
-# module assignment (pure)
-# ==============================================================================================
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (else ``model``)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
-class ModuleAssignment(NamedTuple):
-    """Which layers a maker preconditions, by name (names as in ``named_modules()``).
-
-    ``preconditioned``: name -> module, in model order. ``plain``: name -> reason, for layers with
-    trainable parameters that keep the plain gradient. ``plain_parameters``: parameter name ->
-    reason for trainable parameters outside any preconditioned layer (the parameters of ``plain``
-    layers, and parameters held directly by container modules). ``unmatched_ignores``: the
-    ``ignore_modules`` entries that matched no module.
-    """
-
-    preconditioned: dict[str, nn.Module]
-    plain: dict[str, str]
-    plain_parameters: dict[str, str]
-    unmatched_ignores: list[Any]
-
-
-def _ignore_reason(name: str, chain: list[nn.Module], entries: list[Any], used: set[int]) -> str | None:
-    """The ignore entry matching module ``name`` (``chain``: its ancestors and itself)."""
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            if entry in name:
-                used.add(i)
-                return f"ignored by config: name contains {entry!r}"
-        elif isinstance(entry, type):
-            if any(isinstance(m, entry) for m in chain):
-                used.add(i)
-                return f"ignored by config: class {entry.__name__}"
-        elif any(m is entry for m in chain):
-            used.add(i)
-            return f"ignored by config: instance {type(entry).__name__}"
-    return None
-
-
-def assign_modules(
-    model: nn.Module,
-    ignore_modules: list[Any] | None = None,
-    is_supported: Callable[[str, nn.Module], str | None] | None = None,
-) -> ModuleAssignment:
-    """Split the layers of ``model`` into preconditioned and plain ones (pure).
-
-    A *layer* is a leaf module with at least one parameter that requires grad. A layer keeps the
-    plain gradient when (in this order) it matches ``ignore_modules`` (an instance, a class, or a
-    substring of its dotted name; an ignored container instance/class covers the layers inside it),
-    when ``is_supported(name, module)`` returns a reason string (None means supported), or when
-    one of its parameters also belongs to another layer (tied weights; the match is by identity).
-    """
-    model = unwrap_model(model)
-    entries = list(ignore_modules) if ignore_modules is not None else []
-    used: set[int] = set()
-    named = dict(model.named_modules())
-    owners: dict[int, list[str]] = {}
-    layers: list[str] = []
-    for name, module in named.items():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            # still mark matches, so that ignoring e.g. nn.ReLU is not reported as unmatched
-            parts = name.split(".") if name else []
-            chain = [named[".".join(parts[:k])] for k in range(len(parts) + 1) if ".".join(parts[:k]) in named]
-            _ignore_reason(name, chain, entries, used)
-            continue
-        for p in own:
-            owners.setdefault(id(p), []).append(name)
-        layers.append(name)
-
-    preconditioned: dict[str, nn.Module] = {}
-    plain: dict[str, str] = {}
-    plain_parameters: dict[str, str] = {}
-    for name in layers:
-        module = named[name]
-        parts = name.split(".") if name else []
-        chain = [named[".".join(parts[:k])] for k in range(len(parts) + 1) if ".".join(parts[:k]) in named]
-        reason = None
-        if len(list(module.children())) > 0:
-            reason = f"parameters held directly by container module {type(module).__name__} (not a leaf layer)"
-        if reason is None:
-            reason = _ignore_reason(name, chain, entries, used)
-        if reason is None and is_supported is not None:
-            reason = is_supported(name, module)
-        if reason is None:
-            for p in module.parameters(recurse=False):
-                others = [o for o in owners.get(id(p), []) if o != name]
-                if others:
-                    reason = f"parameter shared with {others[0]!r} (tied weights)"
-                    break
-        if reason is None:
-            preconditioned[name] = module
-        else:
-            plain[name or "<root>"] = reason
-            prefix = f"{name}." if name else ""
-            for pname, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
-                    plain_parameters[prefix + pname] = reason
-    unmatched = [e for i, e in enumerate(entries) if i not in used]
-    return ModuleAssignment(preconditioned, plain, plain_parameters, unmatched)
 
 
 # ==============================================================================================
 # finiteness and state copies
 # ==============================================================================================
-
-
-def model_structure_signature(model: nn.Module) -> tuple:
-    """Which modules hold which parameters, and which are trainable: compared each step to
-    detect a changed model. O(#modules + #parameters), no tensor work."""
-    return tuple(
-        (name, id(m), tuple((k, id(p), p.requires_grad) for k, p in m.named_parameters(recurse=False)))
-        for name, m in unwrap_model(model).named_modules()
-    )
-
-
-def describe_structure_change(old: tuple, new: tuple) -> str:
-    """The modules added / removed / replaced and the parameters frozen / unfrozen, in words."""
-    before, after = {n: (i, ps) for n, i, ps in old}, {n: (i, ps) for n, i, ps in new}
-    parts = []
-    added = [n for n in after if n not in before]
-    removed = [n for n in before if n not in after]
-    replaced = [n for n in after if n in before and after[n][0] != before[n][0]]
-    frozen, unfrozen = [], []
-    for n in after:
-        if n in before and n not in replaced:
-            was = {k: g for k, _, g in before[n][1]}
-            for k, _, g in after[n][1]:
-                if k in was and was[k] != g:
-                    (unfrozen if g else frozen).append(f"{n}.{k}" if n else k)
-    for what, names in (("added", added), ("removed", removed), ("replaced", replaced), ("frozen", frozen),
-                        ("unfrozen", unfrozen)):
-        if names:
-            parts.append(f"{what}: {names}")
-    return "; ".join(parts) or "parameters re-registered"
 
 
 def _tensor_finite(t: Tensor) -> bool:
@@ -733,10 +208,32 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     * from :class:`GradientMaker`: ``forward()``, ``backward()``, ``loss_from_output(output,
       reduction)``, ``logits_from_output(output)``, ``model_output_at(params)`` (pure functions
       of the registered calls, for ``torch.func``), ``self.logits``.
+
+    Changes after construction, checked at the start of every step (:mod:`curvfun.precondition.guards`;
+    tuples of values are compared, O(#config fields + #settings), no tensor work):
+
+    * an edited ``config`` field (or a new config object) is validated with the config's own message
+      (``PreconditioningConfig.validate``) and the maker's constraints (:meth:`_check_config`); an
+      edited own setting (``_settings``, e.g. Shampoo's ``block_size``) by :meth:`_check_settings`;
+      an edited ``ignore_modules`` rebuilds the maker as a changed model does (:meth:`setup_model_call`);
+    * ``setup_model_call`` with a module that neither is, contains nor belongs to the maker's model
+      raises :class:`~curvfun.precondition.guards.ModelChangedError` (a plain function or lambda
+      cannot be checked): its curvature would be another model's;
+    * a batch of 0 samples (the first tensor argument of the model call) raises ``ValueError``;
+    * the dense matrices a maker allocates (:meth:`_dense_requests`: the full and layer-wise natural
+      gradient with EMA, Newton) are checked against :mod:`curvfun.memory`'s dense limit at
+      construction and after a change.
+
+    ``load_state_dict`` refuses factors whose shapes differ from this maker's current state (where it
+    has one) or, for Kronecker factors, do not fit their layer's weight.
     """
 
     _supported_classes: tuple[type, ...] | None = None
     _state_attributes: tuple[str, ...] = ()
+    #: the maker's own settings (attribute names): re-validated by :meth:`_check_settings` when edited
+    _settings: tuple[str, ...] = ()
+    #: state attributes whose tensor shapes depend on the batch (not compared at load)
+    _data_shaped_state: tuple[str, ...] = ()
 
     def __new__(cls, *args: Any, **kwargs: Any):
         self = super().__new__(cls)
@@ -761,6 +258,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         if config is None:
             config = PreconditioningConfig()
         super().__init__(model, config)  # type-checks and validates config
+        self._check_config(config)
         self.config: PreconditioningConfig = config
         self.state: dict[str, Any] = {"step": 0}  # ASDL's attribute; the step lives here
         root = unwrap_model(model)
@@ -784,8 +282,24 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
             [type(self).__name__, self._model_structure(), list(self.preconditioned_modules)],
             f"model structure or preconditioned layers of {type(self).__name__}",
         )
+        guards.check_dense_requests(self)
+        guards.snapshot(self)
 
     # --- module assignment ------------------------------------------------------------------------
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        """Raise if ``config`` (already valid) does not suit this maker; run at construction and at the
+        first step after a config field was edited. Default: nothing."""
+
+    def _check_settings(self) -> None:
+        """Raise if one of the maker's own ``_settings`` is invalid; run at the first step after one
+        was edited. Default: nothing."""
+
+    def _dense_requests(self) -> list[tuple[str, tuple, torch.dtype, torch.device, str]]:
+        """The dense matrices the maker will allocate, as ``(what, shape, dtype, device, instead)``;
+        checked against the dense limit (:mod:`curvfun.memory`) at construction and after a config or
+        model change. Default: none."""
+        return []
+
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         """Why this maker cannot precondition ``module`` (None: it can). Default: not an instance of
         ``_supported_classes``."""
@@ -818,7 +332,9 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         parameters changed since the assignment (a layer added, removed or replaced, a parameter
         frozen or unfrozen), the maker is rebuilt on the model as it is now (same arguments, same
         step count and random state), with a warning naming what changed: every layer's curvature
-        restarts at its next update (plain gradient until then)."""
+        restarts at its next update (plain gradient until then). A module that neither is, contains
+        nor belongs to the maker's model is refused (:func:`~curvfun.precondition.guards.check_model_call`)."""
+        guards.check_model_call(self, model_fn)
         now = model_structure_signature(self.model)
         if now != self._structure:
             self._rebuild(describe_structure_change(self._structure, now))
@@ -930,6 +446,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
 
     def _forward_and_backward(self) -> tuple[Any, Tensor]:
         self._require_ready()
+        guards.check_step(self)
         step = self.step
         if not self._reported:
             self.report_preconditioned_modules()
@@ -1106,6 +623,7 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
                 UserWarning,
                 stacklevel=2,
             )
+        guards.check_state_shapes(self, state_dict["maker_state"])
         self._load_extra_state(state_dict["maker_state"])
         self.generator.set_state(state_dict["generator"].clone())
         self.state["step"] = int(state_dict["step"])

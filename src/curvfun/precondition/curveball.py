@@ -99,6 +99,20 @@ def _dot(x: dict[str, Tensor], y: dict[str, Tensor]) -> Tensor:
     return sum((x[k] * y[k]).sum() for k in x)
 
 
+def _check_curveball_args(momentum, momentum_decay, beta, auto_tune) -> None:
+    def number(x: Any) -> bool:
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+    if not number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not number(momentum_decay) or not 0 < momentum_decay <= 1:
+        raise ValueError(f"momentum_decay must be in (0, 1], got {momentum_decay!r}")
+    if not number(beta) or beta <= 0:
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    if not isinstance(auto_tune, bool):
+        raise TypeError(f"auto_tune must be a bool, got {auto_tune!r}")
+
+
 class CurveBallGradientMaker(PreconditionedGradientMaker):
     """CurveBall (module docstring) in ASDL's interface; use with ``torch.optim.SGD`` (lr = 1 for
     the paper's step).
@@ -122,6 +136,7 @@ class CurveBallGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("z", "rho", "beta_last")
+    _settings = ("momentum", "momentum_decay", "beta", "auto_tune")
 
     def __init__(
         self,
@@ -135,17 +150,7 @@ class CurveBallGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        def number(x: Any) -> bool:
-            return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
-
-        if not number(momentum) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if not number(momentum_decay) or not 0 < momentum_decay <= 1:
-            raise ValueError(f"momentum_decay must be in (0, 1], got {momentum_decay!r}")
-        if not number(beta) or beta <= 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
-        if not isinstance(auto_tune, bool):
-            raise TypeError(f"auto_tune must be a bool, got {auto_tune!r}")
+        _check_curveball_args(momentum, momentum_decay, beta, auto_tune)
         likelihood = get_likelihood(loss_type)
         if not likelihood.is_likelihood:
             raise ValueError(
@@ -170,6 +175,9 @@ class CurveBallGradientMaker(PreconditionedGradientMaker):
                                      for n, p in self._params.items()}
         self.rho: float = 0.0
         self.beta_last: float = 0.0
+
+    def _check_settings(self) -> None:
+        _check_curveball_args(self.momentum, self.momentum_decay, self.beta, self.auto_tune)
 
     def do_forward_and_backward(self, step: int | None = None) -> bool:
         return False

@@ -51,12 +51,19 @@ from torch import Tensor, nn
 
 from ..capture import record_layers
 from ..kbfgs_math import bfgs_inverse_update, hessian_action_pair, kbfgs_precondition, powell_lm_damping
-from ..kron import damped_cholesky_inverse
+from ..linalg import damped_cholesky_inverse
 from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, records_to_data
 from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
 
 __all__ = ["KronBfgsGradientMaker"]
+
+
+def _check_kbfgs_args(mu1, minibatch_hessian_action) -> None:
+    if isinstance(mu1, bool) or not isinstance(mu1, (int, float)) or not 0 < mu1 < 1:
+        raise ValueError(f"mu1 (Powell's damping threshold) must be in (0, 1), got {mu1!r}")
+    if not isinstance(minibatch_hessian_action, bool):
+        raise TypeError(f"minibatch_hessian_action must be a bool, got {minibatch_hessian_action!r}")
 
 
 class KronBfgsGradientMaker(PreconditionedGradientMaker):
@@ -75,6 +82,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("A", "H_a", "H_g", "snapshot", "pending", "pending_fresh")
+    _settings = ("mu1", "minibatch_hessian_action")
 
     def __init__(
         self,
@@ -85,18 +93,8 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if isinstance(mu1, bool) or not isinstance(mu1, (int, float)) or not 0 < mu1 < 1:
-            raise ValueError(f"mu1 (Powell's damping threshold) must be in (0, 1), got {mu1!r}")
-        if not isinstance(minibatch_hessian_action, bool):
-            raise TypeError(f"minibatch_hessian_action must be a bool, got {minibatch_hessian_action!r}")
-        if isinstance(config, PreconditioningConfig):
-            config.validate()
-            if not config.damping > 0:
-                raise ValueError(
-                    f"KronBfgsGradientMaker needs damping > 0 (the Levenberg-Marquardt damping of the B side "
-                    f"and the Tikhonov damping of A), got damping={config.damping}"
-                )
-        elif config is None:
+        _check_kbfgs_args(mu1, minibatch_hessian_action)
+        if config is None:
             config = PreconditioningConfig(damping=1e-3)
         super().__init__(model, config, seed=seed)
         self.minibatch_hessian_action = minibatch_hessian_action
@@ -110,10 +108,18 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         self.pending: dict[str, dict[str, Tensor]] = {}
         self.pending_fresh = False
 
+    def _check_settings(self) -> None:
+        _check_kbfgs_args(self.mu1, self.minibatch_hessian_action)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if not config.damping > 0:
+            raise ValueError(
+                f"KronBfgsGradientMaker needs damping > 0 (the Levenberg-Marquardt damping of the B side "
+                f"and the Tikhonov damping of A), got damping={config.damping}"
+            )
+
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        reason = linear_or_conv_reason(module)
-        if reason is None and getattr(module, "groups", 1) != 1:
-            return f"unsupported layer class Conv2d with groups={module.groups} (K-BFGS needs groups=1)"
+        reason = linear_or_conv_reason(module, "K-BFGS")
         return reason
 
     def _dampings(self, T: int) -> tuple[float, float]:

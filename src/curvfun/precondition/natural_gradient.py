@@ -49,12 +49,10 @@ from ..kron import (
     KFAC_TYPES,
     EKFACFactor,
     KronFactor,
-    NotPositiveDefiniteError,
     DiagFactor,
     _ekfac_from,
-    damped_cholesky_inverse,
-    kron_factors_from_layer,
 )
+from ..kron_math import kron_factors_from_layer
 from ..kron_rows import (
     KronRowsInverse,
     gradient_from_rows,
@@ -63,11 +61,13 @@ from ..kron_rows import (
     rows_gradient_pays,
 )
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
+from ..linalg import NotPositiveDefiniteError, damped_cholesky_inverse, ema
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
 from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
 from ._layer_pass import add_grad, backward_with_rows, holds_gradient, rows_route_module
 from .base import PreconditionedGradientMaker
+from .asdl_names import CAPTURE_FISHER_TYPE
 from .config import NO_EMA, PreconditioningConfig
 from .state_packing import pack, unpack
 
@@ -86,15 +86,7 @@ __all__ = [
 ]
 
 #: ASDL's names -> curvfun's
-FISHER_TYPES = {"fisher_exact": "exact", "fisher_mc": "mc", "fisher_emp": "emp"}
-
-
-def ema(old: Any, new: Any, decay: float) -> Any:
-    """``(1 − decay)·old + decay·new`` leafwise over factor objects (``decay`` = weight of the new);
-    ``old`` None or ``decay`` = -1 (no EMA) returns ``new``."""
-    if old is None or decay == NO_EMA:
-        return new
-    return optree.tree_map(lambda o, n: o.mul(1 - decay).add_(n, alpha=decay), old, new, namespace="curvfun")
+FISHER_TYPES = CAPTURE_FISHER_TYPE  # the makers' fisher_type (ASDL's names) -> the capture's
 
 
 # --- dense / low-rank blocks for layer-wise and full natural gradient -------------------------
@@ -177,7 +169,8 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         config = PreconditioningConfig() if config is None else config
         if not (config.damping >= 0 and math.isfinite(config.damping)):
             raise ValueError(f"config.damping must be a finite number >= 0, got {config.damping}")
-        self.fisher_type = fisher_type
+        self.fisher_type = fisher_type  # ASDL's name, kept for its users
+        self._capture_type = FISHER_TYPES[fisher_type]
         self.loss_type = loss_type
         self.n_mc_samples = n_mc_samples
         self.likelihood = get_likelihood(loss_type)
@@ -227,7 +220,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         for r in records.values():
             r.grads = []
         if leaves:
-            if FISHER_TYPES[self.fisher_type] == "emp":
+            if self._capture_type == "emp":
                 total = self.loss_from_output(self.model_output, reduction="sum")
                 gs = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
                 gs = [(torch.zeros(l.shape, dtype=l.dtype, device=l.device) if g is None else g).unsqueeze(0)
@@ -241,7 +234,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
                         f"{type(logits).__name__}: declare them with gm.setup_logits_repr(dummy_y.logits)"
                     )
                 cot, weights = output_grad_columns(
-                    logits.detach(), self.likelihood, FISHER_TYPES[self.fisher_type], None, self.n_mc_samples,
+                    logits.detach(), self.likelihood, self._capture_type, None, self.n_mc_samples,
                     self.generator,
                 )
                 gs = _batched_backward(logits, leaves, cot.to(logits.dtype), retain=True)
@@ -276,7 +269,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
     def _invert(self, name: str, fn) -> None:
         try:
             new = fn()
-        except (NotPositiveDefiniteError, ValueError, RuntimeError):
+        except (NotPositiveDefiniteError, torch.linalg.LinAlgError):  # numerical only: argument errors propagate
             new = {"nonfinite": torch.tensor(float("nan"))}
         self.inverses[name] = self._install_if_finite(name, new, self.inverses.get(name), "inverse")
 
@@ -576,7 +569,7 @@ class EkfacGradientMaker(KfacGradientMaker):
                     self.ekfac[name] = ek
                     self._invert(name, lambda e=ek: e.damped_inverse(self.config.damping))
                 else:
-                    self._invert(name, lambda: (_ for _ in ()).throw(ValueError("eigh failed")))
+                    self._invert(name, lambda: (_ for _ in ()).throw(NotPositiveDefiniteError("eigh failed")))
             else:
                 others[name] = lambda f=f: f.damped_inverse(self.config.damping)
         self._invert_all(others)
@@ -645,11 +638,6 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be a positive integer, got {power_iters!r}")
-        if config is not None and config.ema_decay != NO_EMA:
-            raise ValueError(
-                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
-                "set config.ema_decay=-1"
-            )
         self.rank, self.power_iters = rank, power_iters
         self.lowrank: dict[str, LowRankKron] = {}
         super().__init__(model, config, fisher_type, loss_type, n_mc_samples, "expand", "separate",
@@ -657,6 +645,13 @@ class LowRankKfacGradientMaker(KfacGradientMaker):
         #: the power iteration's random draws: the same stream on every rank
         self.power_generator = torch.Generator(device=self.device)
         self.power_generator.manual_seed(self.seed % 2**63)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if config.ema_decay != NO_EMA:
+            raise ValueError(
+                "LowRankKfacGradientMaker keeps no EMA of its factors (the d x d factors are never formed): "
+                "set config.ema_decay=-1"
+            )
 
     def update_curvature(self) -> None:
         from ..lowrank import LowRankRows, lowrank_kron_many
@@ -748,6 +743,21 @@ class _BlockMaker(_CurvatureMaker):
             return {n: RowsBlock(cfd.all_gather_rows(U, "curvature", self.step) / math.sqrt(ws))
                     for n, U in rows.items()}
         return self._reduce_curvature({n: DenseBlock(U.T @ U) for n, U in rows.items()})
+
+    def _dense_requests(self) -> list:
+        """With EMA the dense blocks are P x P (per layer, or over all layers for the full maker)."""
+        if self._decay == NO_EMA:
+            return []
+        sizes = {n: sum(p.numel() for p in self.module_params(n).values()) for n in self.preconditioned_modules}
+        if not sizes:
+            return []
+        full = isinstance(self, FullNaturalGradientMaker)
+        P = sum(sizes.values()) if full else max(sizes.values())
+        p0 = next(iter(self.module_params(next(iter(sizes))).values()))
+        what = f"{type(self).__name__} with EMA (ema_decay={self.config.ema_decay})"
+        what += "" if full else " (largest layer)"
+        return [(what, (P, P), p0.dtype, p0.device,
+                 "use ema_decay=-1 (rows, never P x P), KfacGradientMaker, or config.ignore_modules")]
 
     def _install_block(self, name: str, new: Any) -> None:
         old = self.curvature.get(name)

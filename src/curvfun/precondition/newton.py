@@ -17,7 +17,9 @@ Differences from ASDL 0.1's ``NewtonGradientMaker``: it takes its own ``NewtonGr
 (``damping``, ``absolute``) and factorises the Hessian on every step; this one takes the shared
 :class:`PreconditioningConfig` (``damping``, schedules, ``ema_decay``, ``ignore_modules``), keeps
 the factorisation between preconditioner refreshes, checks the model's size up front, and keeps
-the last good solver when a new one is not finite.
+the last good solver when a new one is not finite. ASDL's ``NewtonGradientConfig`` is accepted too
+(:class:`curvfun.precondition.NewtonGradientConfig`, a ``PreconditioningConfig``): its ``absolute``
+sets ``abs_eigenvalues``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,25 @@ def newton_direction(solver: dict[str, Tensor], g: Tensor) -> Tensor:
     return torch.linalg.lu_solve(solver["LU"], solver["pivots"], g.unsqueeze(1)).squeeze(1)
 
 
+def check_max_params(maker: str, num_params: int, max_params: int, matrix: str, cost: str, instead: str) -> None:
+    """Refuse a dense P x P method for more than ``max_params`` parameters, naming the count."""
+    if num_params > max_params:
+        raise ValueError(
+            f"{maker}: the model has {num_params} parameters to precondition, more than max_params={max_params}; "
+            f"{matrix} needs {num_params}² = {num_params ** 2:,} entries and {cost}. Restrict it with "
+            f"config.ignore_modules, raise max_params, or use {instead}."
+        )
+
+
+def _check_newton_args(abs_eigenvalues, max_params, hessian_chunk_size) -> None:
+    if not isinstance(abs_eigenvalues, bool):
+        raise TypeError(f"abs_eigenvalues must be a bool, got {abs_eigenvalues!r}")
+    if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
+        raise ValueError(f"max_params must be a positive int, got {max_params!r}")
+    if hessian_chunk_size is not None and (not isinstance(hessian_chunk_size, int) or hessian_chunk_size < 1):
+        raise ValueError(f"hessian_chunk_size must be a positive int or None, got {hessian_chunk_size!r}")
+
+
 class NewtonGradientMaker(PreconditionedGradientMaker):
     """Damped dense Newton (module docstring), in ASDL's interface::
 
@@ -96,6 +117,7 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("hessian", "solver")
+    _settings = ("abs_eigenvalues", "max_params", "hessian_chunk_size")
 
     def __init__(
         self,
@@ -107,12 +129,8 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(abs_eigenvalues, bool):
-            raise TypeError(f"abs_eigenvalues must be a bool, got {abs_eigenvalues!r}")
-        if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
-            raise ValueError(f"max_params must be a positive int, got {max_params!r}")
-        if hessian_chunk_size is not None and (not isinstance(hessian_chunk_size, int) or hessian_chunk_size < 1):
-            raise ValueError(f"hessian_chunk_size must be a positive int or None, got {hessian_chunk_size!r}")
+        _check_newton_args(abs_eigenvalues, max_params, hessian_chunk_size)
+        abs_eigenvalues = abs_eigenvalues or getattr(config, "absolute", False)  # ASDL's NewtonGradientConfig
         super().__init__(model, config, seed=seed)
         damping = self.config.damping
         if not (damping >= 0 and math.isfinite(damping)):
@@ -126,15 +144,22 @@ class NewtonGradientMaker(PreconditionedGradientMaker):
         self.param_names: list[str] = [n for n, p in root.named_parameters() if id(p) in owned]
         self._params = [p for n, p in root.named_parameters() if id(p) in owned]
         self.num_params = sum(p.numel() for p in self._params)
-        if self.num_params > max_params:
-            raise ValueError(
-                f"NewtonGradientMaker: the model has {self.num_params} parameters to precondition, more than "
-                f"max_params={max_params}; a dense Hessian needs {self.num_params}² = {self.num_params ** 2:,} "
-                f"entries and an O(P³) solve. Restrict it with config.ignore_modules, raise max_params, or use a "
-                f"matrix-free method (CurveBallGradientMaker, KfacGradientMaker)."
-            )
+        check_max_params("NewtonGradientMaker", self.num_params, max_params, "a dense Hessian", "an O(P³) solve",
+                         "a matrix-free method (CurveBallGradientMaker, KfacGradientMaker)")
         self.hessian: Tensor | None = None
         self.solver: dict[str, Tensor] | None = None
+
+    def _check_settings(self) -> None:
+        _check_newton_args(self.abs_eigenvalues, self.max_params, self.hessian_chunk_size)
+
+    def _dense_requests(self) -> list:
+        params = [p for n in self.preconditioned_modules for p in self.module_params(n).values()]
+        if not params:
+            return []
+        P = sum(p.numel() for p in params)
+        return [("NewtonGradientMaker's dense Hessian", (P, P), params[0].dtype, params[0].device,
+                 "restrict it with config.ignore_modules or use a matrix-free method (CurveBallGradientMaker, "
+                 "KfacGradientMaker)")]
 
     # --- pure pieces bound to the registered calls -----------------------------------------------
     def _flat_loss(self) -> Callable[[Tensor], Tensor]:

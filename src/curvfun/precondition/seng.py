@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..capture import record_layers
 from ..seng_math import seng_direction, sketch_indices, sketched_gram, sketched_products, truncate_positions
+from ..linalg import NotPositiveDefiniteError, psd_cholesky
 from ._layer_pass import linear_or_conv_reason, module_infos, records_to_data, user_reduction
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
@@ -69,6 +70,8 @@ class SengGradientMaker(PreconditionedGradientMaker):
     _local_curvature = True
 
     _state_attributes = ("curvature", "factor")
+    _settings = ("sketching_size", "truncated_rank")
+    _data_shaped_state = ("curvature", "factor")  # [N, ...] sketches of one batch
 
     def __init__(
         self,
@@ -79,29 +82,32 @@ class SengGradientMaker(PreconditionedGradientMaker):
         *,
         seed: int | None = None,
     ) -> None:
-        self.sketching_size = _positive_int("sketching_size", sketching_size)
-        self.truncated_rank = None if truncated_rank is None else _positive_int("truncated_rank", truncated_rank)
+        self.sketching_size, self.truncated_rank = sketching_size, truncated_rank
+        self._check_settings()
         if config is None:
             config = PreconditioningConfig(damping=1e-3)
-        if isinstance(config, PreconditioningConfig):
-            config.validate()
-            if not config.damping > 0:
-                raise ValueError(f"SengGradientMaker needs damping > 0 (it divides by λ), got damping={config.damping}")
-            if config.use_ema:
-                raise ValueError(
-                    f"SengGradientMaker keeps one batch's factored gradients, with no moving average: leave "
-                    f"ema_decay=-1, got {config.ema_decay!r}"
-                )
         super().__init__(model, config, seed=seed)
         #: layer -> {"X": [N, d_out, r], "Y": [N, d_in', r], "K": [N, N], "idx_out", "idx_in"}
         self.curvature: dict[str, dict[str, Tensor | None]] = {}
         #: layer -> Cholesky factor of K_S/N + λI
         self.factor: dict[str, Tensor] = {}
 
+    def _check_settings(self) -> None:
+        _positive_int("sketching_size", self.sketching_size)
+        if self.truncated_rank is not None:
+            _positive_int("truncated_rank", self.truncated_rank)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if not config.damping > 0:
+            raise ValueError(f"SengGradientMaker needs damping > 0 (it divides by λ), got damping={config.damping}")
+        if config.use_ema:
+            raise ValueError(
+                f"SengGradientMaker keeps one batch's factored gradients, with no moving average: leave "
+                f"ema_decay=-1, got {config.ema_decay!r}"
+            )
+
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        reason = linear_or_conv_reason(module)
-        if reason is None and getattr(module, "groups", 1) != 1:
-            return f"unsupported layer class Conv2d with groups={module.groups} (SENG needs groups=1)"
+        reason = linear_or_conv_reason(module, "SENG")
         if reason is None and not module.weight.requires_grad:
             return "frozen weight"
         return reason
@@ -158,11 +164,9 @@ class SengGradientMaker(PreconditionedGradientMaker):
 
 
 def _cholesky(M: Tensor) -> Tensor:
-    """Cholesky factor of a symmetric positive definite matrix, in float64 when M's dtype fails
-    (the factor is then kept in float64)."""
-    for dtype in dict.fromkeys((M.dtype, torch.float64)):
-        Md = M.to(dtype)
-        L, info = torch.linalg.cholesky_ex((Md + Md.T) / 2)
-        if int(info) == 0:
-            return L
-    return torch.full_like(M, float("nan"))  # rejected by _install_if_finite
+    """:func:`curvfun.linalg.psd_cholesky`, or a NaN matrix (rejected by ``_install_if_finite``)
+    when ``M`` is not positive definite even in float64."""
+    try:
+        return psd_cholesky(M, "SENG Gram matrix")
+    except NotPositiveDefiniteError:
+        return torch.full_like(M, float("nan"))

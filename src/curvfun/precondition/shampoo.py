@@ -121,6 +121,28 @@ def _check_count(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be an int >= 1{extra}, got {value!r}")
 
 
+def _check_shampoo_args(block_size, damping_mode, init_scale, root_method, warm_iters, eigh_every, basis_every,
+                        data_space) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int (-1 for no blocking), got {block_size!r}")
+    if block_size == 0 or block_size < -1:
+        raise ValueError(
+            f"block_size must be a positive tile size or -1 for no blocking, got {block_size}"
+        )
+    if damping_mode not in _DAMPING_MODES:
+        raise ValueError(f"damping_mode must be one of {_DAMPING_MODES}, got {damping_mode!r}")
+    if root_method not in _ROOT_METHODS:
+        raise ValueError(f"root_method must be one of {_ROOT_METHODS}, got {root_method!r}")
+    if data_space not in _DATA_SPACE:
+        raise ValueError(f"data_space must be one of {_DATA_SPACE} ('auto': Linear layers through their rows "
+                         f"where cheaper; 'never': plain backward), got {data_space!r}")
+    _check_count("warm_iters", warm_iters)
+    _check_count("eigh_every", eigh_every, allow_none=True)
+    _check_count("basis_every", basis_every)
+    if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
+        raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
+
+
 class ShampooGradientMaker(PreconditionedGradientMaker):
     """Shampoo gradient preconditioning (see the module docstring).
 
@@ -155,6 +177,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
     """
 
     _state_attributes = ("statistics", "roots", "bases", "warm_counts", "eigen_fresh")
+    _settings = ("block_size", "damping_mode", "init_scale", "root_method", "warm_iters", "eigh_every", "basis_every",
+                 "data_space")
 
     def __init__(
         self,
@@ -172,24 +196,8 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         basis_every: int = 1,
         data_space: str = "auto",
     ) -> None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int):
-            raise TypeError(f"block_size must be an int (-1 for no blocking), got {block_size!r}")
-        if block_size == 0 or block_size < -1:
-            raise ValueError(
-                f"block_size must be a positive tile size or -1 for no blocking, got {block_size}"
-            )
-        if damping_mode not in _DAMPING_MODES:
-            raise ValueError(f"damping_mode must be one of {_DAMPING_MODES}, got {damping_mode!r}")
-        if root_method not in _ROOT_METHODS:
-            raise ValueError(f"root_method must be one of {_ROOT_METHODS}, got {root_method!r}")
-        if data_space not in _DATA_SPACE:
-            raise ValueError(f"data_space must be one of {_DATA_SPACE} ('auto': Linear layers through their rows "
-                             f"where cheaper; 'never': plain backward), got {data_space!r}")
-        _check_count("warm_iters", warm_iters)
-        _check_count("eigh_every", eigh_every, allow_none=True)
-        _check_count("basis_every", basis_every)
-        if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
-            raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
+        _check_shampoo_args(block_size, damping_mode, init_scale, root_method, warm_iters, eigh_every, basis_every,
+                            data_space)
         super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self.block_size = block_size
         self.damping_mode = damping_mode
@@ -222,6 +230,9 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         self._row_tiles: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
         #: layers that have taken the rows route (introspection)
         self._rows_seen: set[str] = set()
+
+    def _check_settings(self) -> None:
+        _check_shampoo_args(*(getattr(self, name) for name in self._settings))
 
     # --- which parameters ----------------------------------------------------------------------
     def _matrix_params(self) -> dict[str, nn.Parameter]:

@@ -89,15 +89,15 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
     def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None, *, seed: int | None = None) -> None:
         if config is None:
             config = PreconditioningConfig()
-        if isinstance(config, PreconditioningConfig):
-            config.validate()
-            if not config.damping > 0:
-                raise ValueError(
-                    f"SmwEmpNaturalGradientMaker needs damping > 0 (the N x N system UUᵀ/N + λI is singular "
-                    f"for λ = 0 once N exceeds the number of parameters); got damping={config.damping}"
-                )
-            check_every_step(config, "SmwEmpNaturalGradientMaker")
         super().__init__(model, config, seed=seed)
+
+    def _check_config(self, config: PreconditioningConfig) -> None:
+        if not config.damping > 0:
+            raise ValueError(
+                f"SmwEmpNaturalGradientMaker needs damping > 0 (the N x N system UUᵀ/N + λI is singular "
+                f"for λ = 0 once N exceeds the number of parameters); got damping={config.damping}"
+            )
+        check_every_step(config, "SmwEmpNaturalGradientMaker")
 
     def do_update_curvature(self, step: int | None = None) -> bool:
         return True

@@ -23,6 +23,7 @@ PACKABLE = {
     "curvfun.kron.EmbeddingFactor",
     "curvfun.kron.UnitWiseFactor",
     "curvfun.kron.DiagFactor",
+    "curvfun.kron.RelaidFactor",
     "curvfun.kron_rows.KronRowsFactor",
     "curvfun.kron_rows.KronRowsInverse",
     "curvfun.lowrank.LowRankKron",
