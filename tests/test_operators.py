@@ -194,6 +194,44 @@ def test_kfac_operator_blocks_inverse_and_diag(fisher_type):
     _close(exact.diag(), torch.diagonal(exact.to_dense()), "exact damped inverse diagonal")
 
 
+class _Tokens(nn.Module):
+    """Embedding → LayerNorm → Linear head over token positions: embedding, unit-wise and Kronecker factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.norm(self.emb(t))))
+
+
+@pytest.mark.parametrize("case", ["tokens", "conv_transpose"])
+def test_kfac_operator_other_factor_types(case):
+    """Embedding / unit-wise (LayerNorm) blocks and a transposed convolution's relaid Kronecker
+    block: the operator, its diagonal and inverses equal the factors' dense blocks."""
+    torch.manual_seed(0)
+    if case == "tokens":
+        model, x, y = _Tokens(), torch.randint(0, 7, (5, 3)), torch.randint(0, 3, (5, 3))
+    else:
+        model = nn.Sequential(nn.ConvTranspose2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        x, y = torch.randn(4, 2, 3, 3), torch.randint(0, 3, (4,))
+    params = dict(model.named_parameters())
+    factors = curvfun.kfac(model, params, x, y, fisher_type="exact")
+    op = KFACOperator(factors, model, params)
+    M, _ = _kfac_dense(factors, model, params)
+    _close(op.to_dense(), M, case)
+    _close(op.diag(), torch.diagonal(M), case + " diagonal")
+    Mi, _ = _kfac_dense({n: f.damped_inverse(0.1) for n, f in factors.items()}, model, params)
+    _close(op.inverse(0.1).to_dense(), Mi, case + " π-damped inverse")
+    if case == "tokens":
+        with pytest.raises(TypeError, match="no exact damped inverse for the EmbeddingFactor of 'emb'; use exact=False"):
+            op.inverse(0.1, exact=True)
+    else:
+        exact = op.inverse(0.1, exact=True)
+        _close(exact.to_dense(), torch.linalg.inv(M + 0.1 * torch.eye(M.shape[0])), case + " exact inverse")
+        _close(exact.diag(), torch.diagonal(exact.to_dense()), case + " exact inverse diagonal")
+
+
 @pytest.mark.parametrize("uncovered", ["identity", "zero"])
 def test_kfac_operator_uncovered_parameters(uncovered):
     model, (x, y) = _WithScale(), _batch()

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .capture import FISHER_TYPES, check_batch, output_grad_columns, supported_modules
 from .functional import call_model, check_params
-from .kron import EKFACFactor, KronFactor, RelaidFactor
+from .kron import DiagFactor, EKFACFactor, KronFactor, RelaidFactor, UnitWiseFactor
 from .losses import get_likelihood
 from .memory import check_dense_size
 
@@ -466,7 +466,7 @@ class KFACOperator(CurvatureOperator):
                 inv[name] = f.damped_inverse(damping, heuristic)
             elif isinstance(f, (KronFactor, RelaidFactor)):
                 inv[name] = kron_exact_inverse(f, damping)
-            elif type(f).__name__ in ("UnitWiseFactor", "DiagFactor"):
+            elif isinstance(f, (UnitWiseFactor, DiagFactor)):
                 inv[name] = f.damped_inverse(damping)
             else:
                 raise TypeError(f"no exact damped inverse for the {type(f).__name__} of {name!r}; use exact=False")
@@ -511,10 +511,10 @@ def _factor_diag(f: Any, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if "bias" in like:
             out["bias"] = db.reshape(like["bias"].shape)
         return out
-    if hasattr(f, "diag") and type(f).__name__ == "UnitWiseFactor":
+    if isinstance(f, UnitWiseFactor):
         vals = f.diag().values
         return {r: vals[r].reshape(like[r].shape) for r in like}
-    if type(f).__name__ == "DiagFactor":
+    if isinstance(f, DiagFactor):
         return {r: f.values[r] for r in like}
     return _diag_by_products(f, like)
 
