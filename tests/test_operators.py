@@ -48,6 +48,64 @@ def test_ggn_operator_equals_reference(pb):
     _close(op.to_dense(), ref.ggn(*pb.args), "GGN")
 
 
+def test_ggn_operator_without_formed_output_hessians(monkeypatch):
+    """Above the size bound the output Hessian enters by one Hessian-vector product per product."""
+    import curvfun.operators as ops
+
+    monkeypatch.setattr(ops, "OUTPUT_HESSIAN_ENTRIES", 0)
+    model, (x, y) = _mlp(), _batch()
+    params = dict(model.named_parameters())
+    for loss in ("cross_entropy", cst.logcosh_loss):
+        t = y if loss == "cross_entropy" else torch.randn(6, 3)
+        _close(GGNOperator(model, params, x, t, loss).to_dense(), ref.ggn(model, params, x, t, loss), "GGN by products")
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with a backward that is not differentiable (``once_differentiable``) and a forward-mode rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * t
+
+
+def test_ggn_operator_with_a_backward_that_is_not_differentiable():
+    """J v as the transpose of the stored vjp would be wrong through a once_differentiable
+    backward (no error): the probe product catches it and forward mode gives the right matrix."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(3, 4), nn.Linear(4, 2)
+    model = nn.Sequential(lin1, _Lambda(_Cube.apply), lin2)
+    params = dict(model.named_parameters())
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    _close(GGNOperator(model, params, x, y).to_dense(), ref.ggn(model, params, x, y), "GGN through once_differentiable")
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 @given(cst.problems(loss=LIKELIHOODS, max_n=3))
 def test_exact_fisher_operator_equals_reference(pb):
     op = FisherOperator(pb.model, pb.params, pb.inputs, pb.targets, pb.loss, fisher_type="exact")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Mapping
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -181,29 +182,45 @@ class CurvatureOperator:
 def _vmapped(fn: Callable, tree_or_tensor, k: int):
     """``fn`` over a leading block dim of size k: vmap, else a loop (a model without batching rules)."""
     if k == 1:
-        one = torch.utils._pytree.tree_map(lambda t: t[0], tree_or_tensor)
-        return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), fn(one))
+        one = optree.tree_map(lambda t: t[0], tree_or_tensor)
+        return optree.tree_map(lambda t: t.unsqueeze(0), fn(one))
     try:
         return torch.func.vmap(fn)(tree_or_tensor)
     except Exception:
-        outs = [fn(torch.utils._pytree.tree_map(lambda t: t[i], tree_or_tensor)) for i in range(k)]
-        return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+        outs = [fn(optree.tree_map(lambda t: t[i], tree_or_tensor)) for i in range(k)]
+        return optree.tree_map(lambda *ts: torch.stack(ts), *outs)
 
 
 class _Linearisation:
     """One batch linearised: output, Jᵀ (the vjp closure) and J (its transpose: the vjp of the
-    vjp, linear in the cotangent, so it reuses the stored graph)."""
+    vjp, linear in the cotangent, so it reuses the stored graph; checked once against forward
+    mode, which it is replaced by where a backward is not differentiable)."""
 
     def __init__(self, model, params, inputs):
-        detached = {k: v.detach() for k, v in params.items()}
+        self._p = {k: v.detach() for k, v in params.items()}
+        self._f = lambda p: call_model(model, p, inputs)
         with torch.enable_grad():
-            self.out, self._vjp = torch.func.vjp(lambda p: call_model(model, p, inputs), detached)
-            try:
-                _, self._jvp = torch.func.vjp(self._vjp, torch.zeros_like(self.out))
-                self.J = lambda v: self._jvp((v,))[0]
-            except Exception:  # an op without a double backward: forward mode, recomputed
-                self.J = lambda v: torch.func.jvp(lambda p: call_model(model, p, inputs), (detached,), (v,))[1]
-        self.out = self.out.detach()
+            out, self._vjp = torch.func.vjp(self._f, self._p)
+            _, self._jvp = torch.func.vjp(self._vjp, torch.zeros_like(out))
+        self.out = out.detach()
+        # J as the transpose of the stored vjp needs every backward to be differentiable, and a
+        # custom backward marked once_differentiable would give a wrong J v without an error: one
+        # probe product against forward mode decides (forward mode per product where they differ)
+        g = torch.Generator(device=out.device).manual_seed(0)
+        probe = {k: torch.randn(v.shape, generator=g, dtype=v.dtype, device=v.device) for k, v in self._p.items()}
+        exact = torch.func.jvp(self._f, (self._p,), (probe,))[1]
+        try:
+            fast = self._jvp((probe,))[0]
+            ok = bool((fast - exact).norm() <= 1e3 * torch.finfo(exact.dtype).eps * exact.norm().clamp_min(1e-30))
+        except RuntimeError:
+            ok = False
+        if not ok:
+            self._jvp = None
+
+    def J(self, v: Mapping[str, Tensor]) -> Tensor:
+        if self._jvp is not None:
+            return self._jvp((v,))[0]
+        return torch.func.jvp(self._f, (self._p,), (v,))[1]
 
     def JT(self, u: Tensor) -> dict[str, Tensor]:
         return self._vjp(u)[0]
@@ -227,7 +244,7 @@ class _ModelOperator(CurvatureOperator):
         self.model, self.params, self.lik = model, params, get_likelihood(loss)
         self.data, self.reduction = data, reduction
         if data is None:
-            self._N = check_batch(inputs, targets)
+            check_batch(inputs, targets)
             self._batch = self._prepare(inputs, targets, 0)
 
     def _batches(self):
@@ -266,23 +283,41 @@ class _ModelOperator(CurvatureOperator):
         return self._join_cols(_vmapped(one, V, k), k) / N
 
 
+#: the output Hessians ``[N, O, O]`` are formed once when they hold at most this many entries
+OUTPUT_HESSIAN_ENTRIES = 2**22
+
+
 class GGNOperator(_ModelOperator):
-    """G = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n: per product one J v, one output-space Hessian-vector
-    product by autograd (any loss, callables too) and one Jᵀ u. See the module docstring for
-    ``data`` / ``reduction``."""
+    """G = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n with the output Hessians by autograd (any loss, callables
+    too): formed once as ``[N, O, O]`` (O = output entries per sample; O products of the loss's
+    Hessian-vector product, batched) when N·O² ≤ :data:`OUTPUT_HESSIAN_ENTRIES`, else one
+    output-space Hessian-vector product per product. Per product: one J v, that, one Jᵀ u. See
+    the module docstring for ``data`` / ``reduction``."""
 
     def _prepare(self, inputs, targets, b):
         lin = _Linearisation(self.model, self.params, inputs)
         self.lik.check(lin.out, targets)
-        lik = self.lik
+        lik, out = self.lik, lin.out
+        N = check_batch(inputs, targets)
 
         def g(o):
             return torch.func.grad(lambda o_: lik.per_sample(o_, targets).sum())(o)
 
         def hvp(u):
-            return torch.func.jvp(g, (lin.out,), (u,))[1]
+            return torch.func.jvp(g, (out,), (u,))[1]
 
-        return lin, hvp, check_batch(inputs, targets)
+        O = out[0].numel()
+        if N * O * O > OUTPUT_HESSIAN_ENTRIES:
+            return lin, hvp, N
+        # ℓ = Σ_n ℓ_n is separable over samples: the product with e_j in every sample at once gives
+        # column j of every H_n
+        E = torch.eye(O, dtype=out.dtype, device=out.device).unsqueeze(1).expand(O, N, O).reshape(O, *out.shape)
+        H = _vmapped(hvp, E, O).reshape(O, N, O).permute(1, 2, 0).contiguous()  # [N, O, O]: H[n, :, j]
+
+        def cot(u):
+            return (H @ u.reshape(N, O, 1)).reshape(out.shape)
+
+        return lin, cot, N
 
     def _batch_matmat(self, state, X):
         lin, hvp, N = state
