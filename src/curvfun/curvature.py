@@ -424,28 +424,33 @@ def top_eigenvalues(
     if method == "lanczos":
         m = min(P, iters or max(10 * k, 100))
         conv_tol = max(tol, torch.finfo(ref.dtype).eps ** 0.5)  # what the vectors' dtype can resolve
-        Q = torch.zeros(m, P, dtype=ref.dtype, device=ref.device)  # the basis, one row per step
+        Q = torch.empty(m, P, dtype=ref.dtype, device=ref.device)  # the basis, one row per step (rows
+        # past the last step are never read, nor their pages touched)
         alpha = torch.zeros(m, dtype=torch.float64)
         beta = torch.zeros(m, dtype=torch.float64)
-        q = x0 / x0.norm()
+        torch.div(x0, x0.norm(), out=Q[0])
         scale = 0.0
 
         def orthogonalise(w: Tensor, j: int) -> Tensor:
-            # full re-orthogonalisation against rows 0..j, a second pass only when the first one
-            # cancelled most of w ("twice is enough")
+            # full re-orthogonalisation against rows 0..j, in place (no P-sized temporaries), a
+            # second pass only when the first one cancelled most of w ("twice is enough")
             before = w.norm()
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+            w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1)
             if w.norm() < 0.7 * before:
-                w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+                w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1)
             return w
 
         for j in range(m):
-            Q[j] = q
+            q = Q[j]
             w = mv(q)
+            if w.data_ptr() == q.data_ptr():  # a matvec that returned its input
+                w = w.clone()
             scale = max(scale, float(w.norm()))
-            a = torch.dot(q, w)
-            alpha[j] = float(a)
-            w = w - a * q - (float(beta[j - 1]) * Q[j - 1] if j else 0.0)
+            a = float(torch.dot(q, w))
+            alpha[j] = a
+            w.sub_(q, alpha=a)
+            if j:
+                w.sub_(Q[j - 1], alpha=float(beta[j - 1]))
             w = orthogonalise(w, j)
             b = float(w.norm())
             if j + 1 >= min(m, 2 * k + 1) and j + 1 < m:  # converged: every top-k Ritz residual |b·u_j| small
@@ -462,7 +467,7 @@ def top_eigenvalues(
                 b, beta[j] = float(w.norm()), 0.0
             else:
                 beta[j] = b
-            q = w / b
+            torch.div(w, b, out=Q[j + 1])
         steps = j + 1
         T = torch.diag(alpha[:steps]) + torch.diag(beta[: steps - 1], 1) + torch.diag(beta[: steps - 1], -1)
         ev, U = torch.linalg.eigh(T)  # Ritz values of the tridiagonal projection Qᵀ M Q
