@@ -13,6 +13,7 @@ autograd, what decides graph breaks and traced numerics) for most checks, and th
 inductor backend once.
 """
 
+import shutil
 import warnings
 
 import pytest
@@ -90,6 +91,8 @@ def test_fullgraph_equals_eager(name):
     _assert_same(compiled(*args), fn(*args), name)
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+                    reason="inductor on the CPU needs a C++ compiler")
 def test_per_sample_grads_inductor_equals_capture_route():
     """The default backend, and the compiled (vmap) route against the eager (capture) route."""
     model, params, x, y, _ = _problem()
