@@ -152,9 +152,10 @@ def test_data_iterable_mean_and_sum():
                    (EmpiricalFisherOperator, ref.emp_fisher(model, params, x, y))]:
         _close(cls(model, params, data=data).to_dense(), R, cls.__name__)
         _close(cls(model, params, data=data, reduction="sum").to_dense(), 7 * R, cls.__name__ + " sum")
-    op = FisherOperator(model, params, data=data, fisher_type="mc", generator=torch.Generator().manual_seed(0))
-    v = torch.randn(op.shape[0])
-    _close(op @ v, op @ v, "MC Fisher over data, repeated product")
+    v = torch.randn(sum(p.numel() for p in params.values()))
+    for gen in (torch.Generator().manual_seed(0), None):  # the same samples on every pass
+        op = FisherOperator(model, params, data=data, fisher_type="mc", generator=gen)
+        _close(op @ v, op @ v, "MC Fisher over data, repeated product")
 
 
 def test_products_blocks_transpose_and_dicts():
@@ -235,11 +236,12 @@ def _kfac_dense(factors, model, params):
     return M, offs
 
 
-@pytest.mark.parametrize("fisher_type", ["exact", "emp"])
-def test_kfac_operator_blocks_inverse_and_diag(fisher_type):
-    model, (x, y) = _mlp(), _batch()
+@pytest.mark.parametrize("fisher_type,form", [("exact", "dense"), ("emp", "dense"), ("exact", "auto")])
+def test_kfac_operator_blocks_inverse_and_diag(fisher_type, form):
+    """form="auto" keeps the 5 x 5 factors of a batch of 2 as their rows (KronRowsFactor)."""
+    model, (x, y) = _mlp(), _batch(2 if form == "auto" else 6)
     params = {k: v for k, v in reversed(list(model.named_parameters()))}
-    factors = curvfun.kfac(model, params, x, y, fisher_type=fisher_type)
+    factors = curvfun.kfac(model, params, x, y, fisher_type=fisher_type, form=form)
     op = KFACOperator(factors, model, params)
     M, _ = _kfac_dense(factors, model, params)
     _close(op.to_dense(), M, "K-FAC")
@@ -247,6 +249,8 @@ def test_kfac_operator_blocks_inverse_and_diag(fisher_type):
     inv = op.inverse(0.1)
     Mi, _ = _kfac_dense({n: f.damped_inverse(0.1) for n, f in factors.items()}, model, params)
     _close(inv.to_dense(), Mi, "π-damped inverse")
+    if form == "auto":
+        assert any(type(f).__name__ == "KronRowsFactor" for f in factors.values())
     exact = op.inverse(0.1, exact=True)
     _close(exact.to_dense(), torch.linalg.inv(M + 0.1 * torch.eye(M.shape[0])), "exact damped inverse")
     _close(exact.diag(), torch.diagonal(exact.to_dense()), "exact damped inverse diagonal")

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .capture import FISHER_TYPES, check_batch, output_grad_columns, supported_modules
 from .functional import call_model, check_params
 from .kron import DiagFactor, EKFACFactor, KronFactor, RelaidFactor, UnitWiseFactor
+from .kron_rows import KronRowsFactor
 from .losses import get_likelihood
 from .memory import check_dense_size
 
@@ -429,6 +430,8 @@ def kron_exact_inverse(factor: Any, damping: float) -> Any:
         raise ValueError(f"damping must be a finite number > 0 (the inverse of a PSD Kronecker product), got {damping}")
     if isinstance(factor, RelaidFactor):
         return factor._wrap(kron_exact_inverse(factor.inner, damping))
+    if isinstance(factor, KronRowsFactor):  # kfac(form="auto"): its Gram matrices, then as above
+        factor = factor.dense()
     if not isinstance(factor, KronFactor):
         raise TypeError(f"kron_exact_inverse needs a KronFactor (Linear / convolution, kfac(form='dense')), got "
                         f"{type(factor).__name__}; use its damped_inverse()")
@@ -499,7 +502,7 @@ class KFACOperator(CurvatureOperator):
         for name, f in self.factors.items():
             if not exact:
                 inv[name] = f.damped_inverse(damping, heuristic)
-            elif isinstance(f, (KronFactor, RelaidFactor)):
+            elif isinstance(f, (KronFactor, RelaidFactor, KronRowsFactor)):
                 inv[name] = kron_exact_inverse(f, damping)
             elif isinstance(f, (UnitWiseFactor, DiagFactor)):
                 inv[name] = f.damped_inverse(damping)
@@ -527,6 +530,8 @@ def _factor_diag(f: Any, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The diagonal of one factor's block on ``{"weight", "bias"}`` shaped like ``like``."""
     if isinstance(f, RelaidFactor):  # a permutation of the inner matrix: diag by unit products
         return _diag_by_products(f, like)
+    if isinstance(f, KronRowsFactor):
+        f = f.dense()
     if isinstance(f, KronFactor) or (isinstance(f, EKFACFactor) and not f.folded):
         if isinstance(f, KronFactor):
             if f.folded:
@@ -559,6 +564,8 @@ def _diag_by_products(f: Any, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     keys = list(like)
     sizes = [like[r].numel() for r in keys]
     p = sum(sizes)
+    check_dense_size(f"KFACOperator.diag() of a {type(f).__name__} block", (p, p), like[keys[0]].dtype,
+                     like[keys[0]].device, instead="use to_dense() of that factor where it is smaller")
     E = torch.eye(p, dtype=like[keys[0]].dtype, device=like[keys[0]].device)
     cols, i = {}, 0
     for r, n in zip(keys, sizes):
