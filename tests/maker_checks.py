@@ -1,4 +1,4 @@
-"""Checks shared by the ``tests/test_precond_*.py`` files: ASDL's README loop run verbatim with one
+"""Checks shared by the makers' test files (``tests/precondition/``): ASDL's README loop run verbatim with one
 gradient maker, and save/resume of (model, optimizer, maker) reproducing an uninterrupted run bit
 for bit."""
 

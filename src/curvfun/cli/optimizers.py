@@ -356,7 +356,7 @@ for _spec in [
     OptimizerSpec("psgd_full", "full-matrix PSGD (one dense P x P factor, small models) + SGD",
                   _maker("PsgdGradientMaker"),
                   dict(lr=0.01, momentum=0.9, weight_decay=0.0, damping=1e-3, precond_lr=0.1, init_scale=1.0),
-                  requires=(_P, "PsgdGradientMaker")),
+                  requires=(_P, "PsgdGradientMaker"), default_compare=False),
     OptimizerSpec("kbfgs", "K-BFGS + SGD", _maker("KronBfgsGradientMaker"), _ng(),
                   requires=(_P, "KronBfgsGradientMaker")),
     OptimizerSpec("seng", "SENG (sketched empirical natural gradient) + SGD", _maker("SengGradientMaker"),

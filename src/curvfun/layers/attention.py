@@ -44,13 +44,19 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, heads: int, attn_mask: Tenso
     S = k.shape[1]
     Dh = E // heads
     qh, kh, vh = (t.reshape(N, -1, heads, Dh).transpose(1, 2) for t in (q, k, v))  # [N, H, *, Dh]
-    scores = (qh / math.sqrt(Dh)) @ kh.transpose(-1, -2)  # [N, H, T, S]
-    am = _additive(attn_mask, scores.dtype)
-    if am is not None:
-        scores = scores + (am.reshape(N, heads, T, S) if am.ndim == 3 else am)
-    kpm = _additive(key_padding_mask, scores.dtype)
+    mask = _additive(attn_mask, q.dtype)
+    if mask is not None and mask.ndim == 3:
+        mask = mask.reshape(N, heads, T, S)
+    kpm = _additive(key_padding_mask, q.dtype)
     if kpm is not None:
-        scores = scores + kpm.reshape(N, 1, 1, S)
+        kpm = kpm.reshape(N, 1, 1, S)
+        mask = kpm if mask is None else mask + kpm
+    if not need_weights:  # the fused kernel (the weights are not returned)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(N, T, E), None
+    scores = (qh / math.sqrt(Dh)) @ kh.transpose(-1, -2)  # [N, H, T, S]
+    if mask is not None:
+        scores = scores + mask
     w = torch.softmax(scores, -1)
     if dropout > 0:
         w = F.dropout(w, dropout)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ..functional import twice_differentiable
 from ..psgd_math import psgd_full_precondition, psgd_full_update, psgd_precondition, psgd_update
 from .base import PreconditionedGradientMaker
+from ._layer_pass import linear_or_conv_reason
 from .newton import check_max_params
 from .config import PreconditioningConfig
 
@@ -73,8 +74,10 @@ class _PsgdMaker(PreconditionedGradientMaker):
     #: curvature from each rank's own batch; the preconditioned gradients are averaged (base class)
     _local_curvature = True
 
-    _supported_classes = (nn.Linear, nn.Conv2d)
     _settings = ("precond_lr", "init_scale")
+
+    def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
+        return linear_or_conv_reason(module)  # any affine layer stored as [out, in...] (the registry's)
 
     def __init__(
         self,
