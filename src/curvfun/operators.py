@@ -4,8 +4,8 @@ Every operator here is a symmetric P x P matrix of the **mean** loss L = (1/N) �
 :mod:`curvfun.curvature`), indexed in the flat order of ``params``: leaves in the **insertion
 order** of the dict, each flattened row-major (the order of ``fisher(shape="full")`` and of
 :func:`curvfun.testing.reference.flatten`; :meth:`CurvatureOperator.flatten` /
-:meth:`~CurvatureOperator.unflatten` convert). The operators do not copy the model's parameters:
-they are evaluated at ``params`` as given when the operator is built.
+:meth:`~CurvatureOperator.unflatten` convert). A single-batch operator is the matrix at the
+values ``params`` have when it is built; with ``data=`` each product reads their current values.
 
 * :class:`GGNOperator`: G = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n;
 * :class:`FisherOperator`: ``"exact"`` (1/N) Σ_n J_nᵀ S_n S_nᵀ J_n, ``"mc"`` with the targets
@@ -17,9 +17,10 @@ they are evaluated at ``params`` as given when the operator is built.
   (A⊗B + λI)⁻¹ through the eigenbases, :func:`kron_exact_inverse`).
 
 Cost. A single batch is linearised once, when the operator is built: one forward and the
-reverse-mode closure f ↦ Jᵀu are kept, J v is the transpose of that closure (a vjp of the vjp),
-so each product costs about one backward pass for J v and one for Jᵀ u (no forward), and a
-block ``[P, k]`` is one vmapped call. Memory: the forward's saved activations, held for the
+reverse-mode closure u ↦ Jᵀu are kept, J v is the transpose of that closure (a vjp of the vjp,
+checked once against forward mode, which replaces it where a backward is not differentiable), so
+each product costs about one backward pass for J v and one for Jᵀ u (no forward), and a block
+``[P, k]`` is one vmapped call; the Hessian keeps the gradient's graph (reverse over reverse). Memory: the forward's saved activations, held for the
 operator's lifetime. ``data=`` (an iterable of ``(inputs, targets)`` batches, re-iterated on
 every product, e.g. a DataLoader without shuffling) instead re-linearises each batch on each
 product and keeps nothing: Σ_b N_b M_b / Σ_b N_b (``reduction="mean"``) or Σ_b N_b M_b
