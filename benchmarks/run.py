@@ -25,6 +25,7 @@ SECTIONS = {
     "distributed": "bench_distributed",
     "transformer": "bench_transformer",
     "guards": "bench_guards",
+    "operators": "bench_operators",
 }
 
 

@@ -444,6 +444,7 @@ def check_batch(inputs: Any, targets: Tensor | None) -> int:
     return N
 
 
+@torch.compiler.disable  # module hooks, parameter swaps and the autograd-graph walk: eager only
 def capture(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -462,7 +463,9 @@ def capture(
     ``on_unsupported``: ``"ignore"`` | ``"warn"`` | ``"raise"`` for modules that own entries
     of ``params`` but that no registered handler captures (:mod:`curvfun.layers`; their parameters get no
     record). Cost: one forward, plus one backward per column (see module docstring), with
-    no parameter-gradient work.
+    no parameter-gradient work. Under ``torch.compile`` it runs eagerly (one graph break per
+    call: its hooks mutate modules and it walks the autograd graph); the math on what it
+    recorded compiles whole.
     """
     if fisher_type not in FISHER_TYPES + ("none",):
         raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")

@@ -105,6 +105,8 @@ def per_sample_grads(
     _no_train_batchnorm(model, "a per-sample gradient")
     lik = get_likelihood(loss)
     infos, unsupported = supported_modules(model, params)
+    if torch.compiler.is_compiling():  # the capture's hooks are not traceable: the vmap(grad) route, same numbers
+        infos, unsupported = {}, {"": ("compiled", list(params))}
     result: dict[str, Tensor] = {}
     if infos:
         cap = capture(model, params, inputs, targets, lik, fisher_type="emp")
