@@ -26,6 +26,7 @@ SECTIONS = {
     "transformer": "bench_transformer",
     "guards": "bench_guards",
     "rows": "bench_rows",
+    "operators": "bench_operators",
 }
 
 

@@ -448,6 +448,7 @@ def check_batch(inputs: Any, targets: Tensor | None) -> int:
     return N
 
 
+@torch.compiler.disable  # module hooks, parameter swaps and the autograd-graph walk: eager only
 def capture(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -469,6 +470,8 @@ def capture(
     record). Cost: one forward, plus one backward per column (see module docstring), with
     no parameter-gradient work. ``columns``: ``output -> (cotangents [K, *output.shape], weights
     [K])`` used instead of ``fisher_type``'s columns (e.g. one per output entry for Jacobians).
+    Under ``torch.compile`` it runs eagerly (one graph break per call: its hooks mutate modules
+    and it walks the autograd graph); the math on what it recorded compiles whole.
     """
     if fisher_type not in FISHER_TYPES + ("none",):
         raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")

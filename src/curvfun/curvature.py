@@ -402,7 +402,7 @@ def hutchinson_trace(
 
 def top_eigenvalues(
     matvec: Callable[[dict], dict],
-    like: Mapping[str, Tensor],
+    like: Mapping[str, Tensor] | None = None,
     k: int = 1,
     method: str = "lanczos",
     iters: int | None = None,
@@ -411,14 +411,23 @@ def top_eigenvalues(
 ):
     """The ``k`` algebraically largest eigenpairs of a symmetric matrix given by ``matvec``.
 
-    ``method="lanczos"``: Lanczos with full re-orthogonalisation, ``iters`` steps (default
-    min(P, max(3k, 30))), restarted with a fresh orthogonal direction whenever the Krylov space
-    becomes invariant (so repeated eigenvalues are found), Ritz values from Qᵀ M Q; cost iters
-    matvecs + O(P·iters²). Without a breakdown one Krylov space holds each eigenvalue once:
+    ``method="lanczos"``: Lanczos with full re-orthogonalisation, at most ``iters`` steps
+    (default min(P, max(10k, 100))), stopping once every top-k Ritz residual ‖M u − θ u‖ is at
+    most ``max(tol, sqrt(eps))`` times the largest ‖M q‖ seen (eps of the vectors' dtype; a Ritz
+    value's error is at most residual²/gap), restarted with a fresh orthogonal direction whenever the
+    Krylov space becomes invariant (so repeated eigenvalues are found), Ritz values from the
+    tridiagonal Qᵀ M Q (float64); cost iters matvecs + O(P·iters²), basis in the vectors' dtype.
+    ``matvec`` may be a :mod:`curvfun.operators` operator (then ``like`` may be left out and
+    its flat products are used directly, with its parameter order). Without a breakdown one Krylov space holds each eigenvalue once:
     for clustered or repeated top eigenvalues prefer ``method="power"`` (a block method). ``method="power"``: block power
     iteration with QR and Rayleigh–Ritz (finds the largest in magnitude; use it for PSD
     matrices). Returns ``(eigenvalues [k] descending, [eigenvector dicts])``.
     """
+    op = matvec if hasattr(matvec, "_matmat") and hasattr(matvec, "unflatten") else None
+    if op is not None:  # a curvfun.operators operator: its flat products, its parameter order
+        like = op.unflatten(torch.zeros(op.shape[0], dtype=op.dtype, device=op.device))
+    elif like is None:
+        raise ValueError("top_eigenvalues needs like= (a dict like params) when matvec is a function")
     keys = list(like)
     P = sum(like[q].numel() for q in keys)
     if not 1 <= k <= P:
@@ -426,40 +435,65 @@ def top_eigenvalues(
     ref = like[keys[0]]
 
     def mv(x: Tensor) -> Tensor:
+        if op is not None:
+            return op @ x
         out = matvec(unflat(x, like))
         return torch.cat([out[q].reshape(-1) for q in keys])
 
     x0 = torch.randn(P, generator=generator, dtype=ref.dtype, device=ref.device)
     if method == "lanczos":
-        m = min(P, iters or max(3 * k, 30))
-        Q = torch.zeros(P, m, dtype=ref.dtype, device=ref.device)
-        MQ = torch.zeros(P, m, dtype=ref.dtype, device=ref.device)
-        q = x0 / x0.norm()
-        scale = torch.zeros((), dtype=ref.dtype)
+        m = min(P, iters or max(10 * k, 100))
+        conv_tol = max(tol, torch.finfo(ref.dtype).eps ** 0.5)  # what the vectors' dtype can resolve
+        Q = torch.empty(m, P, dtype=ref.dtype, device=ref.device)  # the basis, one row per step (rows
+        # past the last step are never read, nor their pages touched)
+        alpha = torch.zeros(m, dtype=torch.float64)
+        beta = torch.zeros(m, dtype=torch.float64)
+        torch.div(x0, x0.norm(), out=Q[0])
+        scale = 0.0
+
+        def orthogonalise(w: Tensor, j: int) -> Tensor:
+            # full re-orthogonalisation against rows 0..j, in place (no P-sized temporaries), a
+            # second pass only when the first one cancelled most of w ("twice is enough")
+            before = w.norm()
+            w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1)
+            if w.norm() < 0.7 * before:
+                w.addmv_(Q[: j + 1].T, Q[: j + 1] @ w, alpha=-1)
+            return w
+
         for j in range(m):
-            Q[:, j] = q
+            q = Q[j]
             w = mv(q)
-            MQ[:, j] = w
-            scale = torch.maximum(scale, w.norm())
+            if w.data_ptr() == q.data_ptr():  # a matvec that returned its input
+                w = w.clone()
+            scale = max(scale, float(w.norm()))
+            a = float(torch.dot(q, w))
+            alpha[j] = a
+            w.sub_(q, alpha=a)
+            if j:
+                w.sub_(Q[j - 1], alpha=float(beta[j - 1]))
+            w = orthogonalise(w, j)
+            b = float(w.norm())
+            if j + 1 >= min(m, 2 * k + 1) and j + 1 < m:  # converged: every top-k Ritz residual |b·u_j| small
+                ev, U = torch.linalg.eigh(torch.diag(alpha[: j + 1]) + torch.diag(beta[:j], 1) + torch.diag(beta[:j], -1))
+                top = torch.argsort(ev, descending=True)[:k]
+                if bool((b * U[j, top].abs() <= conv_tol * max(scale, 1e-30)).all()):
+                    break
             if j + 1 == m:
                 break
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-            b = w.norm()
-            if b <= tol * scale.clamp_min(1e-30):
+            if b <= tol * max(scale, 1e-30):
                 # invariant subspace found: restart with a fresh direction orthogonal to it, so
                 # that repeated eigenvalues (which one Krylov space holds only once) are found
-                w = torch.randn(P, generator=generator, dtype=ref.dtype, device=ref.device)
-                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-                b = w.norm()
-            q = w / b
+                w = orthogonalise(torch.randn(P, generator=generator, dtype=ref.dtype, device=ref.device), j)
+                b, beta[j] = float(w.norm()), 0.0
+            else:
+                beta[j] = b
+            torch.div(w, b, out=Q[j + 1])
         steps = j + 1
-        H = Q[:, :steps].T @ MQ[:, :steps]  # Rayleigh-Ritz on the whole basis
-        ev, U = torch.linalg.eigh((H + H.T) / 2)
+        T = torch.diag(alpha[:steps]) + torch.diag(beta[: steps - 1], 1) + torch.diag(beta[: steps - 1], -1)
+        ev, U = torch.linalg.eigh(T)  # Ritz values of the tridiagonal projection Qᵀ M Q
         order = torch.argsort(ev, descending=True)[:k]
-        vecs = Q[:, :steps] @ U[:, order]
-        vals = ev[order]
+        vecs = Q[:steps].T @ U[:, order].to(ref.dtype)
+        vals = ev[order].to(ref.dtype)
     elif method == "power":
         n_it = iters or 100
         X = torch.linalg.qr(torch.randn(P, k, generator=generator, dtype=ref.dtype, device=ref.device)).Q

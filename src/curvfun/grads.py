@@ -126,6 +126,8 @@ def per_sample_grads(
         res, output = _graph_grads(model, params, inputs, targets, lik)
         return (res, output) if return_output else res
     infos, unsupported = _modules(model, params)
+    if torch.compiler.is_compiling():  # the capture's hooks are not traceable: the vmap(grad) route, same numbers
+        infos, unsupported = {}, {"": ("compiled", list(params))}
     result: dict[str, Tensor] = {}
     output = None
     if infos:

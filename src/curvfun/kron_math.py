@@ -18,7 +18,7 @@ __all__ = ["gram", "factor_rows", "kron_factors_from_layer"]
 
 def weighted_columns(g: Tensor, w: Tensor) -> Tensor:
     """g_k·sqrt(w_k) per column k; no copy when every weight is 1 (emp, exact, one MC sample)."""
-    if bool((w == 1).all()):
+    if not torch.compiler.is_compiling() and bool((w == 1).all()):  # (compiled: multiply, no host sync)
         return g
     return g * w.sqrt().to(g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
 

@@ -84,6 +84,7 @@ def _parse_bytes(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+@torch.compiler.assume_constant_result  # read once when traced (os.sysconf cannot be)
 def _device_memory(device: torch.device | str | None) -> int | None:
     dev = torch.device("cpu" if device is None else device)
     try:

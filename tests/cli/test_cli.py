@@ -14,6 +14,7 @@ import torch
 
 from curvfun.__main__ import main
 from curvfun.cli import optimizers as O
+from curvfun.precondition import GradientMaker
 from curvfun.cli import train as T
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -248,7 +249,7 @@ def test_resume_refuses_to_change_the_run(tmp_path, capsys):
     assert rc == 2 and "apply to `curvfun train`" in err
 
 
-class _NoisyDiagMaker(O.PlainGradientMaker):
+class _NoisyDiagMaker(GradientMaker):
     """A stateful test maker: grad / sqrt(EMA of grad^2 + noise), noise from its own generator."""
 
     def __init__(self, model, decay=0.5):
@@ -303,22 +304,14 @@ def test_resume_restores_grad_maker_state(tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- registry
 
-def test_a_maker_appears_once_its_class_exists(tmp_path, capsys, monkeypatch):
-    """An entry whose class is missing is not listed; defining the class makes it run, unchanged."""
+def test_a_registered_maker_entry_runs_with_its_config(tmp_path, capsys, monkeypatch):
+    """A new registry entry built by _maker runs in compare and gets its config from the entry's
+    hyper-parameters (data_size = batch size, num_total_steps = steps)."""
     import curvfun.precondition as P
-
-    spec = O.OptimizerSpec("future", "a maker that lands later", O._maker("FutureGradientMaker"),
-                           dict(lr=0.05, momentum=0.9, damping=1e-3, curvature_upd_interval=2,
-                                preconditioner_upd_interval=2, ema_decay=-1, scale=2.0),
-                           requires=("curvfun.precondition", "FutureGradientMaker"))
-    monkeypatch.setitem(O.REGISTRY, "future", spec)
-    assert "future" not in O.available_names()
-    rc, _, err = run(["train", "--optimizer", "future", *QUIET], capsys)
-    assert rc == 2 and "not in this build yet" in err and "FutureGradientMaker" in err
 
     seen = {}
 
-    class FutureGradientMaker(P.GradientMaker):  # scales the plain gradient; records its config
+    class ScaledGradientMaker(P.GradientMaker):  # scales the plain gradient; records its config
         def __init__(self, model, config, scale=1.0):
             super().__init__(model)
             seen.update(config=config, scale=scale)
@@ -330,12 +323,16 @@ def test_a_maker_appears_once_its_class_exists(tmp_path, capsys, monkeypatch):
                 p.grad.mul_(self.scale)
             return y, loss
 
-    monkeypatch.setattr(P, "FutureGradientMaker", FutureGradientMaker, raising=False)
-    assert "future" in O.available_names(default_only=True)
-    rc, out, err = run(["compare", "--optimizers", "sgd,future", "--steps", "3", "--no-plots",
+    monkeypatch.setattr(P, "ScaledGradientMaker", ScaledGradientMaker, raising=False)
+    spec = O.OptimizerSpec("scaled", "a maker registered by a test", O._maker("ScaledGradientMaker"),
+                           dict(lr=0.05, momentum=0.9, damping=1e-3, curvature_upd_interval=2,
+                                preconditioner_upd_interval=2, ema_decay=-1, scale=2.0))
+    monkeypatch.setitem(O.REGISTRY, "scaled", spec)
+    assert "scaled" in O.available_names(default_only=True)
+    rc, out, err = run(["compare", "--optimizers", "sgd,scaled", "--steps", "3", "--no-plots",
                         "--out", str(tmp_path / "o"), *QUIET], capsys)
     assert rc == 0, err
-    assert "| future" in out
+    assert "| scaled" in out
     cfg = seen["config"]
     assert (cfg.data_size, cfg.damping, cfg.curvature_upd_interval, cfg.num_total_steps) == (64, 1e-3, 2, 3)
     assert seen["scale"] == 2.0
@@ -389,22 +386,15 @@ def _default_digits_run(names):
     return {r.optimizer: r for r in results}
 
 
-def _needs_kfac():
-    if O.resolve("curvfun.precondition", "KfacGradientMaker") is None:
-        pytest.skip("curvfun.precondition.KfacGradientMaker is not in this build yet")
-
-
 def test_kfac_reaches_lower_train_loss_than_sgd_at_equal_steps():
     """The seeds' claim on the default digits run: K-FAC's final train loss (full training set)
     is at most 0.8 x SGD's (measured: 0.0016 vs 0.033 at seed 0, about 20x lower)."""
-    _needs_kfac()
     by = _default_digits_run(["sgd", "kfac"])
     assert by["kfac"].steps_done == by["sgd"].steps_done == 300
     assert by["kfac"].final["train_loss"] <= 0.8 * by["sgd"].final["train_loss"], (by["kfac"].final, by["sgd"].final)
 
 
 def test_every_default_optimizer_reaches_90_percent_test_accuracy():
-    _needs_kfac()
     names = O.available_names(default_only=True)
     by = _default_digits_run(names)
     assert all(r.status == "ok" for r in by.values()), {n: r.status for n, r in by.items()}

@@ -10,111 +10,30 @@ its default hyper-parameters ``hp``. Every method is then trained by the same AS
     optimizer.step()
 
 * first-order methods (SGD, Adam, AdamW) pair a ``torch.optim`` optimizer with the plain
-  ``curvfun.precondition.GradientMaker`` (the gradients of ``loss.backward()``), or with
-  :class:`PlainGradientMaker` below while that package is not in the build;
+  ``curvfun.precondition.GradientMaker`` (the gradients of ``loss.backward()``);
 * preconditioners (K-FAC, Shampoo, ...) pair a ``curvfun.precondition.XxxGradientMaker``
   built from a ``PreconditioningConfig`` with ``torch.optim.SGD``;
-* optimizers that read curvature themselves (AdaFisher, AdaHessian) pair with
-  :class:`PlainGradientMaker` (``create_graph=True`` for AdaHessian's Hessian-vector products).
+* optimizers that read curvature themselves (AdaFisher, AdaHessian) pair with the plain
+  ``GradientMaker`` (``create_graph=True`` for AdaHessian's Hessian-vector products).
 
-An entry names the class it needs (``requires=(module, attribute)``); it is listed and run only
-when that class exists, so a method appears as soon as it lands, with no change here. Entries
-with ``default_compare=False`` (dense curvature that does not fit the default run) run only
-when named explicitly.
+Entries with ``default_compare=False`` (dense curvature that does not fit the default run) run
+only when named explicitly.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+import curvfun.optim
+from curvfun import precondition as P
+
 from .config import CliError
-
-
-# ----------------------------------------------------------------------------- plain loop
-
-class _Dummy:
-    """Records attribute access, indexing and calls on the model output, replayed later."""
-
-    def __init__(self, ops=()):
-        self._ops = tuple(ops)
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Dummy(self._ops + (("attr", name),))
-
-    def __getitem__(self, item):
-        return _Dummy(self._ops + (("item", item),))
-
-    def __call__(self, *args, **kwargs):
-        return _Dummy(self._ops + (("call", args, kwargs),))
-
-    def eval(self, value):
-        def sub(v):
-            return v.eval(root) if isinstance(v, _Dummy) else v
-        root = value
-        for op in self._ops:
-            if op[0] == "attr":
-                value = getattr(value, op[1])
-            elif op[0] == "item":
-                value = value[op[1]]
-            else:
-                value = value(*[sub(a) for a in op[1]], **{k: sub(v) for k, v in op[2].items()})
-        return value
-
-
-class PlainGradientMaker:
-    """The GradientMaker interface with no preconditioning: ``loss.backward()``'s gradients.
-
-    Used for optimizers that read curvature themselves (AdaFisher's hooks, AdaHessian's
-    ``create_graph=True`` backward) and as the fallback while ``curvfun.precondition`` is absent.
-    """
-
-    def __init__(self, model: nn.Module, create_graph: bool = False):
-        self.model = model
-        self.create_graph = create_graph
-        self._model_call = None
-        self._loss_call = None
-
-    def setup_model_call(self, model_fn, *args, **kwargs):
-        self._model_call = (model_fn, args, kwargs)
-        return _Dummy()
-
-    def setup_loss_call(self, loss_fn, *args, **kwargs):
-        self._loss_call = (loss_fn, args, kwargs)
-
-    def setup_logits_repr(self, dummy):  # the logits are not needed without curvature
-        pass
-
-    def forward_and_backward(self):
-        fn, args, kwargs = self._model_call
-        y = fn(*args, **kwargs)
-        loss_fn, largs, lkwargs = self._loss_call
-
-        def sub(v):
-            return v.eval(y) if isinstance(v, _Dummy) else v
-        loss = loss_fn(*[sub(a) for a in largs], **{k: sub(v) for k, v in lkwargs.items()})
-        if self.create_graph:  # AdaHessian: its step() drops the gradients' graphs (no leak)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-                loss.backward(create_graph=True)
-        else:
-            loss.backward()
-        return y, loss
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------- registry
@@ -138,14 +57,10 @@ class OptimizerSpec:
     summary: str
     factory: Factory
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    requires: Optional[Tuple[str, str]] = None  # (module, attribute) that must exist
     default_compare: bool = True
     distributed: bool = True  # runs data-parallel under torch.distributed (cli.launch)
     #: per-model changes to ``defaults`` (the defaults are tuned on the digits MLP)
     model_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    def available(self) -> bool:
-        return self.requires is None or resolve(*self.requires) is not None
 
     def hyperparameters(self, overrides: Optional[Mapping[str, Any]] = None,
                         model: Optional[str] = None) -> Dict[str, Any]:
@@ -161,8 +76,6 @@ class OptimizerSpec:
         return hp
 
     def build(self, model: nn.Module, hp: Mapping[str, Any], ctx: BuildContext):
-        if not self.available():
-            raise CliError(f"optimizer {self.name!r} needs {'.'.join(self.requires)}, which this build lacks")
         return self.factory(model, dict(hp), ctx)
 
 
@@ -190,31 +103,14 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     return spec
 
 
-def resolve(module: str, attr: str):
-    """``module.attr`` if importable, else None (a missing module or class is not an error here)."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return None
-    return getattr(mod, attr, None)
-
-
 def available_names(default_only: bool = False) -> List[str]:
-    return [n for n, s in REGISTRY.items() if s.available() and (s.default_compare or not default_only)]
+    return [n for n, s in REGISTRY.items() if s.default_compare or not default_only]
 
 
 def get_spec(name: str) -> OptimizerSpec:
     spec = REGISTRY.get(name)
-    if spec is None or not spec.available():
-        valid = available_names()
-        missing = [n for n, s in REGISTRY.items() if not s.available()]
-        msg = f"unknown optimizer {name!r}; valid optimizers: {', '.join(valid)}"
-        if spec is not None:
-            msg = (f"optimizer {name!r} is registered but {'.'.join(spec.requires)} is not in this build yet; "
-                   f"valid optimizers: {', '.join(valid)}")
-        elif missing:
-            msg += f" (not in this build yet: {', '.join(missing)})"
-        raise CliError(msg)
+    if spec is None:
+        raise CliError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(available_names())}")
     return spec
 
 
@@ -233,16 +129,10 @@ def resolve_names(names: List[str]) -> List[str]:
 
 # ----------------------------------------------------------------------------- factories
 
-def base_grad_maker(model: nn.Module):
-    """``curvfun.precondition.GradientMaker`` (plain gradients) if present, else the local fallback."""
-    cls = resolve("curvfun.precondition", "GradientMaker")
-    return cls(model) if cls is not None else PlainGradientMaker(model)
-
-
 def _torch_optimizer(cls_name: str) -> Factory:
     def factory(model, hp, ctx):
         opt = getattr(torch.optim, cls_name)(model.parameters(), **hp)
-        return opt, base_grad_maker(model)
+        return opt, P.GradientMaker(model)
     return factory
 
 
@@ -258,9 +148,8 @@ def _maker(cls_name: str, sgd_keys: Tuple[str, ...] = _SGD_KEYS, **fixed) -> Fac
     SGD, the rest to the maker (with ``seed`` = the run's seed where the maker takes one).
     """
     def factory(model, hp, ctx):
-        config_cls = resolve("curvfun.precondition", "PreconditioningConfig")
-        maker_cls = resolve("curvfun.precondition", cls_name)
-        config = config_cls(data_size=ctx.batch_size, num_total_steps=ctx.steps,
+        maker_cls = getattr(P, cls_name)
+        config = P.PreconditioningConfig(data_size=ctx.batch_size, num_total_steps=ctx.steps,
                             **{k: hp[k] for k in _CONFIG_KEYS if k in hp})
         kwargs = {k: v for k, v in hp.items() if k not in _CONFIG_KEYS + sgd_keys}
         kwargs.update(fixed)
@@ -284,19 +173,19 @@ def _model_optimizer(cls_name: str) -> Factory:
     """AdaFisher-style entry: ``curvfun.optim.Xxx(model, **hp)`` + plain gradients."""
     def factory(model, hp, ctx):
         from .. import distributed as cfd
-        cls = resolve("curvfun.optim", cls_name)
+        cls = getattr(curvfun.optim, cls_name)
         if cfd.is_distributed() and "dist" not in hp and _accepts(cls, "dist"):
             hp = {**hp, "dist": True}  # factors and gradients averaged over ranks by the optimizer
-        return cls(model, **hp), PlainGradientMaker(model)
+        return cls(model, **hp), P.GradientMaker(model)
     return factory
 
 
 def _adahessian(model, hp, ctx):
-    cls = resolve("curvfun.optim", "AdaHessian")
+    cls = curvfun.optim.AdaHessian
     if "seed" not in hp and _accepts(cls, "seed"):
         hp = {**hp, "seed": ctx.seed}
     opt = cls(model.parameters(), **hp)
-    return opt, PlainGradientMaker(model, create_graph=True)
+    return opt, P.GradientMaker(model, create_graph=True)
 
 
 #: on the digits CNN the K-FAC family diverges at the MLP's damping (0.03-0.1) within ~60 steps;
@@ -312,9 +201,6 @@ def _ng(interval: int = 5, damping: float = 0.03, lr: float = 0.03, ema_decay: f
                 curvature_upd_interval=interval, preconditioner_upd_interval=interval, **extra)
 
 
-_P = "curvfun.precondition"
-_O = "curvfun.optim"
-
 for _spec in [
     # first order
     OptimizerSpec("sgd", "torch.optim.SGD with momentum", _torch_optimizer("SGD"),
@@ -325,62 +211,52 @@ for _spec in [
                   dict(lr=3e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=1e-2)),
     # natural-gradient family (issue 5)
     OptimizerSpec("kfac", "K-FAC (MC Fisher, 1 sample) + SGD", _maker("KfacGradientMaker"),
-                  _ng(fisher_type="fisher_mc", n_mc_samples=1), requires=(_P, "KfacGradientMaker"),
+                  _ng(fisher_type="fisher_mc", n_mc_samples=1),
                   model_defaults=_KFAC_CNN),
     OptimizerSpec("ekfac", "eigenvalue-corrected K-FAC (empirical Fisher) + SGD", _maker("EkfacGradientMaker"),
-                  _ng(damping=0.1, fisher_type="fisher_emp"), requires=(_P, "EkfacGradientMaker"),
+                  _ng(damping=0.1, fisher_type="fisher_emp"),
                   model_defaults=_KFAC_CNN),
     OptimizerSpec("lowrank_kfac", "low-rank(+diag) K-FAC by power iteration (rank 16) + SGD",
-                  _maker("LowRankKfacGradientMaker"), _ng(lr=0.01, ema_decay=-1, rank=16, power_iters=2, fisher_type="fisher_mc"),
-                  requires=(_P, "LowRankKfacGradientMaker"), model_defaults=_KFAC_CNN),
+                  _maker("LowRankKfacGradientMaker"), _ng(lr=0.01, ema_decay=-1, rank=16, power_iters=2, fisher_type="fisher_mc"), model_defaults=_KFAC_CNN),
     OptimizerSpec("diag_ng", "diagonal natural gradient + SGD", _maker("DiagNaturalGradientMaker"),
-                  _ng(damping=0.1), requires=(_P, "DiagNaturalGradientMaker")),
+                  _ng(damping=0.1)),
     OptimizerSpec("unitwise_ng", "unit-wise natural gradient (one block per output unit) + SGD",
-                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.01), requires=(_P, "UnitWiseNaturalGradientMaker")),
+                  _maker("UnitWiseNaturalGradientMaker"), _ng(lr=0.01)),
     # no EMA: the blocks stay as N x N push-through solves (with EMA they are dense P x P blocks)
     OptimizerSpec("layerwise_ng", "layer-wise (one block per layer) natural gradient + SGD",
-                  _maker("LayerWiseNaturalGradientMaker"), _ng(damping=0.3, ema_decay=-1),
-                  requires=(_P, "LayerWiseNaturalGradientMaker")),
+                  _maker("LayerWiseNaturalGradientMaker"), _ng(damping=0.3, ema_decay=-1)),
     OptimizerSpec("full_ng", "full natural gradient (all layers, one block) + SGD", _maker("FullNaturalGradientMaker"),
-                  _ng(damping=0.3, ema_decay=-1), requires=(_P, "FullNaturalGradientMaker")),
+                  _ng(damping=0.3, ema_decay=-1)),
     OptimizerSpec("emp_ng", "full empirical-Fisher natural gradient + SGD", _maker("EmpNaturalGradientMaker"),
-                  _ng(damping=0.3, ema_decay=-1), requires=(_P, "EmpNaturalGradientMaker")),
+                  _ng(damping=0.3, ema_decay=-1)),
     # the rest of the family (issue 6)
     OptimizerSpec("shampoo", "Shampoo (inverse 4th roots of L, R) + SGD", _maker("ShampooGradientMaker"),
                   _ng(lr=0.01, damping=1e-3, block_size=-1, root_method="eigh", warm_iters=1, eigh_every=50,
-                      basis_every=1), requires=(_P, "ShampooGradientMaker")),
+                      basis_every=1)),
     OptimizerSpec("kron_psgd", "Kronecker-factored PSGD (Hessian-vector products) + SGD", _maker("KronPsgdGradientMaker"),
                   dict(lr=0.01, momentum=0.9, weight_decay=0.0, damping=1e-3, curvature_upd_interval=5,
-                       preconditioner_upd_interval=5, precond_lr=0.1, init_scale=1.0),
-                  requires=(_P, "KronPsgdGradientMaker")),
+                       preconditioner_upd_interval=5, precond_lr=0.1, init_scale=1.0)),
     OptimizerSpec("psgd_full", "full-matrix PSGD (one dense P x P factor, small models) + SGD",
                   _maker("PsgdGradientMaker"),
-                  dict(lr=0.01, momentum=0.9, weight_decay=0.0, damping=1e-3, precond_lr=0.1, init_scale=1.0),
-                  requires=(_P, "PsgdGradientMaker"), default_compare=False),
-    OptimizerSpec("kbfgs", "K-BFGS + SGD", _maker("KronBfgsGradientMaker"), _ng(),
-                  requires=(_P, "KronBfgsGradientMaker")),
+                  dict(lr=0.01, momentum=0.9, weight_decay=0.0, damping=1e-3, precond_lr=0.1, init_scale=1.0), default_compare=False),
+    OptimizerSpec("kbfgs", "K-BFGS + SGD", _maker("KronBfgsGradientMaker"), _ng()),
     OptimizerSpec("seng", "SENG (sketched empirical natural gradient) + SGD", _maker("SengGradientMaker"),
-                  _ng(damping=0.3, ema_decay=-1, sketching_size=64, truncated_rank=16),
-                  requires=(_P, "SengGradientMaker")),
+                  _ng(damping=0.3, ema_decay=-1, sketching_size=64, truncated_rank=16)),
     OptimizerSpec("smw_ng", "Sherman-Morrison-Woodbury empirical natural gradient + SGD",
-                  _maker("SmwEmpNaturalGradientMaker"), dict(lr=0.3, momentum=0.9, weight_decay=0.0, damping=1.0),
-                  requires=(_P, "SmwEmpNaturalGradientMaker")),
+                  _maker("SmwEmpNaturalGradientMaker"), dict(lr=0.3, momentum=0.9, weight_decay=0.0, damping=1.0)),
     OptimizerSpec("curveball", "CurveBall (one GGN-vector product per step; SGD lr 1 applies its step)",
                   _maker("CurveBallGradientMaker", sgd_keys=("lr", "weight_decay")),
-                  dict(lr=1.0, weight_decay=0.0, damping=0.1, momentum=0.9, momentum_decay=1, auto_tune=True),
-                  requires=(_P, "CurveBallGradientMaker")),
+                  dict(lr=1.0, weight_decay=0.0, damping=0.1, momentum=0.9, momentum_decay=1, auto_tune=True)),
     # a dense Hessian: the default MLP's 9610 parameters exceed max_params; e.g. --model-arg hidden=[32]
     OptimizerSpec("newton", "damped dense (|eigenvalue|) Newton + SGD, small models only", _maker("NewtonGradientMaker"),
-                  dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=1.0, abs_eigenvalues=True, max_params=5000),
-                  requires=(_P, "NewtonGradientMaker"), default_compare=False),
+                  dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=1.0, abs_eigenvalues=True, max_params=5000), default_compare=False),
     # optimizers that read curvature themselves
     OptimizerSpec("adahessian", "AdaHessian (Hutchinson Hessian diagonal)", _adahessian,
-                  dict(lr=0.15, betas=[0.9, 0.999], eps=1e-4, weight_decay=0.0, hessian_power=1.0, update_period=1),
-                  requires=(_O, "AdaHessian"), distributed=False),
+                  dict(lr=0.15, betas=[0.9, 0.999], eps=1e-4, weight_decay=0.0, hessian_power=1.0, update_period=1), distributed=False),
     OptimizerSpec("adafisher", "AdaFisher (diagonal Kronecker Fisher)", _model_optimizer("AdaFisher"),
-                  dict(lr=3e-3, TCov=5), requires=(_O, "AdaFisher")),
+                  dict(lr=3e-3, TCov=5)),
     OptimizerSpec("adafisherw", "AdaFisherW (decoupled weight decay)", _model_optimizer("AdaFisherW"),
-                  dict(lr=3e-3, TCov=5, weight_decay=1e-2), requires=(_O, "AdaFisherW")),
+                  dict(lr=3e-3, TCov=5, weight_decay=1e-2)),
 ]:
     register(_spec)
 
@@ -389,9 +265,8 @@ def describe() -> str:
     """Human-readable listing for ``curvfun list``."""
     lines = []
     for name, spec in REGISTRY.items():
-        state = "available" if spec.available() else f"not in this build ({'.'.join(spec.requires)})"
         flag = "" if spec.default_compare else " [explicit only]"
         hp = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        lines.append(f"  {name:<13} {spec.summary}{flag}\n  {'':<13} {state}; defaults: {hp}")
+        lines.append(f"  {name:<13} {spec.summary}{flag}\n  {'':<13} defaults: {hp}")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ Where curvfun differs from ASDL 0.1 is listed in :mod:`curvfun.precondition.base
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,7 +72,10 @@ class GradientMaker:
     #: the ranks take the same step (each preconditioned with its own batch's curvature)
     _local_curvature: bool = False
 
-    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: PreconditioningConfig | None = None, *,
+                 create_graph: bool = False) -> None:
+        """``create_graph=True``: :meth:`backward` keeps the gradients' graph (for optimizers that
+        differentiate them again, e.g. AdaHessian's Hessian-vector products)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if config is not None:
@@ -80,6 +84,9 @@ class GradientMaker:
                     f"config must be a curvfun.precondition.PreconditioningConfig, got {type(config).__name__}"
                 )
             config.validate()
+        if not isinstance(create_graph, bool):
+            raise TypeError(f"create_graph must be a bool, got {create_graph!r}")
+        self.create_graph = create_graph
         self.model = model
         #: accepted so that the README's ``XXXGradientMaker(model, config)`` line also works with the
         #: plain maker (ASDL's takes only ``model``); the plain maker does not use it.
@@ -198,8 +205,13 @@ class GradientMaker:
         self.call_loss()
 
     def backward(self) -> None:
-        """``loss.backward()`` on the loss of the latest :meth:`forward`."""
-        self._loss_to_differentiate().backward()
+        """``loss.backward()`` on the loss of the latest :meth:`forward` (``create_graph`` as set)."""
+        if self.create_graph:  # the optimizer's step drops the gradients' graphs (no reference cycle kept)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                self._loss_to_differentiate().backward(create_graph=True)
+        else:
+            self._loss_to_differentiate().backward()
         self._backward_done()
 
     def _backward_done(self) -> None:
