@@ -393,6 +393,8 @@ def cmd_compare(args) -> int:
             _, errors = run_many(todo, cfg, data, device, run_dir=run_dir, on_result=outputs and outputs.add)
         except KeyboardInterrupt:
             if main:
+                if outputs.results:  # the interrupt may have landed between two of the report files
+                    outputs.write()
                 done = [r.optimizer for r in outputs.ordered() if not r.status.startswith("error")]
                 print(f"curvfun compare: interrupted; {len(done)} finished optimizer(s) ({', '.join(done) or 'none'}) "
                       f"are saved in {run_dir}; run the others with `curvfun compare --resume {run_dir}`",
