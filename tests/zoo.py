@@ -48,6 +48,20 @@ class HandAttention(nn.Module):
         return self.head(self.o(s @ self.v(x)).mean(1))
 
 
+class DecoderBlock(nn.Module):
+    """A TransformerDecoderLayer attending to a shorter memory made from the first tokens
+    (self-attention over T = 5, cross-attention to S = 3), pooled, linear head."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.mem = nn.Linear(d, d)
+        self.dec = nn.TransformerDecoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.dec(x, torch.tanh(self.mem(x[:, :3]))).mean(1))
+
+
 class UNetLike(nn.Module):
     """Conv down (stride 2), ConvTranspose2d up, a skip connection, 1x1 conv head."""
 
@@ -90,6 +104,8 @@ def build(name: str, n: int = 4, seed: int = 0):
         model, x, C = GPTBlock(), _ids(n, 5, 11, g), 11
     elif name == "gpt_tied":
         model, x, C = GPTBlock(tied=True), _ids(n, 5, 11, g), 11
+    elif name == "decoder":
+        model, x, C = DecoderBlock(), torch.randn(n, 5, 6, generator=g), 3
     elif name == "hand_attention":
         model, x, C = HandAttention(), torch.randn(n, 4, 6, generator=g), 3
     elif name == "lstm":
@@ -129,4 +145,4 @@ def build(name: str, n: int = 4, seed: int = 0):
     return model, x, y, C
 
 
-NAMES = ("gpt", "gpt_tied", "hand_attention", "lstm", "conv1d", "conv3d", "unet", "resnet_bn", "frozen_weight", "frozen_bias")
+NAMES = ("gpt", "gpt_tied", "decoder", "hand_attention", "lstm", "conv1d", "conv3d", "unet", "resnet_bn", "frozen_weight", "frozen_bias")

@@ -151,6 +151,8 @@ class LayerRecord:
     #: per call: whether the module's own parameters were detached during it (see :func:`record_layers`)
     detached_calls: list[bool] = field(default_factory=list)
     uncaptured: str | None = None
+    #: how the handler recorded its calls, where it has several ways (attention: "self" / "cross")
+    mode: str | None = None
     perturb: bool = True
     _detached_now: bool = False
 

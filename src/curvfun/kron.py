@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .layers import LayerData
+from .layers.data import homogeneous_inputs
 from .linalg import (
     MIN_DAMPING,
     NotPositiveDefiniteError,
@@ -343,7 +344,7 @@ def _ekfac_from(eig: KronEigen, data: LayerData) -> EKFACFactor:
     QA, QB = _groups(eig.QA), _groups(eig.QB)
     a = data.a  # [N, G, T, d]
     if eig.folded:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        a = homogeneous_inputs(data)
     ra = a @ QA  # [N, G, T, d]
     rg = data.g @ QB  # [K, N, G, T, o]
     K, N = rg.shape[:2]

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .kron import BIAS_MODES, KFAC_TYPES, EmbeddingFactor, KronFactor, RelaidFactor
 from .layers import LayerData
+from .layers.data import homogeneous_inputs, positions_per_group
 from .unit_wise import unit_wise_from_layer
 
 __all__ = ["gram", "factor_rows", "kron_factors_from_layer"]
@@ -45,18 +46,21 @@ def factor_rows(data: LayerData, kfac_type: str = "expand", bias: str = "separat
     A = X_Aᵀ X_A / c_A and B = X_Bᵀ X_B / c_B; X ``[R, d]`` (one group) or ``[G, R, d]``.
     Expand: X_A = the N·T inputs (folded: [a, 1]), c_A = N·T; X_B = the K·N·T weighted output
     gradients, c_B = N. Reduce: position-means of the inputs and position-sums of the output
-    gradients, c_A = c_B = N. No copies beyond the reshapes (and the fold's concatenation)."""
+    gradients, c_A = c_B = N. Groups zero-padded to a common T (cross-attention) count their own
+    positions (c_A ``[G, 1, 1]``). No copies beyond the reshapes (and the fold's concatenation)."""
     N = data.batch_size
     g = weighted_columns(data.g, data.weights)
     a = data.a  # [N, G, T, d]
     if bias == "folded" and data.has_bias:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        a = homogeneous_inputs(data)
     Gr, T = a.shape[1], a.shape[2]
+    Tg = positions_per_group(data)  # T, or [G, 1, 1] for groups zero-padded to T
     if kfac_type == "expand":
         am = a.reshape(N * T, -1) if Gr == 1 else a.transpose(0, 1).reshape(Gr, N * T, -1)
         gm = g.reshape(-1, g.shape[-1]) if Gr == 1 else g.permute(2, 0, 1, 3, 4).reshape(Gr, -1, g.shape[-1])
-        return (am, N * T), (gm, N)
-    am = a.mean(2)[:, 0] if Gr == 1 else a.mean(2).transpose(0, 1)  # [N, d] / [G, N, d]
+        return (am, N * Tg), (gm, N)
+    mean = a.mean(2) if isinstance(Tg, int) else a.sum(2) / Tg.reshape(1, -1, 1)
+    am = mean[:, 0] if Gr == 1 else mean.transpose(0, 1)  # [N, d] / [G, N, d]
     gs = g.sum(3)
     gm = gs.reshape(-1, g.shape[-1]) if Gr == 1 else gs.permute(2, 0, 1, 3).reshape(Gr, -1, g.shape[-1])
     return (am, N), (gm, N)

@@ -85,23 +85,66 @@ def test_attention_projections_are_captured_not_fallen_back():
     assert "tok" not in cap.layers and "tok" in cap.unsupported
 
 
-def test_cross_attention_falls_back_exactly_and_is_named():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kv_same", [True, False])
+def test_cross_attention_is_captured_as_three_groups(bias, kv_same):
+    """query ≠ key (target length 5, source length 3): the packed projection is three groups
+    (q on the query, k and v on key and value), zero-padded to the longer sequence. Per-sample
+    gradients and the exact Fisher diagonal equal autograd; K-FAC's A of each group is the mean
+    outer product of its own inputs over its own positions (expand), and the mean input per
+    sample (reduce)."""
+
     class Cross(nn.Module):
         def __init__(self):
             super().__init__()
-            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True, bias=bias)
             self.head = nn.Linear(4, 2)
 
-        def forward(self, x):
-            return self.head(self.att(x, 2 * x, x)[0].mean(1))
+        def forward(self, x, m):
+            return self.head(self.att(x, m, m if kv_same else torch.tanh(m))[0].mean(1))
 
     torch.manual_seed(0)
-    model = Cross().double()
-    x, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    model = Cross().double().eval()
+    x, m = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
     params = dict(model.named_parameters())
-    with pytest.warns(CaptureFallbackWarning, match="att .*cross-attention"):
-        got = curvfun.per_sample_grads(model, params, x, y)
-    checks.assert_close_trees(got, ref.per_sample_grads(model, params, x, y), **TOL, what="cross-attention")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureFallbackWarning)
+        got = curvfun.per_sample_grads(model, params, (x, m), y)
+        diag = curvfun.fisher(model, params, (x, m), y, fisher_type="exact", shape="diag")
+        f = curvfun.kfac(model, params, (x, m), y, fisher_type="emp", on_unsupported="raise")
+        r = curvfun.kfac(model, params, (x, m), y, fisher_type="emp", kfac_type="reduce")
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, (x, m), y), **TOL, what="cross-attention")
+    checks.assert_diag_matches_dense(diag, ref.fisher(model, params, (x, m), y, fisher_type="exact"), params, **TOL,
+                                     what="cross-attention exact Fisher diagonal")
+    v_in = m if kv_same else torch.tanh(m)
+    for j, inp in enumerate((x, m, v_in)):
+        rows = inp.reshape(-1, 4)
+        checks.assert_close(f["att"].A[j], rows.T @ rows / rows.shape[0], **TOL, what=f"A of group {j}")
+        mean = inp.mean(1)
+        checks.assert_close(r["att"].A[j], mean.T @ mean / 3, **TOL, what=f"reduce A of group {j}")
+    assert f["att"].B.shape == (3, 4, 4) and "att.out_proj" in f
+
+
+def test_attention_with_kdim_falls_back_exactly_and_is_named():
+    class KV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True, kdim=3, vdim=3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x, m):
+            return self.head(self.att(x, m, m)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = KV().double().eval()
+    x, m, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 1])
+    params = dict(model.named_parameters())
+    cap = capture(model, params, (x, m), y, fisher_type="emp")
+    assert "kdim/vdim" in cap.unsupported["att"][0]
+    with pytest.warns(CaptureFallbackWarning, match=r"att.out_proj \(parameter"):
+        got = curvfun.per_sample_grads(model, params, (x, m), y)
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, (x, m), y), **TOL, what="kdim/vdim fallback")
 
 
 @pytest.mark.parametrize("conv", [
@@ -248,25 +291,26 @@ def test_multihead_attention_call_options_are_captured_exactly(batch_first, need
     assert factors["att"].A.shape == (6, 6) and factors["att"].B.shape == (18, 18)
 
 
-def test_transformer_decoder_layer_self_attention_captured_cross_attention_exact_fallback():
+def test_transformer_decoder_layer_self_and_cross_attention_are_captured():
     class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
             self.dec = nn.TransformerDecoderLayer(6, 2, 8, dropout=0.0, batch_first=True)
             self.head = nn.Linear(6, 2)
 
-        def forward(self, x):
-            return self.head(self.dec(x, torch.tanh(x)).mean(1))
+        def forward(self, x, memory):
+            return self.head(self.dec(x, memory).mean(1))
 
     torch.manual_seed(0)
     model = Decoder().double().eval()
-    x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 1, 1])
+    x, mem = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 7, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
     params = dict(model.named_parameters())
-    with pytest.warns(CaptureFallbackWarning, match=r"dec.multihead_attn \(called as cross-attention"):
-        cap = capture(model, params, x, y, fisher_type="emp")
-    assert "dec.self_attn" in cap.layers and "dec.self_attn.out_proj" in cap.layers
-    assert "dec.multihead_attn" in cap.unsupported and "dec.multihead_attn.out_proj" in cap.unsupported
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CaptureFallbackWarning)
-        got = curvfun.per_sample_grads(model, params, x, y)
-    checks.assert_close_trees(got, ref.per_sample_grads(model, params, x, y), **TOL, what="decoder layer")
+        warnings.simplefilter("error", CaptureFallbackWarning)
+        cap = capture(model, params, (x, mem), y, fisher_type="emp")
+        got = curvfun.per_sample_grads(model, params, (x, mem), y)
+        f = curvfun.kfac(model, params, (x, mem), y, fisher_type="emp", on_unsupported="raise")
+    assert {"dec.self_attn", "dec.self_attn.out_proj", "dec.multihead_attn", "dec.multihead_attn.out_proj"} <= set(cap.layers)
+    assert f["dec.self_attn"].A.shape == (6, 6) and f["dec.multihead_attn"].A.shape == (3, 6, 6)
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, (x, mem), y), **TOL, what="decoder layer")

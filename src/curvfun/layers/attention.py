@@ -5,9 +5,12 @@ affine layer, ``out_proj`` as the Linear it is.
 neither is seen by a plain forward hook. While recorded, the module runs the same computation
 written with an explicit projection ``qkv = x W_inᵀ + b_in`` (recorded as one affine call over the
 T positions: K-FAC-expand, as for a Linear on sequences) and a *call* of ``out_proj`` (recorded by
-its own handler). Self-attention only (``query is key is value``, batched input, packed weights,
-no ``bias_k``/``bias_v``, no ``add_zero_attn``); any other call runs the original forward
-unrecorded, and its parameters are reported as not captured (they take the exact fallback).
+its own handler). Self-attention (``query is key is value``) is one affine map ``[N, T, E] -> 3E`` (B is 3E x 3E);
+cross-attention is three groups of the packed weight (q on the query, k and v on key and value,
+each zero-padded to the longest sequence and counted by its own positions). Batched input and
+packed weights only (no kdim/vdim, ``bias_k``/``bias_v`` or ``add_zero_attn``); any other call runs
+the original forward unrecorded, and its parameters are reported as not captured (they take the
+exact fallback).
 Attention dropout in train mode draws its own mask (curvature with dropout is a sample anyway).
 """
 
@@ -85,22 +88,47 @@ class MultiheadAttentionHandler(LayerHandler):
     def groups(self, module: nn.Module) -> int:
         return 1
 
+    def arrange_record(self, record):
+        """Self-attention: one affine map ``[N, 1, T, E] -> 3E``. Cross-attention: three groups
+        (q from the query, k and v from key and value) ``[N, 3, T, E]``, each zero-padded to the
+        longest and counted by its own positions."""
+        if record.mode != "cross":
+            return (*tokens_as_positions(record.inputs, record.grads), None)
+        parts = [tokens_as_positions(record.inputs[j::3], None if record.grads is None else record.grads[j::3])
+                 for j in range(3)]
+        lengths = [a.shape[2] for a, _ in parts]
+        T = max(lengths)
+
+        def pad(t: Tensor, dim: int) -> Tensor:
+            return F.pad(t, (0, 0) * (t.ndim - 1 - dim) + (0, T - t.shape[dim])) if t.shape[dim] < T else t
+
+        a = torch.cat([pad(a, 2) for a, _ in parts], 1)
+        g = None if record.grads is None else torch.cat([pad(g, 3) for _, g in parts], 2)
+        return a, g, torch.tensor(lengths, device=a.device)
+
     def forward_override(self, module: nn.Module):
         original = type(module).forward
 
         def forward(rec, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
-            if not (query is key and key is value and query.ndim == 3):
-                rec.not_captured("called as cross-attention or on an unbatched input (only self-attention "
-                                 "m(x, x, x) on [N, T, E] / [T, N, E] is captured)")
+            mode = "self" if (query is key and key is value) else "cross"
+            if query.ndim != 3 or (rec.mode is not None and rec.mode != mode):
+                rec.not_captured("called on an unbatched input" if query.ndim != 3 else
+                                 "called both as self- and as cross-attention in one pass")
                 return original(module, query, key, value, key_padding_mask=key_padding_mask,
                                 need_weights=need_weights, attn_mask=attn_mask,
                                 average_attn_weights=average_attn_weights, is_causal=is_causal)
-            x = query if module.batch_first else query.transpose(0, 1)
+            rec.mode = mode
+            bf = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
+            x = bf(query)
             if is_causal and attn_mask is None:
                 attn_mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
-            qkv = rec.add_call(x, F.linear(x, module.in_proj_weight, module.in_proj_bias))
-            q, k, v = qkv.chunk(3, -1)
+            W, b = module.in_proj_weight, module.in_proj_bias
+            if mode == "self":
+                q, k, v = rec.add_call(x, F.linear(x, W, b)).chunk(3, -1)
+            else:  # three affine maps of one packed weight, each on its own input (recorded in turn)
+                Ws, bs = W.chunk(3), (None,) * 3 if b is None else b.chunk(3)
+                q, k, v = (rec.add_call(t, F.linear(t, Wj, bj)) for t, Wj, bj in zip((x, bf(key), bf(value)), Ws, bs))
             out, weights = attention_core(q, k, v, module.num_heads, attn_mask, key_padding_mask,
                                           module.dropout if module.training else 0.0, need_weights,
                                           average_attn_weights)

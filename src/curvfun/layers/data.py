@@ -17,7 +17,7 @@ from . import affine, embedding, norm
 if TYPE_CHECKING:
     from ..capture import LayerRecord
 
-__all__ = ["LayerData", "layer_data", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
+__all__ = ["LayerData", "layer_data", "homogeneous_inputs", "positions_per_group", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
            "layer_diag_fisher", "layer_column_rows"]
 
 
@@ -37,6 +37,8 @@ class LayerData:
     layout: str = ""
     #: the weight's attribute on the module (``"in_proj_weight"`` for attention)
     weight_attr: str = "weight"
+    #: affine groups zero-padded to a common T: the true positions per group ``[G]`` (else None)
+    group_positions: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -52,7 +54,7 @@ def layer_data(rec: "LayerRecord", weights: Tensor | None = None) -> LayerData:
     in the parameters' dtype: under autocast the records are bf16/fp16, whose Grams lose the
     precision the damped inverses need."""
     h = rec.info.handler
-    a, g = h.arrange(rec.module, rec.inputs, rec.grads)
+    a, g, positions = h.arrange_record(rec)
     dt = next((p.dtype for p in rec.module.parameters() if p.is_floating_point()), None)
     if dt is not None:
         a = a.to(dt) if a.is_floating_point() else a
@@ -60,7 +62,23 @@ def layer_data(rec: "LayerRecord", weights: Tensor | None = None) -> LayerData:
         weights = None if weights is None else weights.to(device=g.device if g is not None else a.device, dtype=dt)
     layout = h.weight_layout(rec.module) if h.family == "affine" else ""
     return LayerData(h.family, rec.module, a, g, weights, "bias" in rec.info.keys, "weight" in rec.info.keys, layout,
-                     h.params.get("weight", "weight"))
+                     h.params.get("weight", "weight"), positions)
+
+
+def homogeneous_inputs(ld: LayerData) -> Tensor:
+    """The affine inputs with a ones column ``[a, 1]`` (folded bias); zero at padded positions."""
+    ones = torch.ones_like(ld.a[..., :1])
+    if ld.group_positions is not None:
+        t = torch.arange(ld.a.shape[2], device=ld.a.device)
+        ones = ones * (t[None, :] < ld.group_positions[:, None]).to(ones.dtype)[None, :, :, None]
+    return torch.cat([ld.a, ones], -1)
+
+
+def positions_per_group(ld: LayerData) -> Tensor | int:
+    """T (an int), or the true positions per group ``[G, 1, 1]`` when groups were padded."""
+    if ld.group_positions is None:
+        return ld.a.shape[2]
+    return ld.group_positions.to(ld.a.dtype).reshape(-1, 1, 1)
 
 
 def _col0(ld: LayerData) -> Tensor:
@@ -99,7 +117,7 @@ def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
 def column(ld: LayerData, k: int) -> LayerData:
     """The layer data restricted to output-gradient column ``k`` (weight not applied)."""
     return LayerData(ld.kind, ld.module, ld.a, ld.g[k : k + 1], None, ld.has_bias, ld.has_weight, ld.layout,
-                     ld.weight_attr)
+                     ld.weight_attr, ld.group_positions)
 
 
 def layer_diag_fisher(ld: LayerData) -> dict[str, Tensor]:

@@ -46,6 +46,13 @@ class LayerHandler:
         ``[K, N, *output.shape[1:]]``) in the family's canonical form."""
         raise NotImplementedError
 
+    def arrange_record(self, record) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(a, g, positions)`` of a :class:`~curvfun.capture.LayerRecord`: :meth:`arrange` of its
+        calls, and the positions per group (``None``: all ``T``; a ``[G]`` tensor when groups were
+        zero-padded to a common T, see :mod:`curvfun.layers.attention`)."""
+        a, g = self.arrange(record.module, record.inputs, record.grads)
+        return a, g, None
+
     def groups(self, module: nn.Module) -> int:
         """Number of independent weight blocks G (affine family)."""
         return getattr(module, "groups", 1)
