@@ -244,9 +244,9 @@ def test_a_subclass_overriding_forward_is_not_served_by_its_parents_handler():
 class MHAOnly(nn.Module):
     """One MultiheadAttention with the call options under test, pooled, linear head."""
 
-    def __init__(self, batch_first, need_weights, average, mask, pad):
+    def __init__(self, batch_first, need_weights, average, mask, pad, zero_attn=False):
         super().__init__()
-        self.att = nn.MultiheadAttention(6, 3, batch_first=batch_first)
+        self.att = nn.MultiheadAttention(6, 3, batch_first=batch_first, add_zero_attn=zero_attn)
         self.head = nn.Linear(6, 2)
         self.opts = dict(need_weights=need_weights, average_attn_weights=average)
         self.mask, self.pad = mask, pad
@@ -271,12 +271,14 @@ class MHAOnly(nn.Module):
 @pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 @pytest.mark.parametrize("pad", [False, True])
-def test_multihead_attention_call_options_are_captured_exactly(batch_first, need_weights, average, mask, pad):
+@pytest.mark.parametrize("zero_attn", [False, True])
+def test_multihead_attention_call_options_are_captured_exactly(batch_first, need_weights, average, mask, pad,
+                                                               zero_attn):
     """Every call option of self-attention (batch_first, need_weights and head averaging, bool
-    and float masks, key padding): captured without fallback, per-sample gradients and the exact
+    and float masks, key padding, add_zero_attn): captured without fallback, per-sample gradients and the exact
     Fisher diagonal equal autograd, K-FAC has the in-projection and out_proj."""
     torch.manual_seed(0)
-    model = MHAOnly(batch_first, need_weights, average, mask, pad).double().eval()
+    model = MHAOnly(batch_first, need_weights, average, mask, pad, zero_attn).double().eval()
     x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 1, 1])
     params = dict(model.named_parameters())
     with warnings.catch_warnings():

@@ -8,7 +8,7 @@ T positions: K-FAC-expand, as for a Linear on sequences) and a *call* of ``out_p
 its own handler). Self-attention (``query is key is value``) is one affine map ``[N, T, E] -> 3E`` (B is 3E x 3E);
 cross-attention is three groups of the packed weight (q on the query, k and v on key and value,
 each zero-padded to the longest sequence and counted by its own positions). Batched input and
-packed weights only (no kdim/vdim, ``bias_k``/``bias_v`` or ``add_zero_attn``); any other call runs
+packed weights only (no kdim/vdim or ``bias_k``/``bias_v``; ``add_zero_attn`` is handled); any other call runs
 the original forward unrecorded, and its parameters are reported as not captured (they take the
 exact fallback).
 Attention dropout in train mode draws its own mask (curvature with dropout is a sample anyway).
@@ -78,8 +78,8 @@ class MultiheadAttentionHandler(LayerHandler):
     def reason(self, module: nn.Module) -> str | None:
         if not module._qkv_same_embed_dim:
             return "MultiheadAttention with kdim/vdim (separate q/k/v weights)"
-        if module.bias_k is not None or module.add_zero_attn:
-            return "MultiheadAttention with add_bias_kv / add_zero_attn"
+        if module.bias_k is not None:
+            return "MultiheadAttention with add_bias_kv (bias_k / bias_v are not projections)"
         return None
 
     def arrange(self, module: nn.Module, inputs, grads):
@@ -129,6 +129,10 @@ class MultiheadAttentionHandler(LayerHandler):
             else:  # three affine maps of one packed weight, each on its own input (recorded in turn)
                 Ws, bs = W.chunk(3), (None,) * 3 if b is None else b.chunk(3)
                 q, k, v = (rec.add_call(t, F.linear(t, Wj, bj)) for t, Wj, bj in zip((x, bf(key), bf(value)), Ws, bs))
+            if module.add_zero_attn:  # one all-zero key and value appended, visible to every query
+                k, v = (torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], 1) for t in (k, v))
+                attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+                key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
             out, weights = attention_core(q, k, v, module.num_heads, attn_mask, key_padding_mask,
                                           module.dropout if module.training else 0.0, need_weights,
                                           average_attn_weights)
