@@ -120,7 +120,7 @@ def test_unused_registered_layer_gets_zero_rows():
 @pytest.mark.parametrize("P", [300, 700, 2100])
 def test_sym_gram_is_the_gram_matrix(P):
     R = torch.randn(40, P, generator=torch.Generator().manual_seed(P))
-    M = curvfun.rows.sym_gram(R)
+    M = curvfun.linalg.sym_gram(R)
     checks.assert_close(M, R.T @ R)
     assert torch.equal(M, M.T)
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from .kron import BIAS_MODES, KFAC_TYPES, EmbeddingFactor, KronFactor, RelaidFactor
 from .layers import LayerData
 from .layers.data import homogeneous_inputs, positions_per_group
+from .linalg import sym_gram
 from .unit_wise import unit_wise_from_layer
 
 __all__ = ["gram", "factor_rows", "kron_factors_from_layer"]
@@ -26,19 +27,15 @@ def weighted_columns(g: Tensor, w: Tensor) -> Tensor:
 
 def gram(X: Tensor) -> Tensor:
     """Xᵀ X over the rows of ``[R, d]`` or ``[G, R, d]``. Tall and wide ones (one group, d ≥ 256,
-    R ≥ 4d: a compute-bound GEMM, e.g. conv patches) by two column blocks, computing the upper
-    block row and the lower-right block and mirroring the rest: 3/4 of the GEMM work of X.T @ X."""
+    R ≥ 4d: a compute-bound GEMM, e.g. conv patches) by two column blocks
+    (:func:`curvfun.linalg.sym_gram`: the upper block row and the lower-right block, mirrored; 3/4
+    of the GEMM work of X.T @ X)."""
     if X.ndim != 2:
         return X.transpose(1, 2) @ X
     R, d = X.shape
     if d < 256 or R < 4 * d:
         return X.T @ X
-    h = d // 2
-    M = X.new_empty(d, d)
-    torch.mm(X[:, :h].T, X, out=M[:h])
-    torch.mm(X[:, h:].T, X[:, h:], out=M[h:, h:])
-    M[h:, :h] = M[:h, h:].T
-    return M
+    return sym_gram(X, width=d // 2)
 
 
 def factor_rows(data: LayerData, kfac_type: str = "expand", bias: str = "separate"):

@@ -5,6 +5,7 @@
   (a ``torch.linalg.LinAlgError``, never a ``ValueError``: argument errors are not swallowed by
   code that catches numerical failures).
 * :func:`damped_cholesky_inverse`, :func:`cholesky_solve_psd`: ``(M + δI)⁻¹`` and ``M⁻¹ rhs`` on it.
+* :func:`sym_gram`: ``RᵀR`` from the upper block triangle of its products, mirrored.
 * :func:`woodbury_core`: ``(δI + Y Yᵀ)⁻¹ Y``, the push-through core of a factor held as rows.
 * :func:`damping_from_traces`, :func:`pi_damping`: the π-damped factored Tikhonov of the GUIDE.
 * :func:`ema`: one moving average, ``decay`` the weight of the new value.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "MIN_DAMPING", "NO_EMA", "NotPositiveDefiniteError", "check_damping", "psd_cholesky", "damped_cholesky_inverse",
-    "cholesky_solve_psd", "woodbury_core", "damping_from_traces", "pi_damping", "ema",
+    "cholesky_solve_psd", "sym_gram", "woodbury_core", "damping_from_traces", "pi_damping", "ema",
 ]
 
 #: floor of every damping a factor gets (a low-rank factor is singular without it)
@@ -86,6 +87,27 @@ def cholesky_solve_psd(M: Tensor, rhs: Tensor, what: str = "matrix") -> Tensor:
     vec = r.ndim == 1
     x = torch.cholesky_solve(r.unsqueeze(-1) if vec else r, L)
     return (x.squeeze(-1) if vec else x).to(M.dtype)
+
+
+def sym_gram(R: Tensor, width: int = 256) -> Tensor:
+    """RᵀR for ``R`` ``[M, P]``, exactly symmetric: column blocks of about ``width`` (at most 8),
+    the products of the upper block triangle only, mirrored: (b+1)/(2b) of the GEMM work."""
+    P = R.shape[1]
+    b = min(8, P // width)
+    if b < 2:
+        M = R.T @ R
+        return (M + M.T) / 2
+    edges = [round(i * P / b) for i in range(b + 1)]
+    M = R.new_empty(P, P)
+    for i in range(b):
+        rows_i = slice(edges[i], edges[i + 1])
+        M[rows_i, edges[i]:] = R[:, rows_i].T @ R[:, edges[i]:]
+        Mii = M[rows_i, rows_i]
+        M[rows_i, rows_i] = (Mii + Mii.T) / 2
+    for i in range(b - 1):
+        rows_i = slice(edges[i], edges[i + 1])
+        M[edges[i + 1]:, rows_i] = M[rows_i, edges[i + 1]:].T
+    return M
 
 
 def woodbury_core(Y: Tensor, delta: Tensor | float, gram: Tensor | None = None) -> Tensor:

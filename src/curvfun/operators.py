@@ -45,6 +45,7 @@ from .kron import DiagFactor, EKFACFactor, KronFactor, RelaidFactor, UnitWiseFac
 from .kron_rows import KronRowsFactor
 from .losses import get_likelihood
 from .memory import check_dense_size
+from .reduction import REDUCTIONS
 
 __all__ = [
     "CurvatureOperator",
@@ -57,7 +58,6 @@ __all__ = [
     "REDUCTIONS",
 ]
 
-REDUCTIONS = ("mean", "sum")
 
 
 class CurvatureOperator:

@@ -38,6 +38,7 @@ from .layers import (
     layer_diag_fisher,
     per_sample_layer_grads,
 )
+from .linalg import sym_gram
 from .memory import check_dense_size
 from .tree import tree_leaves, tree_map
 
@@ -53,7 +54,6 @@ __all__ = [
     "module_of",
     "output_hessian_columns",
     "rows_shaped",
-    "sym_gram",
     "unflat",
 ]
 
@@ -289,25 +289,6 @@ def module_indices(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {m: torch.cat(idx) for m, idx in offsets.items()}
 
 
-def sym_gram(R: Tensor, width: int = 256) -> Tensor:
-    """RᵀR for ``R`` ``[M, P]``, exactly symmetric: column blocks of about ``width`` (at most 8),
-    the products of the upper block triangle only, mirrored: (b+1)/(2b) of the GEMM work."""
-    P = R.shape[1]
-    b = min(8, P // width)
-    if b < 2:
-        M = R.T @ R
-        return (M + M.T) / 2
-    edges = [round(i * P / b) for i in range(b + 1)]
-    M = R.new_empty(P, P)
-    for i in range(b):
-        rows_i = slice(edges[i], edges[i + 1])
-        M[rows_i, edges[i]:] = R[:, rows_i].T @ R[:, edges[i]:]
-        Mii = M[rows_i, rows_i]
-        M[rows_i, rows_i] = (Mii + Mii.T) / 2
-    for i in range(b - 1):
-        rows_i = slice(edges[i], edges[i + 1])
-        M[edges[i + 1]:, rows_i] = M[rows_i, edges[i + 1]:].T
-    return M
 
 
 def rows_shaped(rows: Tensor, weights: Tensor, params: Mapping[str, Tensor], scale: float, shape: str):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..capture import EMPTY_BATCH
 from ..memory import check_dense_size
+from ._layer_pass import linear_or_conv_reason
 from .state_packing import PACKABLE
 
 __all__ = [
@@ -196,9 +197,8 @@ def _kron_mismatches(maker: Any, state: Mapping, out: list[str]) -> None:
             sides = _KRON_SIDES.get(packed.get("__dataclass__"))
             module = layers[name]
             weight = getattr(module, "weight", None)
-            # weights laid out [d_out, d_in, *kernel] (not the transposed convolutions' [d_in, d_out, ...])
-            plain_layout = isinstance(module, nn.Linear) or (
-                isinstance(module, nn.modules.conv._ConvNd) and not getattr(module, "transposed", False))
+            # weights laid out [d_out, d_in, *kernel] (the registry's plain affine layers)
+            plain_layout = linear_or_conv_reason(module) is None
             if sides is None or not isinstance(weight, Tensor) or not plain_layout:
                 continue
             A, B = packed.get(sides[0]), packed.get(sides[1])
