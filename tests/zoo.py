@@ -62,6 +62,26 @@ class DecoderBlock(nn.Module):
         return self.head(self.dec(x, torch.tanh(self.mem(x[:, :3]))).mean(1))
 
 
+class CrossKV(nn.Module):
+    """Three queries made from the first tokens attend to the raw tokens through a
+    MultiheadAttention with separate q/k/v weights (kdim = vdim = 5 ≠ E = 4), learned ``bias_k`` /
+    ``bias_v``, a zero key, sequence-first, the last token padded out; pooled, linear head."""
+
+    def __init__(self, c=5, d=4, classes=3):
+        super().__init__()
+        self.q = nn.Linear(c, d)
+        self.att = nn.MultiheadAttention(d, 2, kdim=c, vdim=c, add_bias_kv=True, add_zero_attn=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        q = torch.tanh(self.q(x[:, :3])).transpose(0, 1)
+        kv = x.transpose(0, 1)
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        out, _ = self.att(q, kv, torch.tanh(kv), key_padding_mask=pad)
+        return self.head(out.mean(0))
+
+
 class UNetLike(nn.Module):
     """Conv down (stride 2), ConvTranspose2d up, a skip connection, 1x1 conv head."""
 
@@ -106,6 +126,8 @@ def build(name: str, n: int = 4, seed: int = 0):
         model, x, C = GPTBlock(tied=True), _ids(n, 5, 11, g), 11
     elif name == "decoder":
         model, x, C = DecoderBlock(), torch.randn(n, 5, 6, generator=g), 3
+    elif name == "cross_kv":
+        model, x, C = CrossKV(), torch.randn(n, 4, 5, generator=g), 3
     elif name == "hand_attention":
         model, x, C = HandAttention(), torch.randn(n, 4, 6, generator=g), 3
     elif name == "lstm":
@@ -145,4 +167,4 @@ def build(name: str, n: int = 4, seed: int = 0):
     return model, x, y, C
 
 
-NAMES = ("gpt", "gpt_tied", "decoder", "hand_attention", "lstm", "conv1d", "conv3d", "unet", "resnet_bn", "frozen_weight", "frozen_bias")
+NAMES = ("gpt", "gpt_tied", "decoder", "cross_kv", "hand_attention", "lstm", "conv1d", "conv3d", "unet", "resnet_bn", "frozen_weight", "frozen_bias")

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import as_tuple, call_model, check_params
-from .layers.registry import LayerHandler, handler_for, registered_layers
+from .layers.registry import LayerHandler, handler_for, part_name, registered_layers
 from .losses import Likelihood, get_likelihood
 
 __all__ = [
@@ -82,20 +82,30 @@ def _unsupported_reason(module: nn.Module) -> str:
 
 @dataclass
 class ModuleInfo:
-    """Where a module's parameters sit in ``params``: ``{"weight": key, "bias": key}``;
-    ``kind``: its handler's family; ``handler``: the registry's handler (looked up when omitted)."""
+    """One layer the capture records: ``name`` (the module's, or ``"<module>.<part>"`` for a part of
+    a module holding several layers, see :class:`~curvfun.layers.LayerPart`), the module, ``kind``
+    (its handler's family), ``keys``: where its parameters sit in ``params`` by role
+    (``{"weight": key, "bias": key}``), ``handler`` (looked up when omitted), ``part`` (``""``: the
+    whole module) and ``attrs``: role -> the module's attribute (the part's, by default)."""
 
     name: str
     module: nn.Module
     kind: str
     keys: dict[str, str]
     handler: LayerHandler | None = None
+    part: str = ""
+    attrs: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.handler is None:
             self.handler = handler_for(self.module)
             if self.handler is None:
                 raise ValueError(f"module {self.name!r} ({type(self.module).__name__}) has no registered layer handler")
+        if self.attrs is None:
+            part = next((p for p in self.handler.parts(self.module) if p.name == self.part), None)
+            if part is None:
+                raise ValueError(f"{self.handler.name} has no part {self.part!r} for module {self.name!r}")
+            self.attrs = dict(part.params)
 
 
 def supported_modules(
@@ -105,9 +115,10 @@ def supported_modules(
 
     Parameters are matched to modules by identity (tied weights included), never by
     position. A module is supported when the layer registry has a handler for it that can capture
-    its configuration and covers every parameter it owns. Returns ``(supported, unsupported)``
-    with ``unsupported[name] = (reason, [param keys])``; a parameter held directly by the root
-    module is reported under ``""``.
+    its configuration and covers every parameter it owns. Returns ``(supported, unsupported)``:
+    ``supported`` by layer name (the module's, or ``"<module>.<part>"`` for each part of a module
+    holding several layers), ``unsupported[module name] = (reason, [param keys])``; a parameter held
+    directly by the root module is reported under ``""``.
     """
     keys_by_id: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -125,11 +136,21 @@ def supported_modules(
         if not own:
             continue
         h = handler_for(module)
-        roles = {} if h is None else {h.role_of(pname): key for pname, key in own.items()}
-        if h is None or h.reason(module) is not None or None in roles:
+        if h is None or h.reason(module) is not None:
             unsupported[mname] = (_unsupported_reason(module), sorted(own.values()))
-        else:
-            supported[mname] = ModuleInfo(mname, module, h.family, roles, h)
+            continue
+        parts = h.parts(module)
+        found = {pname: h.role_of(pname, module) for pname in own}
+        if None in found.values():
+            stray = sorted(k for k, v in found.items() if v is None)
+            unsupported[mname] = (f"{type(module).__name__} with parameters {stray} its handler "
+                                  f"{h.name} does not cover", sorted(own.values()))
+            continue
+        for part in parts:
+            keys = {role: own[pname] for pname, (pn, role) in found.items() if pn == part.name}
+            if keys:
+                name = part_name(mname, part.name)
+                supported[name] = ModuleInfo(name, module, h.family, keys, h, part.name, dict(part.params))
     return supported, unsupported
 
 
@@ -246,8 +267,7 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
             rec._detached_now = False
             if not (isinstance(x, Tensor) and wants(rec.info.name, x)) or _saved_tensor_hooks_active():
                 return
-            attrs = rec.info.handler.params.values()
-            own = {k: module._parameters[k] for k in attrs if module._parameters.get(k) is not None}
+            own = {k: module._parameters[k] for k in rec.info.attrs.values() if module._parameters.get(k) is not None}
             swapped[rec.info.name] = own
             rec._detached_now = True
             for k, p in own.items():
@@ -272,15 +292,20 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
         return hook
 
     try:
+        by_module: dict[int, list[LayerRecord]] = {}
         for rec in records.values():
-            module = rec.module
-            if callable(detach) or rec.info.name in detach:
-                handles.append(module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
-            override = rec.info.handler.forward_override(module)
-            if override is not None:
-                module.forward = functools.partial(override, rec)
+            by_module.setdefault(id(rec.module), []).append(rec)
+        for recs in by_module.values():
+            module = recs[0].module
+            override = recs[0].info.handler.forward_override(module)
+            if override is not None:  # a module holding several parts records them all in its forward
+                single = len(recs) == 1 and recs[0].info.part == ""
+                module.forward = functools.partial(override, recs[0] if single else {r.info.part: r for r in recs})
                 overridden.append(module)
-            handles.append(module.register_forward_hook(make_hook(rec, override is not None), with_kwargs=True))
+            for rec in recs:
+                if callable(detach) or rec.info.name in detach:
+                    handles.append(module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
+                handles.append(module.register_forward_hook(make_hook(rec, override is not None), with_kwargs=True))
         yield records
     finally:
         for h in handles:

@@ -88,10 +88,11 @@ def _fast_grads_preferred(rec) -> bool:
     """Whether a squared norm is cheaper from the formed gradients (handler fast path, O(T·d·o))
     than from T x T Grams, for an affine record with positions."""
     m, h = rec.module, rec.info.handler
-    if h.family != "affine" or type(h).per_sample_grads is LayerHandler.per_sample_grads or not rec.grads:
+    if (h.family != "affine" or type(h).per_sample_grads is LayerHandler.per_sample_grads or not rec.grads
+            or "weight" not in rec.info.attrs):
         return False
     T = sum(y[0, 0, 0].numel() for y in rec.grads)
-    w = getattr(m, h.params["weight"])
+    w = getattr(m, rec.info.attrs["weight"])
     G = h.groups(m)
     o = w.shape[0] // G if h.weight_layout(m) == "" else w.shape[1]
     return prefers_materialising(T, w.numel() // (G * o), o)

@@ -73,8 +73,10 @@ def kfac(
     module's own (see :mod:`curvfun.reduction`): B is multiplied by N·factor, so that A⊗B
     approximates the curvature of that reduced loss (:func:`curvfun.dataset.scale_factor`).
 
-    Returns ``{module name (as in model.named_modules()): factor}`` with :class:`KronFactor`
-    for affine layers (Linear, convolutions, attention's packed in-projection; wrapped in a
+    Returns ``{module name (as in model.named_modules()): factor}``, a module holding several
+    layers giving one entry per part, ``"<module>.<part>"`` (MultiheadAttention with kdim/vdim:
+    ``att.q_proj_weight``, ... ``att.in_proj_bias``; see :mod:`curvfun.layers.attention`), with
+    :class:`KronFactor` for affine layers (Linear, convolutions, attention's projections; wrapped in a
     :class:`RelaidFactor` for transposed convolutions), :class:`EmbeddingFactor`, and
     :class:`UnitWiseFactor` for norm layers. Unsupported modules are named in a warning (``on_unsupported="raise"`` makes it
     an error, ``"ignore"`` silences it). Embedding always uses K-FAC-expand. Cost: one

@@ -39,13 +39,15 @@ def rows_gram(U: Tensor) -> Tensor:
     return U @ U.T
 
 
-def layer_gram(a: Tensor, g: Tensor, has_bias: bool) -> Tensor:
-    """The N x N Gram matrix of one Linear / Conv2d layer's per-sample gradients from its
-    captured inputs ``a`` ``[N, G, T, d_in]`` and per-sample output-gradients ``g``
+def layer_gram(a: Tensor, g: Tensor, has_bias: bool, has_weight: bool = True) -> Tensor:
+    """The N x N Gram matrix of one affine layer's per-sample gradients (weight and / or bias)
+    from its captured inputs ``a`` ``[N, G, T, d_in]`` and per-sample output-gradients ``g``
     ``[N, G, T, d_out]`` (see the module docstring for the formula and cost)."""
     N, Gr, T, d = a.shape
     o = g.shape[-1]
-    if T == 1:
+    if not has_weight:
+        K = g.new_zeros(N, N)
+    elif T == 1:
         a2, g2 = a.reshape(N, Gr, d).transpose(0, 1), g.reshape(N, Gr, o).transpose(0, 1)  # [G, N, d]
         K = ((a2 @ a2.transpose(1, 2)) * (g2 @ g2.transpose(1, 2))).sum(0)
     elif T * T * (d + o) <= T * d * o + N * d * o:

@@ -129,7 +129,7 @@ def unit_wise_from_dense(M: Tensor, params: Mapping[str, Tensor], infos: Mapping
     out = {}
     for name, info in infos.items():
         m, h = info.module, info.handler
-        W = getattr(m, h.params["weight"])
+        W = getattr(m, info.attrs["weight" if "weight" in info.attrs else "bias"])  # a part may hold a bias only
         flat = torch.arange(W.numel()).reshape(W.shape)  # each weight entry's index, as units x fan-in
         layout, G = "", 1
         if info.kind in _WEIGHT_KINDS:
@@ -142,6 +142,7 @@ def unit_wise_from_dense(M: Tensor, params: Mapping[str, Tensor], infos: Mapping
         if "bias" in info.keys:
             cols.append(offsets[info.keys["bias"]] + torch.arange(rows.shape[0]).unsqueeze(1))
         idx = torch.cat(cols, 1).to(M.device)  # [C, p]
-        out[name] = _as_factor(M[idx.unsqueeze(2), idx.unsqueeze(1)], info.kind, tuple(W.shape),
+        out[name] = _as_factor(M[idx.unsqueeze(2), idx.unsqueeze(1)], info.kind,
+                               tuple(W.shape) if "weight" in info.attrs else (),
                                "bias" in info.keys, "weight" in info.keys, layout, G)
     return out

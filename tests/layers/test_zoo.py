@@ -126,27 +126,6 @@ def test_cross_attention_is_captured_as_three_groups(bias, kv_same):
     assert f["att"].B.shape == (3, 4, 4) and "att.out_proj" in f
 
 
-def test_attention_with_kdim_falls_back_exactly_and_is_named():
-    class KV(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.att = nn.MultiheadAttention(4, 2, batch_first=True, kdim=3, vdim=3)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x, m):
-            return self.head(self.att(x, m, m)[0].mean(1))
-
-    torch.manual_seed(0)
-    model = KV().double().eval()
-    x, m, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 2, 3, dtype=torch.float64), torch.tensor([0, 1, 1])
-    params = dict(model.named_parameters())
-    cap = capture(model, params, (x, m), y, fisher_type="emp")
-    assert "kdim/vdim" in cap.unsupported["att"][0]
-    with pytest.warns(CaptureFallbackWarning, match=r"att.out_proj \(parameter"):
-        got = curvfun.per_sample_grads(model, params, (x, m), y)
-    checks.assert_close_trees(got, ref.per_sample_grads(model, params, (x, m), y), **TOL, what="kdim/vdim fallback")
-
-
 @pytest.mark.parametrize("conv", [
     lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
     lambda: nn.ConvTranspose2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),

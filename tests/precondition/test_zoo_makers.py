@@ -42,6 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_maker_runs_the_readme_loop_on_the_zoo(maker, name):
     model, x, y, _ = build(name, n=6)
     frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
+    start = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     config = P.PreconditioningConfig(data_size=len(y), damping=0.1)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = []
@@ -60,9 +61,35 @@ def test_maker_runs_the_readme_loop_on_the_zoo(maker, name):
         if k in frozen:
             assert torch.equal(p, frozen[k]), k
     if maker == "newton":  # a saddle-seeking step on a non-convex loss: it must move and stay finite
-        assert min(losses) < losses[0], losses
+        assert all(not torch.equal(p, start[k]) for k, p in model.named_parameters() if k in start)
     else:
         assert losses[-1] < losses[0], losses
+
+
+CURVATURE_MAKERS = ("kfac", "kfac_mc", "ekfac", "lowrank", "diag", "unitwise", "layerwise", "full", "emp")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("maker", CURVATURE_MAKERS)
+def test_every_preconditioned_layer_gets_curvature_or_is_named(maker, name):
+    """A layer a curvature maker lists as preconditioned has curvature after a curvature step,
+    or a warning names it (a layer listed but silently left with the plain gradient is the
+    defect): MultiheadAttention's projections, out_proj and every part of a split attention."""
+    model, x, y, _ = build(name, n=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = MAKERS[maker](model, P.PreconditioningConfig(damping=0.1))
+        dummy_y = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+        gm.forward_and_backward()
+    named = " ".join(str(w.message) for w in caught)
+    have = set(gm.curvature) | set(getattr(gm, "lowrank", {})) | set(getattr(gm, "full_names", ()))
+    silent = [n for n in gm.preconditioned_modules if n not in have and repr(n) not in named]
+    assert not silent, silent
+    attention = [n for n, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    for a in attention:
+        assert a not in gm.plain_modules, gm.plain_modules[a]
+        assert any(n.startswith(a) and n in have for n in gm.preconditioned_modules if n != f"{a}.out_proj")
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])

@@ -2,8 +2,9 @@
 
 One handler per layer type (:mod:`.linear`, :mod:`.conv`, :mod:`.conv_transpose`,
 :mod:`.embedding`, :mod:`.norm`, :mod:`.attention`) arranges what the capture recorded for a
-module into its family's canonical form; the family math (:mod:`.affine`, and the functions of
-:mod:`.embedding` / :mod:`.norm`) is written once per family. :func:`register_layer` adds a
+module (or for each of its parts, :class:`LayerPart`) into its family's canonical form; the family
+math (:mod:`.affine`, and the functions of :mod:`.embedding` / :mod:`.norm`) is written once per
+family. :func:`register_layer` adds a
 module class (a user's own included); :func:`handler_for` is the one lookup every route uses.
 """
 
@@ -26,10 +27,19 @@ from .data import (
 from .embedding import EmbeddingHandler
 from .linear import LinearHandler
 from .norm import NormHandler
-from .registry import FAMILIES, LayerHandler, handler_for, register_layer, registered_layers, unregister_layer
+from .registry import (
+    FAMILIES,
+    LayerHandler,
+    LayerPart,
+    handler_for,
+    part_name,
+    register_layer,
+    registered_layers,
+    unregister_layer,
+)
 
 __all__ = [
-    "FAMILIES", "LayerHandler", "register_layer", "unregister_layer", "registered_layers", "handler_for",
+    "FAMILIES", "LayerHandler", "LayerPart", "part_name", "register_layer", "unregister_layer", "registered_layers", "handler_for",
     "LayerData", "layer_data", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
     "layer_diag_fisher", "layer_column_rows", "im2col",
 ]

@@ -1,17 +1,28 @@
-"""``nn.MultiheadAttention`` (and so ``nn.Transformer*Layer``): the packed input projection as an
-affine layer, ``out_proj`` as the Linear it is.
+"""``nn.MultiheadAttention`` (and so ``nn.Transformer*Layer``): its input projections as affine
+layers, ``out_proj`` as the Linear it is.
 
-``F.multi_head_attention_forward`` reads ``in_proj_weight`` and ``out_proj.weight`` directly, so
-neither is seen by a plain forward hook. While recorded, the module runs the same computation
-written with an explicit projection ``qkv = x W_inᵀ + b_in`` (recorded as one affine call over the
-T positions: K-FAC-expand, as for a Linear on sequences) and a *call* of ``out_proj`` (recorded by
-its own handler). Self-attention (``query is key is value``) is one affine map ``[N, T, E] -> 3E`` (B is 3E x 3E);
-cross-attention is three groups of the packed weight (q on the query, k and v on key and value,
-each zero-padded to the longest sequence and counted by its own positions). Batched input and
-packed weights only (no kdim/vdim or ``bias_k``/``bias_v``; ``add_zero_attn`` is handled); any other call runs
-the original forward unrecorded, and its parameters are reported as not captured (they take the
-exact fallback).
-Attention dropout in train mode draws its own mask (curvature with dropout is a sample anyway).
+``F.multi_head_attention_forward`` reads the projection weights and ``out_proj.weight`` directly,
+so none is seen by a plain forward hook. While recorded, the module runs the same computation
+written with explicit projections (each recorded as an affine call over its T positions:
+K-FAC-expand, as for a Linear on sequences) and a *call* of ``out_proj`` (recorded by its own
+handler). The layers (:meth:`MultiheadAttentionHandler.parts`):
+
+* packed weights (``kdim = vdim = E``): one layer, ``in_proj_weight`` ``[3E, E]`` and
+  ``in_proj_bias``. Self-attention (``query is key is value``) is one affine map
+  ``[N, T, E] -> 3E`` (B is 3E x 3E); cross-attention is three groups of the packed weight (q on
+  the query, k and v on key and value, each zero-padded to the longest sequence and counted by
+  its own positions);
+* separate weights (``kdim`` or ``vdim`` ≠ E): ``q_proj_weight`` ``[E, E]``, ``k_proj_weight``
+  ``[E, kdim]`` and ``v_proj_weight`` ``[E, vdim]``, each a weight-only affine map on its own
+  input, and ``in_proj_bias`` as the bias of the three: an affine map of the constant input 1 in
+  three groups (A = 1, B per projection). Their bias is therefore always a separate block, also
+  under ``bias="folded"``;
+* ``add_bias_kv``: ``bias_k`` and ``bias_v`` ``[1, 1, E]`` are the key and value appended at one
+  extra position, each an affine map of the constant input 1 there.
+
+``add_zero_attn`` is handled. An unbatched call runs the original forward unrecorded, and its
+parameters are reported as not captured (they take the exact fallback). Attention dropout in
+train mode draws its own mask (curvature with dropout is a sample anyway).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .linear import tokens_as_positions
-from .registry import LayerHandler
+from .registry import LayerHandler, LayerPart
 
 __all__ = ["MultiheadAttentionHandler", "attention_core"]
 
@@ -70,17 +81,20 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, heads: int, attn_mask: Tenso
 
 
 class MultiheadAttentionHandler(LayerHandler):
-    """The packed ``in_proj`` of ``nn.MultiheadAttention``: weight ``[3E, E]``, bias ``[3E]``."""
+    """``nn.MultiheadAttention``'s input projections (see the module docstring for its layers)."""
 
     family = "affine"
     params = {"weight": "in_proj_weight", "bias": "in_proj_bias"}
 
-    def reason(self, module: nn.Module) -> str | None:
-        if not module._qkv_same_embed_dim:
-            return "MultiheadAttention with kdim/vdim (separate q/k/v weights)"
+    def parts(self, module: nn.Module) -> tuple[LayerPart, ...]:
+        if module._qkv_same_embed_dim:
+            parts = [LayerPart("", self.params)]
+        else:
+            parts = [LayerPart(f"{x}_proj_weight", {"weight": f"{x}_proj_weight"}) for x in "qkv"]
+            parts.append(LayerPart("in_proj_bias", {"bias": "in_proj_bias"}))
         if module.bias_k is not None:
-            return "MultiheadAttention with add_bias_kv (bias_k / bias_v are not projections)"
-        return None
+            parts += [LayerPart("bias_k", {"bias": "bias_k"}), LayerPart("bias_v", {"bias": "bias_v"})]
+        return tuple(parts)
 
     def arrange(self, module: nn.Module, inputs, grads):
         return tokens_as_positions(inputs, grads)
@@ -89,10 +103,11 @@ class MultiheadAttentionHandler(LayerHandler):
         return 1
 
     def arrange_record(self, record):
-        """Self-attention: one affine map ``[N, 1, T, E] -> 3E``. Cross-attention: three groups
-        (q from the query, k and v from key and value) ``[N, 3, T, E]``, each zero-padded to the
-        longest and counted by its own positions."""
-        if record.mode != "cross":
+        """The packed projection in self-attention, a separate projection, ``bias_k`` / ``bias_v``:
+        one affine map ``[N, 1, T, d]``. The packed projection in cross-attention and the separate
+        projections' ``in_proj_bias``: three groups (q, k, v; their calls come in that order)
+        ``[N, 3, T, d]``, each zero-padded to the longest and counted by its own positions."""
+        if not (record.info.part == "in_proj_bias" or (record.info.part == "" and record.mode == "cross")):
             return (*tokens_as_positions(record.inputs, record.grads), None)
         parts = [tokens_as_positions(record.inputs[j::3], None if record.grads is None else record.grads[j::3])
                  for j in range(3)]
@@ -109,26 +124,54 @@ class MultiheadAttentionHandler(LayerHandler):
     def forward_override(self, module: nn.Module):
         original = type(module).forward
 
-        def forward(rec, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+        def forward(recs, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
+            recs = recs if isinstance(recs, dict) else {"": recs}
             mode = "self" if (query is key and key is value) else "cross"
-            if query.ndim != 3 or (rec.mode is not None and rec.mode != mode):
-                rec.not_captured("called on an unbatched input" if query.ndim != 3 else
-                                 "called both as self- and as cross-attention in one pass")
+            packed = recs.get("")
+            why = ("called on an unbatched input" if query.ndim != 3 else
+                   "called both as self- and as cross-attention in one pass"
+                   if packed is not None and packed.mode not in (None, mode) else None)
+            if why is not None:
+                for r in recs.values():
+                    r.not_captured(why)
                 return original(module, query, key, value, key_padding_mask=key_padding_mask,
                                 need_weights=need_weights, attn_mask=attn_mask,
                                 average_attn_weights=average_attn_weights, is_causal=is_causal)
-            rec.mode = mode
+            if packed is not None:
+                packed.mode = mode
+
+            def affine(part: str, x: Tensor, W: Tensor | None, b: Tensor | None, y: Tensor | None = None) -> Tensor:
+                """``x Wᵀ + b`` (or the given ``y``), recorded as a call of ``part`` when it has a record."""
+                y = F.linear(x, W, b) if y is None else y
+                r = recs.get(part)
+                return y if r is None else r.add_call(x, y)
+
             bf = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
             x = bf(query)
             if is_causal and attn_mask is None:
                 attn_mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
-            W, b = module.in_proj_weight, module.in_proj_bias
-            if mode == "self":
-                q, k, v = rec.add_call(x, F.linear(x, W, b)).chunk(3, -1)
-            else:  # three affine maps of one packed weight, each on its own input (recorded in turn)
-                Ws, bs = W.chunk(3), (None,) * 3 if b is None else b.chunk(3)
-                q, k, v = (rec.add_call(t, F.linear(t, Wj, bj)) for t, Wj, bj in zip((x, bf(key), bf(value)), Ws, bs))
+            b = module.in_proj_bias
+            bs = (None,) * 3 if b is None else b.chunk(3)
+            if module._qkv_same_embed_dim:
+                W = module.in_proj_weight
+                if mode == "self":
+                    q, k, v = affine("", x, W, b).chunk(3, -1)
+                else:  # three affine maps of one packed weight, each on its own input (recorded in turn)
+                    q, k, v = (affine("", t, Wj, bj) for t, Wj, bj in zip((x, bf(key), bf(value)), W.chunk(3), bs))
+            else:  # three weights, and the bias of the three as a map of the constant 1 (recorded in turn)
+                ins = (x, bf(key), bf(value))
+                q, k, v = (affine(f"{n}_proj_weight", t, getattr(module, f"{n}_proj_weight"), None)
+                           for n, t in zip("qkv", ins))
+                if b is not None:
+                    q, k, v = (affine("in_proj_bias", t.new_ones(*t.shape[:-1], 1), None, None, y + bj)
+                               for t, y, bj in zip(ins, (q, k, v), bs))
+            if module.bias_k is not None:  # a learned key and value appended at one more position
+                one = x.new_ones(x.shape[0], 1, 1)
+                k = torch.cat([k, affine("bias_k", one, None, None, module.bias_k.reshape(1, 1, -1).expand(x.shape[0], 1, -1))], 1)
+                v = torch.cat([v, affine("bias_v", one, None, None, module.bias_v.reshape(1, 1, -1).expand(x.shape[0], 1, -1))], 1)
+                attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+                key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
             if module.add_zero_attn:  # one all-zero key and value appended, visible to every query
                 k, v = (torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], 1) for t in (k, v))
                 attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))

@@ -6,7 +6,7 @@ the functions below dispatch on the *family* only (see :mod:`curvfun.layers.regi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,18 +35,26 @@ class LayerData:
     has_bias: bool
     has_weight: bool = True  # False when params holds only the bias (the weight held fixed)
     layout: str = ""
-    #: the weight's attribute on the module (``"in_proj_weight"`` for attention)
-    weight_attr: str = "weight"
+    #: the weight's attribute on the module (``"in_proj_weight"`` for attention; ``None``: a part without one)
+    weight_attr: str | None = "weight"
     #: affine groups zero-padded to a common T: the true positions per group ``[G]`` (else None)
     group_positions: Tensor | None = None
+    #: the bias's attribute on the module (``None``: the layer has none)
+    bias_attr: str | None = "bias"
 
     @property
     def batch_size(self) -> int:
         return self.a.shape[0]
 
     @property
+    def bias_shape(self) -> tuple:
+        """The bias parameter's shape (``bias_k`` of attention is ``[1, 1, E]``; ``()`` without one)."""
+        b = None if self.bias_attr is None else getattr(self.module, self.bias_attr, None)
+        return () if b is None else tuple(b.shape)
+
+    @property
     def weight_shape(self) -> tuple:
-        return tuple(getattr(self.module, self.weight_attr).shape)
+        return () if self.weight_attr is None else tuple(getattr(self.module, self.weight_attr).shape)
 
 
 def layer_data(rec: "LayerRecord", weights: Tensor | None = None) -> LayerData:
@@ -62,7 +70,7 @@ def layer_data(rec: "LayerRecord", weights: Tensor | None = None) -> LayerData:
         weights = None if weights is None else weights.to(device=g.device if g is not None else a.device, dtype=dt)
     layout = h.weight_layout(rec.module) if h.family == "affine" else ""
     return LayerData(h.family, rec.module, a, g, weights, "bias" in rec.info.keys, "weight" in rec.info.keys, layout,
-                     h.params.get("weight", "weight"), positions)
+                     rec.info.attrs.get("weight"), positions, rec.info.attrs.get("bias"))
 
 
 def homogeneous_inputs(ld: LayerData) -> Tensor:
@@ -94,9 +102,14 @@ def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) 
     parameters in ``params`` from the first column; into ``out[...]`` buffers when given."""
     g, out = _col0(ld), out or {}
     m = ld.module
-    if ld.kind == "affine":
-        return affine.per_sample_grads(ld.a, g, ld.weight_shape if ld.has_weight else None, ld.has_bias, ld.layout,
-                                       out if ld.has_weight else {k: v for k, v in out.items() if k != "weight"})
+    if ld.kind == "affine":  # the family's bias is [N, G·o]: as the parameter's shape
+        bufs = {k: v.reshape(v.shape[0], -1) if k == "bias" else v for k, v in out.items()
+                if ld.has_weight or k != "weight"}
+        res = affine.per_sample_grads(ld.a, g, ld.weight_shape if ld.has_weight else None, ld.has_bias, ld.layout,
+                                      bufs)
+        if "bias" in res:
+            res["bias"] = res["bias"].reshape(res["bias"].shape[0], *ld.bias_shape)
+        return res
     if ld.kind == "embedding":
         return {"weight": embedding.per_sample_grads(ld.a, g, m.num_embeddings, m.padding_idx, out.get("weight"))}
     res = norm.per_sample_grads(ld.a, g, ld.weight_shape if ld.has_weight else None,
@@ -116,8 +129,7 @@ def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:
 
 def column(ld: LayerData, k: int) -> LayerData:
     """The layer data restricted to output-gradient column ``k`` (weight not applied)."""
-    return LayerData(ld.kind, ld.module, ld.a, ld.g[k : k + 1], None, ld.has_bias, ld.has_weight, ld.layout,
-                     ld.weight_attr, ld.group_positions)
+    return replace(ld, g=ld.g[k : k + 1], weights=None)
 
 
 def layer_diag_fisher(ld: LayerData) -> dict[str, Tensor]:
@@ -128,8 +140,11 @@ def layer_diag_fisher(ld: LayerData) -> dict[str, Tensor]:
         raise ValueError("a diagonal Fisher needs output gradients and column weights")
     N = ld.batch_size
     if ld.kind == "affine":
-        return affine.diag_fisher(ld.a, ld.g, ld.weights, N, ld.weight_shape if ld.has_weight else None,
-                                  ld.has_bias, ld.layout)
+        res = affine.diag_fisher(ld.a, ld.g, ld.weights, N, ld.weight_shape if ld.has_weight else None,
+                                 ld.has_bias, ld.layout)
+        if "bias" in res:
+            res["bias"] = res["bias"].reshape(ld.bias_shape)
+        return res
     acc: dict[str, Tensor] = {}
     for k in range(ld.g.shape[0]):
         for p, gp in per_sample_layer_grads(column(ld, k)).items():

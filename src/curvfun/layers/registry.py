@@ -13,15 +13,35 @@ else): it is unsupported unless registered itself, and its parameters take the e
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["FAMILIES", "LayerHandler", "register_layer", "unregister_layer", "handler_for", "registered_layers"]
+__all__ = ["FAMILIES", "LayerPart", "LayerHandler", "register_layer", "unregister_layer", "handler_for",
+           "registered_layers", "part_name"]
 
 #: ``"affine"``: a = ``[N, G, T, d_in]``, g = ``[K, N, G, T, d_out]``, weight gradient Σ_t g aᵀ per group;
 #: ``"embedding"``: ids ``[N, T]``, g ``[K, N, T, D]``; ``"norm"``: x̂ ``[N, T, C]``, g ``[K, N, T, C]``.
 FAMILIES = ("affine", "embedding", "norm")
+
+
+@dataclass(frozen=True)
+class LayerPart:
+    """One layer of a module that holds several (``nn.MultiheadAttention`` with separate q/k/v
+    weights: three weight-only affine maps and the bias of all three): ``name`` is what follows the
+    module's name in the layer's name (``""``: the module itself), ``params`` maps role -> attribute
+    of the parameters it owns. Every parameter of the module belongs to exactly one part, whole."""
+
+    name: str
+    params: Mapping[str, str]
+
+
+def part_name(module_name: str, part: str) -> str:
+    """The name of a module's part as a layer: ``"att.q_proj_weight"`` (the module's own: its name)."""
+    if not part:
+        return module_name
+    return f"{module_name}.{part}" if module_name else part
 
 
 class LayerHandler:
@@ -30,7 +50,8 @@ class LayerHandler:
     :func:`register_layer` the module class with an instance.
 
     Affine handlers may override :meth:`weight_layout` when the weight is not stored as the
-    ``[G·d_out, d_in]`` matrix the canonical form multiplies (transposed convolutions)."""
+    ``[G·d_out, d_in]`` matrix the canonical form multiplies (transposed convolutions). A module
+    whose parameters form several layers declares them in :meth:`parts`."""
 
     family: ClassVar[str] = "affine"
     #: role -> attribute name of the parameters the handler covers (the family math speaks of
@@ -71,12 +92,22 @@ class LayerHandler:
     def forward_override(self, module: nn.Module) -> Callable | None:
         """Optional: a replacement for ``module.forward`` used while the module is recorded, for
         modules that use their own (or their children's) parameters outside a plain call (see
-        :mod:`curvfun.layers.attention`). It receives ``(record, *args, **kwargs)``."""
+        :mod:`curvfun.layers.attention`). It receives ``(record, *args, **kwargs)``; for a module
+        recorded as several parts (:meth:`parts`), ``{part name: record}`` of the parts being
+        recorded (a part whose parameters are all left out of ``params`` has none)."""
         return None
 
-    def role_of(self, attribute: str) -> str | None:
-        """The role of parameter ``attribute`` (``None``: not covered)."""
-        return next((r for r, a in self.params.items() if a == attribute), None)
+    def parts(self, module: nn.Module) -> tuple[LayerPart, ...]:
+        """The layers ``module``'s parameters form (default: one, the module, with :attr:`params`).
+        Each part gets its own record (:class:`~curvfun.capture.LayerRecord`, whose ``info.part``
+        says which), its own factors and its own entry in the makers."""
+        return (LayerPart("", self.params),)
+
+    def role_of(self, attribute: str, module: nn.Module | None = None) -> tuple[str, str] | None:
+        """``(part, role)`` of parameter ``attribute`` (of ``module``, whose configuration decides
+        the parts; ``None``: the handler's default part), or ``None`` when no part covers it."""
+        parts = self.parts(module) if module is not None else (LayerPart("", self.params),)
+        return next(((p.name, r) for p in parts for r, a in p.params.items() if a == attribute), None)
 
     @property
     def name(self) -> str:

@@ -41,18 +41,22 @@ def linear_or_conv_reason(module: nn.Module, maker: str | None = None) -> str | 
 
 
 def module_infos(modules: Mapping[str, nn.Module]) -> dict[str, ModuleInfo]:
-    """:class:`~curvfun.capture.ModuleInfo` of each module the capture can record (others skipped)."""
+    """:class:`~curvfun.capture.ModuleInfo` of each module the capture can record as one layer
+    covering all its trainable parameters (others skipped: a module its handler splits into parts,
+    e.g. MultiheadAttention with separate q/k/v weights, is left to the caller's exact route)."""
     infos = {}
     for name, m in modules.items():
         kind = layer_kind(m)
         if kind is None:
             continue
-        keys = {
-            local: (f"{name}.{local}" if name else local)
-            for local, p in m.named_parameters(recurse=False)
-            if p.requires_grad and local in ("weight", "bias")
-        }
-        infos[name] = ModuleInfo(name, m, kind, keys)
+        h = handler_for(m)
+        if len(h.parts(m)) != 1:
+            continue
+        own = {local: h.role_of(local, m) for local, p in m.named_parameters(recurse=False) if p.requires_grad}
+        if None in own.values():
+            continue
+        infos[name] = ModuleInfo(name, m, kind, {role: (f"{name}.{local}" if name else local)
+                                                 for local, (_, role) in own.items()})
     return infos
 
 

@@ -7,7 +7,9 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-__all__ = ["unwrap_model", "ModuleAssignment", "assign_modules", "model_structure_signature",
+from ..layers.registry import LayerPart, handler_for, part_name
+
+__all__ = ["unwrap_model", "ModuleAssignment", "assign_modules", "split_parts", "model_structure_signature",
            "describe_structure_change"]
 
 
@@ -59,7 +61,8 @@ def assign_modules(
 ) -> ModuleAssignment:
     """Split the layers of ``model`` into preconditioned and plain ones (pure).
 
-    A *layer* is a leaf module with at least one parameter that requires grad. A layer keeps the
+    A *layer* is a module with at least one parameter that requires grad that is a leaf or has a
+    registered handler (MultiheadAttention holds ``out_proj`` and is a layer). A layer keeps the
     plain gradient when (in this order) it matches ``ignore_modules`` (an instance, a class, or a
     substring of its dotted name; an ignored container instance/class covers the layers inside it),
     when ``is_supported(name, module)`` returns a reason string (None means supported), or when
@@ -91,7 +94,7 @@ def assign_modules(
         parts = name.split(".") if name else []
         chain = [named[".".join(parts[:k])] for k in range(len(parts) + 1) if ".".join(parts[:k]) in named]
         reason = None
-        if len(list(module.children())) > 0:
+        if len(list(module.children())) > 0 and handler_for(module) is None:
             reason = f"parameters held directly by container module {type(module).__name__} (not a leaf layer)"
         if reason is None:
             reason = _ignore_reason(name, chain, entries, used)
@@ -115,6 +118,27 @@ def assign_modules(
     return ModuleAssignment(preconditioned, plain, plain_parameters, unmatched)
 
 
+
+
+def split_parts(preconditioned: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, LayerPart]]:
+    """The layers of ``preconditioned`` with every module its handler splits into several parts
+    (:meth:`~curvfun.layers.LayerHandler.parts`: MultiheadAttention with separate q/k/v weights)
+    replaced by its parts that hold a trainable parameter, named ``"<module>.<part>"`` (pure).
+    Returns ``(name -> module, name -> part)`` for the parts."""
+    layers: dict[str, nn.Module] = {}
+    parts: dict[str, LayerPart] = {}
+    for name, module in preconditioned.items():
+        h = handler_for(module)
+        split = h.parts(module) if h is not None and h.reason(module) is None else ()
+        if len(split) < 2:
+            layers[name] = module
+            continue
+        for part in split:
+            if any(getattr(module, a, None) is not None and getattr(module, a).requires_grad
+                   for a in part.params.values()):
+                pname = part_name(name, part.name)
+                layers[pname], parts[pname] = module, part
+    return layers, parts
 
 
 def model_structure_signature(model: nn.Module) -> tuple:

@@ -65,7 +65,7 @@ from .config import (
     resolve_schedule,
 )
 from ..precision import autocast_state, full_precision
-from ..layers.registry import handler_for
+from ..layers.registry import LayerPart, handler_for
 from .dummy import DummyObject
 from . import guards
 from .assignment import (
@@ -73,6 +73,7 @@ from .assignment import (
     assign_modules,
     describe_structure_change,
     model_structure_signature,
+    split_parts,
     unwrap_model,
 )
 from .interface import GradientMaker
@@ -234,6 +235,9 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     _settings: tuple[str, ...] = ()
     #: state attributes whose tensor shapes depend on the batch (not compared at load)
     _data_shaped_state: tuple[str, ...] = ()
+    #: whether a module holding several layers (:meth:`~curvfun.layers.LayerHandler.parts`) is
+    #: preconditioned as those layers, ``"<module>.<part>"`` (else as one module)
+    _layer_parts: bool = False
 
     def __new__(cls, *args: Any, **kwargs: Any):
         self = super().__new__(cls)
@@ -312,10 +316,14 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         needs its own attributes may set them before ``super().__init__`` or call this again."""
         a = assign_modules(self.model, self.config.ignore_modules, self._unsupported_reason)
         self.preconditioned_modules: dict[str, nn.Module] = a.preconditioned
+        #: the layers that are parts of a module, by layer name (see ``_layer_parts``)
+        self._parts: dict[str, LayerPart] = {}
+        if self._layer_parts:
+            self.preconditioned_modules, self._parts = split_parts(a.preconditioned)
         self.plain_modules: dict[str, str] = a.plain
         self.plain_parameters: dict[str, str] = a.plain_parameters
         self._param_owner = {
-            id(p): (name, role) for name in a.preconditioned for role, p in self.module_params(name).items()
+            id(p): (name, role) for name in self.preconditioned_modules for role, p in self.module_params(name).items()
         }
         self._structure = model_structure_signature(self.model)
         if a.unmatched_ignores:
@@ -352,12 +360,18 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
     def module_params(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable parameters of preconditioned layer ``name`` by their role in the layer
         registry (``"weight"`` / ``"bias"``; MultiheadAttention's ``in_proj_weight`` is its
-        ``"weight"``), or by local name for a module the registry does not serve."""
+        ``"weight"``; a part's, e.g. ``"att.q_proj_weight"``, its own), or by local name for a module
+        the registry does not serve or that holds several parts preconditioned as one."""
         if name not in self.preconditioned_modules:
             raise KeyError(f"{name!r} is not a preconditioned module; these are: {list(self.preconditioned_modules)}")
         m = self.preconditioned_modules[name]
+        part = self._parts.get(name)
+        if part is not None:
+            own = {role: getattr(m, attr, None) for role, attr in part.params.items()}
+            return {role: p for role, p in own.items() if p is not None and p.requires_grad}
         h = handler_for(m)
-        return {(h.role_of(k) if h is not None else None) or k: p
+        whole = h is not None and len(h.parts(m)) == 1
+        return {(h.role_of(k, m) or ("", k))[1] if whole else k: p
                 for k, p in m.named_parameters(recurse=False) if p.requires_grad}
 
     def module_name_of(self, param: Tensor) -> tuple[str, str] | None:

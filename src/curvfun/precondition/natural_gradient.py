@@ -147,6 +147,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
     """Shared plumbing: arguments, the capture pass, EMA, inverses and precondition()."""
 
     _kinds: tuple[str, ...] = ("affine", "embedding", "norm")
+    _layer_parts = True  # MultiheadAttention with separate q/k/v weights: one layer per projection
     _state_attributes = ("curvature", "inverses")
 
     def __init__(
@@ -179,7 +180,9 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         self.inverses: dict[str, Any] = {}
         super().__init__(model, config, seed=seed, inverse_mode=inverse_mode)
         self._infos = {
-            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" if name else k for k in self.module_params(name)})
+            name: ModuleInfo(name, m, layer_kind(m), {k: f"{name}.{k}" if name else k for k in self.module_params(name)},
+                             part=self._parts[name].name if name in self._parts else "",
+                             attrs=dict(self._parts[name].params) if name in self._parts else None)
             for name, m in self.preconditioned_modules.items()
         }
 

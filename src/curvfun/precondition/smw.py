@@ -169,7 +169,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 gs = torch.autograd.grad(ell.sum(), leaves, retain_graph=True, allow_unused=True)
                 for name, data in records_to_data(records, 1.0, list(gs)).items():
                     if data.kind == "affine":
-                        K += layer_gram(data.a, data.g[0], data.has_bias)
+                        K += layer_gram(data.a, data.g[0], data.has_bias, data.has_weight)
                     else:
                         for U in per_sample_layer_grads(data).values():
                             K += rows_gram(U)
