@@ -51,6 +51,7 @@ __all__ = [
     "capture",
     "FISHER_TYPES",
     "CaptureFallbackWarning",
+    "parameter_uses_outside",
 ]
 
 FISHER_TYPES = ("exact", "mc", "emp")
@@ -224,6 +225,53 @@ class Capture:
     unsupported: dict[str, tuple[str, list[str]]]
 
 
+class _ParameterTap(torch.autograd.Function):
+    """The identity on a parameter: its backward node marks a use inside a recorded call (see
+    :func:`parameter_uses_outside`)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor) -> Tensor:
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+def parameter_uses_outside(records: Mapping[str, LayerRecord], roots: Collection[Any]) -> dict[str, list[str]]:
+    """The layers whose parameters reach ``roots`` (the loss, the output) other than through their
+    recorded calls, with the attributes used so: a tied embedding read as ``h @ E.T``, a weight
+    read directly or penalised in the loss. The calls must have been recorded with ``tap=True``
+    or detached (:func:`record_layers`): every in-call use is then a tap node (or no node at all),
+    any other node that reads the parameter is an outside use. One walk over the autograd graph,
+    O(nodes)."""
+    watch: dict[int, list[tuple[str, str]]] = {}
+    for name, rec in records.items():
+        for attr in rec.info.attrs.values():
+            p = rec.module._parameters.get(attr)
+            if p is not None:
+                watch.setdefault(id(p), []).append((name, attr))
+    bad: dict[str, set[str]] = {}
+    stack = [r.grad_fn for r in roots if isinstance(r, Tensor) and r.grad_fn is not None]
+    seen = set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        tap = isinstance(fn, _ParameterTap._backward_cls)
+        for nf, _ in fn.next_functions:
+            if nf is None:
+                continue
+            var = getattr(nf, "variable", None)
+            if var is None:
+                stack.append(nf)
+            elif not tap:
+                for name, attr in watch.get(id(var), ()):
+                    bad.setdefault(name, set()).add(attr)
+    return {name: sorted(attrs) for name, attrs in bad.items()}
+
+
 def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are active (non-reentrant activation checkpointing, offloading):
     such a region may re-run its forward during backward, without our hooks."""
@@ -233,7 +281,8 @@ def _saved_tensor_hooks_active() -> bool:
 
 @contextlib.contextmanager
 def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
-                  detach: Collection[str] | Callable[[str, Tensor], bool] = ()) -> Iterator[dict[str, LayerRecord]]:
+                  detach: Collection[str] | Callable[[str, Tensor], bool] = (),
+                  tap: bool = False) -> Iterator[dict[str, LayerRecord]]:
     """Temporarily hook ``infos``' modules: record inputs (the first positional argument, or the
     ``input=`` keyword) and add a zero ``ε`` (a leaf that requires grad) to each output. Works for
     any forward (plain ``model(x)`` or ``functional_call``); the hooks are removed on exit,
@@ -246,7 +295,11 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
     their gradient is left to the caller (gᵀa from the recorded rows of those calls), which saves
     its weight-gradient GEMM, and what autograd still accumulates is exactly the rest. A call inside
     a region with saved-tensor hooks (non-reentrant activation checkpointing re-runs it during
-    backward, without these hooks) is never detached."""
+    backward, without these hooks) is never detached.
+
+    ``tap=True``: during every other call the module's parameters are read through an identity
+    node (:class:`_ParameterTap`; gradients unchanged), so that :func:`parameter_uses_outside` can
+    tell the uses inside the recorded calls from all others."""
     wants = detach if callable(detach) else (lambda name, x, names=frozenset(detach): name in names)
     records = {name: LayerRecord(info, perturb=perturb) for name, info in infos.items()}
     handles = []
@@ -264,14 +317,14 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
     def make_pre_hook(rec: LayerRecord):
         def pre_hook(module, args, kwargs):
             x = first_input(args, kwargs)
-            rec._detached_now = False
-            if not (isinstance(x, Tensor) and wants(rec.info.name, x)) or _saved_tensor_hooks_active():
+            now = isinstance(x, Tensor) and wants(rec.info.name, x) and not _saved_tensor_hooks_active()
+            rec._detached_now = now
+            if not (now or tap):
                 return
             own = {k: module._parameters[k] for k in rec.info.attrs.values() if module._parameters.get(k) is not None}
             swapped[rec.info.name] = own
-            rec._detached_now = True
             for k, p in own.items():
-                module._parameters[k] = p.detach()
+                module._parameters[k] = p.detach() if now else _ParameterTap.apply(p)
 
         return pre_hook
 
@@ -303,7 +356,7 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
                 module.forward = functools.partial(override, recs[0] if single else {r.info.part: r for r in recs})
                 overridden.append(module)
             for rec in recs:
-                if callable(detach) or rec.info.name in detach:
+                if tap or callable(detach) or rec.info.name in detach:
                     handles.append(module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
                 handles.append(module.register_forward_hook(make_hook(rec, override is not None), with_kwargs=True))
         yield records

@@ -233,3 +233,23 @@ def test_kfac_maker_preconditions_each_part_with_the_functional_factors():
         want = f[name].damped_inverse(0.1).matvec({role: raw[key[id(p)]] for role, p in own.items()})
         for role, p in own.items():
             checks.assert_close(p.grad, want[role], **TOL, what=f"{name}.{role} preconditioned")
+
+
+@pytest.mark.parametrize("maker", ["kfac", "ekfac", "lowrank", "layerwise"])
+def test_makers_on_split_attention_resume_bit_exact(maker):
+    """The per-part state (``att.q_proj_weight``, ..., ``att.bias_v``) saves and resumes bit for bit."""
+    from maker_checks import check_resume_bit_exact
+    from zoo import build
+
+    makers = {"kfac": P.KfacGradientMaker, "ekfac": P.EkfacGradientMaker, "lowrank": P.LowRankKfacGradientMaker,
+              "layerwise": P.LayerWiseNaturalGradientMaker}
+    _, _, _, C = build("cross_kv")
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(6, 4, 5, dtype=DT, generator=g), torch.randint(0, C, (6,), generator=g)) for _ in range(5)]
+    cfg = P.PreconditioningConfig(damping=0.1, ema_decay=-1 if maker == "lowrank" else 0.9, curvature_upd_interval=2,
+                                  preconditioner_upd_interval=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = check_resume_bit_exact(lambda: build("cross_kv")[0], lambda m: torch.optim.SGD(m.parameters(), lr=0.05),
+                                    lambda m: makers[maker](m, cfg), batches, 3, serialize=True)
+    assert {"att.q_proj_weight", "att.in_proj_bias", "att.bias_k"} <= set(gm.preconditioned_modules)

@@ -92,6 +92,66 @@ def test_every_preconditioned_layer_gets_curvature_or_is_named(maker, name):
         assert any(n.startswith(a) and n in have for n in gm.preconditioned_modules if n != f"{a}.out_proj")
 
 
+@pytest.mark.parametrize("maker", CURVATURE_MAKERS)
+def test_a_layer_used_outside_its_forward_is_named(maker):
+    """gpt_tied reads the embedding's weight as the head (``h @ tok.weight.T``): its curvature comes
+    from the lookup alone, which misses that use; the maker says so, once, naming the layer."""
+    model, x, y, _ = build("gpt_tied", n=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = MAKERS[maker](model, P.PreconditioningConfig(damping=0.1))
+    if "tok" not in gm.preconditioned_modules:  # a maker without curvature for embeddings
+        assert "tok" in gm.plain_modules
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            dummy_y = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+            gm.forward_and_backward()
+    named = [str(w.message) for w in caught if "outside its own forward" in str(w.message)]
+    assert len(named) == 1 and "layer 'tok' uses ['weight'] also outside" in named[0], named
+    have = set(gm.curvature) | set(getattr(gm, "lowrank", {})) | set(getattr(gm, "full_names", ()))
+    assert {"block.linear1", "block.self_attn", "block.self_attn.out_proj"} <= have
+
+
+class ReadTwice(torch.nn.Module):
+    """A Linear whose weight the model also reads directly: ``b(tanh(a(x))) + (x a.Wᵀ)[:, :3]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) + (x @ self.a.weight.T)[:, :3]
+
+
+@pytest.mark.parametrize("maker", CURVATURE_MAKERS + ("kbfgs", "seng"))
+def test_a_weight_read_outside_its_layer_is_named_once_by_makers_whose_curvature_misses_it(maker):
+    """Makers that form a layer's curvature from its own calls (K-FAC family, K-BFGS, SENG) name a
+    layer whose weight the model also reads directly, once; a weight penalty in the loss is not
+    such a use (it leaves the Fisher / GGN unchanged) and is not named."""
+    torch.manual_seed(0)
+    for model, loss in ((ReadTwice(), F.cross_entropy),
+                        (torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)), None)):
+        if loss is None:
+            def loss(out, t, reduction="mean", m=model):
+                return F.cross_entropy(out, t, reduction=reduction) + 0.1 * m[0].weight.square().sum()
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gm = MAKERS[maker](model, P.PreconditioningConfig(damping=0.1))
+            for _ in range(3):
+                dummy_y = gm.setup_model_call(model, x)
+                gm.setup_loss_call(loss, dummy_y, y)
+                gm.forward_and_backward()
+        named = [str(w.message) for w in caught if "outside its own forward" in str(w.message)]
+        if isinstance(model, ReadTwice):
+            assert len(named) == 1 and "layer 'a' uses ['weight'] also outside" in named[0], named
+        else:
+            assert not named, named
+
+
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 @pytest.mark.parametrize("maker", sorted(MAKERS))
 def test_freezing_mid_run_leaves_the_frozen_parameter_untouched(maker, frozen):

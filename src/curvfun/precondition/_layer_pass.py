@@ -10,18 +10,20 @@ output-gradient of a module is ``ε.grad`` after any backward pass, or the resul
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
+import optree
 import torch
 from torch import Tensor, nn
 
-from ..capture import LayerRecord, ModuleInfo, _check_versions, layer_kind
+from ..capture import LayerRecord, ModuleInfo, _check_versions, layer_kind, parameter_uses_outside
 from ..layers import LayerData, layer_data
 from ..layers.registry import LayerHandler, handler_for
 
 __all__ = [
     "module_infos", "eps_leaves", "records_to_data", "linear_or_conv_reason", "user_reduction", "backward_with_rows",
-    "rows_route_module", "holds_gradient", "add_grad",
+    "rows_route_module", "holds_gradient", "add_grad", "name_outside_uses",
 ]
 
 
@@ -58,6 +60,21 @@ def module_infos(modules: Mapping[str, nn.Module]) -> dict[str, ModuleInfo]:
         infos[name] = ModuleInfo(name, m, kind, {role: (f"{name}.{local}" if name else local)
                                                  for local, (_, role) in own.items()})
     return infos
+
+
+def name_outside_uses(maker, records: Mapping[str, LayerRecord], warned: set[str]) -> None:
+    """Warn once per layer (``warned``: the names already warned of) whose parameters reach the
+    maker's model output also outside the layer's own calls, recorded with ``tap=True`` (a tied head
+    ``h @ emb.weight.T``, a weight read directly): its curvature is formed from its own calls only,
+    while its whole gradient is preconditioned with it. A use in the loss alone (a weight penalty)
+    does not change the Fisher / GGN and is not named."""
+    out = [t for t in optree.tree_leaves(maker.model_output) if isinstance(t, Tensor)]
+    for name, attrs in parameter_uses_outside(records, out).items():
+        if name not in warned:
+            warned.add(name)
+            warnings.warn(f"{type(maker).__name__}: layer {name!r} uses {attrs} also outside its own forward (read "
+                          f"directly or by another module); its curvature covers its own calls only",
+                          UserWarning, stacklevel=5)
 
 
 def eps_leaves(records: Mapping[str, LayerRecord]) -> list[Tensor]:

@@ -281,6 +281,8 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         self._nonfinite_warned: set[str] = set()
         self._reported = False
         self._warned_past_total: set[str] = set()
+        #: layers already named for using their parameters outside their own calls (see _layer_pass)
+        self._outside_warned: set[str] = set()
         self._resolve_modules()
         cfd.check_same_structure(
             [type(self).__name__, self._model_structure(), list(self.preconditioned_modules)],

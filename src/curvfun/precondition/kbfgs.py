@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..capture import record_layers
 from ..kbfgs_math import bfgs_inverse_update, hessian_action_pair, kbfgs_precondition, powell_lm_damping
 from ..linalg import damped_cholesky_inverse
-from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, records_to_data
+from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, name_outside_uses, records_to_data
 from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
 
@@ -162,8 +162,9 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             for name, data in records_to_data(records, 1.0, list(grads)).items():
                 w0, b0 = self._weight_and_bias(name, self.snapshot)
                 before[name] = self._layer_stats(data, w0, b0, second_moment=False)
-        with record_layers(infos) as records:
+        with record_layers(infos, tap=True) as records:
             self.forward()
+            name_outside_uses(self, records, self._outside_warned)
             self.backward()
         out = self.model_output
         self._batch_size = _batch_size_of(records)

@@ -65,7 +65,7 @@ from ..linalg import NotPositiveDefiniteError, damped_cholesky_inverse, ema
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
 from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
-from ._layer_pass import add_grad, backward_with_rows, holds_gradient, rows_route_module
+from ._layer_pass import add_grad, backward_with_rows, holds_gradient, name_outside_uses, rows_route_module
 from .base import PreconditionedGradientMaker
 from .asdl_names import CAPTURE_FISHER_TYPE
 from .config import NO_EMA, PreconditioningConfig
@@ -196,9 +196,11 @@ class _CurvatureMaker(PreconditionedGradientMaker):
     def _capture_pass(self) -> dict[str, LayerData]:
         """forward (recording) + output-gradient columns + the user's backward; returns layer data."""
         cands = self._rows_grad_candidates()
-        with record_layers(self._infos, detach=lambda n, x: n in cands and self._rows_grad_would_pay(n, x)) as recorded:
+        with record_layers(self._infos, detach=lambda n, x: n in cands and self._rows_grad_would_pay(n, x),
+                           tap=True) as recorded:
             self.forward()
         records = dict(recorded)  # the curvature's; the backward needs every recorded layer
+        name_outside_uses(self, recorded, self._outside_warned)
         for name, rec in recorded.items():
             if rec.uncaptured is not None or not rec.inputs:
                 records.pop(name)

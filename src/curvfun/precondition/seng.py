@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..capture import record_layers
 from ..seng_math import seng_direction, sketch_indices, sketched_gram, sketched_products, truncate_positions
 from ..linalg import NotPositiveDefiniteError, psd_cholesky
-from ._layer_pass import linear_or_conv_reason, module_infos, records_to_data, user_reduction
+from ._layer_pass import linear_or_conv_reason, module_infos, name_outside_uses, records_to_data, user_reduction
 from .base import PreconditionedGradientMaker
 from .config import PreconditioningConfig
 
@@ -114,8 +114,9 @@ class SengGradientMaker(PreconditionedGradientMaker):
 
     def update_curvature(self) -> None:
         infos = module_infos(self.preconditioned_modules)
-        with record_layers(infos) as records:
+        with record_layers(infos, tap=True) as records:
             self.forward()
+            name_outside_uses(self, records, self._outside_warned)
             self.backward()
         N = next((r.inputs[0].shape[0] for r in records.values() if r.inputs), 1)
         scale = float(N) if user_reduction(self) == "mean" else 1.0

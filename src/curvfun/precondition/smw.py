@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from ..functional import has_train_mode_batchnorm
 from ..layers import per_sample_layer_grads
-from ..capture import record_layers
+from ..capture import parameter_uses_outside, record_layers
 from ..smw import layer_gram, rows_gram, smw_coefficients
 from ._layer_pass import eps_leaves, module_infos, records_to_data, user_reduction
 from .base import PreconditionedGradientMaker
@@ -131,7 +131,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         pre, plain = self._parameter_split()
         infos = module_infos(self.preconditioned_modules)
         with torch.enable_grad():
-            with record_layers(infos) as records:
+            with record_layers(infos, tap=True) as records:
                 output = self.call_model()
             raw = self.loss_from_output(output, reduction="none")
             if not isinstance(raw, Tensor) or raw.ndim == 0:
@@ -160,7 +160,10 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
                 objective, scale = ell.mean(), 1.0 / N
             else:
                 objective, scale = ell.sum(), 1.0
-            # per-sample output-gradients of the captured layers (no parameter gradients)
+            # per-sample output-gradients of the captured layers (no parameter gradients); a layer whose
+            # parameters are also used elsewhere (a tied head) takes the exact autograd Gram instead
+            for name in parameter_uses_outside(records, [ell]):
+                records.pop(name)
             leaves = eps_leaves(records)
             # the Gram in the parameters' dtype (under autocast ell is bf16; Cholesky needs more digits)
             K = torch.zeros(N, N, dtype=next(iter(pre.values())).dtype if pre else ell.dtype, device=ell.device)
