@@ -282,7 +282,7 @@ def _saved_tensor_hooks_active() -> bool:
 @contextlib.contextmanager
 def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
                   detach: Collection[str] | Callable[[str, Tensor], bool] = (),
-                  tap: bool = False) -> Iterator[dict[str, LayerRecord]]:
+                  tap: bool = False, only_detached: bool = False) -> Iterator[dict[str, LayerRecord]]:
     """Temporarily hook ``infos``' modules: record inputs (the first positional argument, or the
     ``input=`` keyword) and add a zero ``ε`` (a leaf that requires grad) to each output. Works for
     any forward (plain ``model(x)`` or ``functional_call``); the hooks are removed on exit,
@@ -299,7 +299,8 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
 
     ``tap=True``: during every other call the module's parameters are read through an identity
     node (:class:`_ParameterTap`; gradients unchanged), so that :func:`parameter_uses_outside` can
-    tell the uses inside the recorded calls from all others."""
+    tell the uses inside the recorded calls from all others. ``only_detached=True``: only the
+    detached calls are recorded (and perturbed), for a pass that needs their rows and nothing else."""
     wants = detach if callable(detach) else (lambda name, x, names=frozenset(detach): name in names)
     records = {name: LayerRecord(info, perturb=perturb) for name, info in infos.items()}
     handles = []
@@ -333,6 +334,8 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
             restore(rec.info.name)
             if recorded_by_forward:
                 rec._detached_now = False
+                return None
+            if only_detached and not rec._detached_now:
                 return None
             x = first_input(args, kwargs)
             if not isinstance(x, Tensor):

@@ -417,7 +417,7 @@ class KfacGradientMaker(_CurvatureMaker):
         infos = self._rows_grad_candidates()
         if not infos:
             return super().plain_pass()
-        with record_layers(infos, detach=self._rows_grad_would_pay) as records:
+        with record_layers(infos, detach=self._rows_grad_would_pay, only_detached=True) as records:
             self.forward()
         self._data_backward(records)
         _check_versions(records)

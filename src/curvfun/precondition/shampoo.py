@@ -296,7 +296,7 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
         infos = self._rows_candidates()
         if not infos:
             return super().plain_pass()
-        with record_layers(infos, detach=self._rows_would_pay) as records:
+        with record_layers(infos, detach=self._rows_would_pay, only_detached=True) as records:
             self.forward()
         for name, (a, g) in backward_with_rows(self, records).items():
             params = self.module_params(name)
