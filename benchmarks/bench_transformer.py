@@ -1,7 +1,7 @@
 """A GPT-style block (d_model 256, 4 heads, sequence 64, batch 32): K-FAC factors against its
 forward+backward, and a K-FAC step (curvature and inverses every 10 steps) against an AdamW step.
-Every Linear and the attention's packed in-projection get Kronecker factors through the layer
-registry (no fallback)."""
+Every Linear and the attention's packed in-projection and out_proj get Kronecker factors through
+the layer registry (no fallback), in the functional route and in the maker alike."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import curvfun
 from curvfun.capture import CaptureFallbackWarning, capture
 from curvfun.layers import layer_data, per_sample_layer_grads
 from curvfun.testing import checks, reference as ref
-from zoo import NAMES, build
+from zoo import DT, NAMES, build
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 
@@ -69,6 +69,97 @@ def test_every_registered_layer_arrangement_reproduces_its_gradients(name):
         for role, key in rec.info.keys.items():
             if sum(key in r.info.keys.values() for r in cap.layers.values()) == 1:  # not tied
                 checks.assert_close(got[role], expected[key], **TOL, what=f"{name}: {lname}.{role}")
+
+
+def _raw_calls(model, x, y):
+    """Every module's tensor inputs and output gradients from a plain forward and backward of the
+    summed per-sample losses (hooks and ``retain_grad``; no curvfun code):
+    ``{module: [(input, dL/doutput), ...]}``."""
+    calls, handles = {}, []
+
+    def hook(module, args, out):
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.retain_grad()
+            calls.setdefault(module, []).append((args[0].detach(), out))
+
+    for m in model.modules():
+        handles.append(m.register_forward_hook(hook))
+    try:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    return {m: [(a, out.grad.detach()) for a, out in c] for m, c in calls.items()}
+
+
+def _conv_with(m, x, W):
+    """Convolution (or transposed convolution) ``m``'s map of ``x`` with the weight ``W`` instead
+    of its own, no bias: ``[N, filters, *positions]``."""
+    n = m.weight.ndim - 2
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        f = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+        return f(x, W, None, m.stride, m.padding, m.output_padding, 1, m.dilation)
+    return (F.conv1d, F.conv2d, F.conv3d)[n - 1](x, W, None, m.stride, m.padding, m.dilation)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kfac_factors_of_every_registered_layer_equal_their_dense_definition(name):
+    """K-FAC-expand with the empirical Fisher, every captured layer of the zoo against its definition
+    from a plain forward and backward: Linear A = mean a aᵀ over the N·T input rows; convolutions
+    V A Vᵀ = mean y yᵀ over the N·T output positions of the same convolution with V's rows as
+    filters (V square and random, so A itself is pinned; a transposed convolution through the
+    transposed convolution, V in its factor's matrix layout); Embedding A = token frequencies;
+    B = (1/N) Σ g gᵀ over all output positions; norm layers' unit-wise blocks = (1/N) Σ_n u_n u_nᵀ of
+    the per-sample gradients of (γ_c, β_c). Attention's projections: tests/layers/test_attention.py."""
+    from curvfun.kron import EmbeddingFactor, RelaidFactor, UnitWiseFactor
+    from curvfun.layers.affine import matrix_as_weight
+
+    model, x, y, _ = build(name, n=5)
+    params = _trainable(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        factors = curvfun.kfac(model, params, x, y, fisher_type="emp")
+    modules = dict(model.named_modules())
+    raw = _raw_calls(model, x, y)
+    psg = ref.per_sample_grads(model, params, x, y)
+    N, checked = len(y), 0
+    for lname, f in factors.items():
+        m = modules.get(lname)
+        if m is None or isinstance(m, nn.MultiheadAttention) or lname.endswith("out_proj"):
+            continue
+        (a, g), = raw[m]
+        if isinstance(f, UnitWiseFactor):  # norm layers
+            cols = [psg[f"{lname}.{p}"].reshape(N, -1) for p in ("weight", "bias") if f"{lname}.{p}" in params]
+            U = torch.stack(cols, -1)  # [N, C, p]
+            checks.assert_close(f.blocks, torch.einsum("ncp,ncq->cpq", U, U) / N, **TOL, what=f"{name}: {lname}")
+            checked += 1
+            continue
+        conv = isinstance(m, nn.modules.conv._ConvNd)
+        G = (g.movedim(1, -1) if conv else g).reshape(-1, g.shape[1] if conv else g.shape[-1])
+        inner = f.inner if isinstance(f, RelaidFactor) else f
+        checks.assert_close(inner.B, G.T @ G / N, **TOL, what=f"{name}: B of {lname}")
+        if f"{lname}.weight" not in params:  # a frozen weight: the bias block B only
+            pass
+        elif isinstance(f, EmbeddingFactor):
+            counts = torch.bincount(a.reshape(-1), minlength=m.num_embeddings).to(DT)
+            checks.assert_close(f.A, counts / a.numel(), **TOL, what=f"{name}: A of {lname}")
+        elif isinstance(m, nn.Linear):
+            rows = a.reshape(-1, a.shape[-1])
+            checks.assert_close(f.A, rows.T @ rows / rows.shape[0], **TOL, what=f"{name}: A of {lname}")
+        else:  # convolutions (groups 1 in the zoo)
+            assert conv and m.groups == 1, lname
+            d = inner.A.shape[-1]
+            V = torch.randn(d, d, dtype=DT, generator=torch.Generator().manual_seed(len(lname)))
+            if isinstance(f, RelaidFactor):
+                W = matrix_as_weight(V[None], (m.in_channels, d, *m.kernel_size), f.layout)
+            else:
+                W = V.reshape(d, m.in_channels, *m.kernel_size)
+            Y = _conv_with(m, a, W).movedim(1, -1).reshape(-1, d)
+            checks.assert_close(V @ inner.A @ V.T, Y.T @ Y / Y.shape[0], rtol=1e-8, atol=1e-10,
+                                what=f"{name}: A of {lname}")
+        checked += 1
+    assert checked or name == "lstm", name
 
 
 def test_attention_projections_are_captured_not_fallen_back():
