@@ -47,8 +47,9 @@ TINY = 1.2e-38
 
 
 def psgd_balance(Ql: Tensor, Qr: Tensor) -> tuple[Tensor, Tensor]:
-    """Rescale ``(Q_l/ρ, ρ·Q_r)`` with ρ = sqrt(max diag Q_l / max diag Q_r); P is unchanged."""
-    rho = torch.sqrt(torch.diagonal(Ql).max() / torch.diagonal(Qr).max())
+    """Rescale ``(Q_l/ρ, ρ·Q_r)`` with ρ = sqrt(max |diag Q_l| / max |diag Q_r|); P is unchanged (a
+    triangular Q may have negative diagonal entries: ρ stays real)."""
+    rho = torch.sqrt(torch.diagonal(Ql).abs().max() / torch.diagonal(Qr).abs().max())
     return Ql / rho, Qr * rho
 
 

@@ -87,15 +87,18 @@ def unit_wise_from_layer(ld: LayerData) -> UnitWiseFactor | RelaidFactor:
             B = B * w
         blocks = B if blocks is None else blocks.add_(B)
     G = ld.a.shape[1] if ld.kind in _WEIGHT_KINDS else 1
-    return _as_factor(blocks / N, ld.kind, ld.weight_shape, ld.has_bias, ld.has_weight, ld.layout, G)
+    bias_shape = ld.bias_shape if ld.kind in _WEIGHT_KINDS and ld.has_bias else None
+    return _as_factor(blocks / N, ld.kind, ld.weight_shape, ld.has_bias, ld.has_weight, ld.layout, G, bias_shape)
 
 
 def _as_factor(blocks: Tensor, family: str, weight_shape: tuple, has_bias: bool, has_weight: bool,
-               layout: str = "", groups: int = 1) -> UnitWiseFactor | RelaidFactor:
+               layout: str = "", groups: int = 1, bias_shape: tuple | None = None) -> UnitWiseFactor | RelaidFactor:
     if family in _NORM_KINDS:  # γ and β have one shape (several dims for a LayerNorm)
         return UnitWiseFactor(blocks, weight_shape, has_bias, has_weight, weight_shape)
+    if bias_shape is not None and len(bias_shape) == 1:
+        bias_shape = None  # the usual [C]
     if not layout:
-        return UnitWiseFactor(blocks, weight_shape, has_bias, has_weight)
+        return UnitWiseFactor(blocks, weight_shape, has_bias, has_weight, bias_shape)
     C = blocks.shape[0]
     inner = UnitWiseFactor(blocks, (C, math.prod(weight_shape) // C), has_bias, has_weight)
     return RelaidFactor(inner, weight_shape, layout, groups)
@@ -129,20 +132,25 @@ def unit_wise_from_dense(M: Tensor, params: Mapping[str, Tensor], infos: Mapping
     out = {}
     for name, info in infos.items():
         m, h = info.module, info.handler
-        W = getattr(m, info.attrs["weight" if "weight" in info.attrs else "bias"])  # a part may hold a bias only
-        flat = torch.arange(W.numel()).reshape(W.shape)  # each weight entry's index, as units x fan-in
-        layout, G = "", 1
-        if info.kind in _WEIGHT_KINDS:
-            layout, G = h.weight_layout(m), h.groups(m)
-            rows = weight_as_matrix(flat, G, layout)
-            rows = rows.reshape(-1, rows.shape[-1])
-        else:
-            rows = flat.reshape(-1, 1)
+        layout, G, weight_shape = "", 1, ()
+        if "weight" in info.attrs:
+            W = getattr(m, info.attrs["weight"])
+            weight_shape = tuple(W.shape)
+            flat = torch.arange(W.numel()).reshape(W.shape)  # each weight entry's index, as units x fan-in
+            if info.kind in _WEIGHT_KINDS:
+                layout, G = h.weight_layout(m), h.groups(m)
+                rows = weight_as_matrix(flat, G, layout)
+                rows = rows.reshape(-1, rows.shape[-1])
+            else:
+                rows = flat.reshape(-1, 1)
+        else:  # a part holding only a bias (attention's in_proj_bias, bias_k): one unit per entry
+            rows = torch.zeros(getattr(m, info.attrs["bias"]).numel(), 0, dtype=torch.long)
         cols = [offsets[info.keys["weight"]] + rows] if "weight" in info.keys else []
         if "bias" in info.keys:
             cols.append(offsets[info.keys["bias"]] + torch.arange(rows.shape[0]).unsqueeze(1))
         idx = torch.cat(cols, 1).to(M.device)  # [C, p]
-        out[name] = _as_factor(M[idx.unsqueeze(2), idx.unsqueeze(1)], info.kind,
-                               tuple(W.shape) if "weight" in info.attrs else (),
-                               "bias" in info.keys, "weight" in info.keys, layout, G)
+        bias_shape = tuple(getattr(m, info.attrs["bias"]).shape) if "bias" in info.keys else None
+        out[name] = _as_factor(M[idx.unsqueeze(2), idx.unsqueeze(1)], info.kind, weight_shape,
+                               "bias" in info.keys, "weight" in info.keys, layout, G,
+                               bias_shape if info.kind in _WEIGHT_KINDS else None)
     return out

@@ -253,3 +253,23 @@ def test_makers_on_split_attention_resume_bit_exact(maker):
         gm = check_resume_bit_exact(lambda: build("cross_kv")[0], lambda m: torch.optim.SGD(m.parameters(), lr=0.05),
                                     lambda m: makers[maker](m, cfg), batches, 3, serialize=True)
     assert {"att.q_proj_weight", "att.in_proj_bias", "att.bias_k"} <= set(gm.preconditioned_modules)
+
+
+def test_unit_wise_blocks_of_every_part_equal_the_dense_fisher():
+    """``fisher(shape="unit")`` on split attention: per output unit of each part (a projection's
+    row of weights, one entry of ``in_proj_bias`` / ``bias_k``) the block of the dense exact
+    Fisher, and its diagonal in the parameter's own shape (``bias_k`` is ``[1, 1, E]``)."""
+    from curvfun.unit_wise import unit_wise_from_dense, unit_wise_modules
+
+    torch.manual_seed(4)
+    model = Attend(kdim=3, vdim=5, bias_kv=True).to(DT).eval()
+    x, m, y = torch.randn(3, 2, 4, dtype=DT), torch.randn(3, 3, 3, dtype=DT), torch.tensor([0, 1, 2])
+    params = dict(model.named_parameters())
+    got = curvfun.fisher(model, params, (x, m), y, fisher_type="exact", shape="unit")
+    dense = unit_wise_from_dense(ref.fisher(model, params, (x, m), y, fisher_type="exact"), params,
+                                 unit_wise_modules(model, params))
+    assert set(got) == set(dense) and {"att.q_proj_weight", "att.in_proj_bias", "att.bias_k"} <= set(got)
+    for name in got:
+        checks.assert_close(got[name].blocks, dense[name].blocks, **TOL, what=f"unit-wise blocks of {name}")
+    assert got["att.bias_k"].blocks.shape == (4, 1, 1)
+    assert got["att.bias_k"].diag().values["bias"].shape == (1, 1, 4)
