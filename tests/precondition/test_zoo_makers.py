@@ -66,6 +66,35 @@ def test_maker_runs_the_readme_loop_on_the_zoo(maker, name):
         assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_every_parameter_of_a_preconditioned_layer_is_preconditioned_or_named(maker, name):
+    """On the third step (every maker has curvature by then), each trainable parameter of a layer
+    the maker lists as preconditioned has a gradient other than the plain one, or the maker names it
+    (a warning, or its report: Shampoo's 1-D parameters). A parameter whose plain gradient is zero
+    (a key bias under softmax) cannot tell."""
+    model, x, y, _ = build(name, n=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = MAKERS[maker](model, P.PreconditioningConfig(damping=0.1))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        for step in range(3):
+            optimizer.zero_grad()
+            dummy_y = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+            gm.forward_and_backward()
+            if step < 2:
+                optimizer.step()
+    named = " ".join(str(w.message) for w in caught) + gm.report_preconditioned_modules(force=True)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    plain = dict(zip(params, torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))))
+    silent = [k for k, p in params.items()
+              if gm.module_name_of(p) is not None and bool(plain[k].any())
+              and torch.allclose(p.grad, plain[k], rtol=1e-10, atol=1e-13)
+              and repr(gm.module_name_of(p)[0]) not in named and k not in named]
+    assert not silent, silent
+
+
 CURVATURE_MAKERS = ("kfac", "kfac_mc", "ekfac", "lowrank", "diag", "unitwise", "layerwise", "full", "emp")
 
 

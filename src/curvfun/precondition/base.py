@@ -376,6 +376,11 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         return {(h.role_of(k, m) or ("", k))[1] if whole else k: p
                 for k, p in m.named_parameters(recurse=False) if p.requires_grad}
 
+    def _plain_parameters_in_layers(self) -> dict[str, str]:
+        """Parameters of preconditioned layers that the method leaves with the plain gradient by
+        design (parameter name -> reason), for the report. Default: none."""
+        return {}
+
     def module_name_of(self, param: Tensor) -> tuple[str, str] | None:
         """``(layer name, local name)`` of a preconditioned parameter, matched by identity; None for
         a parameter that keeps the plain gradient."""
@@ -390,6 +395,10 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
                  f"{list(self.preconditioned_modules) or 'none'}"]
         if self.plain_modules:
             lines.append("plain gradient for: " + "; ".join(f"{n} ({r})" for n, r in self.plain_modules.items()))
+        inside = self._plain_parameters_in_layers()
+        if inside:
+            lines.append("plain gradient for parameters of preconditioned layers: " +
+                         "; ".join(f"{n} ({r})" for n, r in inside.items()))
         text = "\n".join(lines)
         if self._reported and not force:
             return text

@@ -77,7 +77,10 @@ class _PsgdMaker(PreconditionedGradientMaker):
     _settings = ("precond_lr", "init_scale")
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
-        return linear_or_conv_reason(module)  # any affine layer stored as [out, in...] (the registry's)
+        reason = linear_or_conv_reason(module)  # any affine layer stored as [out, in...] (the registry's)
+        if reason is None and not module.weight.requires_grad:
+            return "frozen weight (PSGD's factors act on a layer's weight, its bias with it)"
+        return reason
 
     def __init__(
         self,

@@ -270,6 +270,12 @@ class ShampooGradientMaker(PreconditionedGradientMaker):
                     out[f"{name}.{local}" if name else local] = p
         return out
 
+    def _plain_parameters_in_layers(self) -> dict[str, str]:
+        matrix = {id(p) for p in self._matrix_params().values()}
+        return {_key(name, local): "1-D: Shampoo preconditions matrices and tensors only, as ASDL"
+                for name in self.preconditioned_modules for local, p in self.module_params(name).items()
+                if id(p) not in matrix}
+
     def do_forward_and_backward(self, step: int | None = None) -> bool:
         return True
 
