@@ -510,3 +510,26 @@ def test_bad_input_raises_with_message():
     del sd["curvfun.adafisher"]
     with pytest.raises(ValueError, match="no 'curvfun.adafisher' entry"):
         AdaFisher(model).load_state_dict(sd)
+
+
+def test_parameters_without_factors_are_named():
+    """A transformer block: MultiheadAttention's in-projection (not a weight/bias layer) is named
+    at construction, its out_proj (read by the attention directly, never called) at the first
+    refresh step; both take the fallback rule, and the Linears of the block get factors."""
+    import warnings
+
+    from curvfun.precondition import UnsupportedModuleWarning
+    from zoo import build
+
+    model, x, y, _ = build("gpt")
+    with pytest.warns(UnsupportedModuleWarning, match=r"block\.self_attn\.in_proj_bias', 'block\.self_attn\.in_proj_weight"):
+        opt = AdaFisher(model, lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    named = [str(w.message) for w in caught if "not called through its own forward" in str(w.message)]
+    assert len(named) == 1 and "'block.self_attn.out_proj'" in named[0], named
+    assert {"block.linear1", "block.linear2", "head"} <= set(opt.factors)

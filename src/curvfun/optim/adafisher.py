@@ -110,7 +110,7 @@ from ..diag_kron import (
     update_diag_kron,
 )
 from ..layers import layer_data
-from ..precondition.base import all_finite, assign_modules, unwrap_model
+from ..precondition.base import UnsupportedModuleWarning, all_finite, assign_modules, unwrap_model
 
 __all__ = ["AdaFisher", "AdaFisherW", "FALLBACKS"]
 
@@ -129,10 +129,11 @@ def _supported_reason(name: str, module: nn.Module) -> str | None:
         return f"unsupported layer class {type(module).__name__}"
     h = handler_for(module)
     if h.family == "affine" and h.weight_layout(module):
-        return f"{type(module).__name__} (a weight layout other than [out, in]: no diagonal Kronecker factors)"
+        return f"unsupported layer {type(module).__name__} (a weight layout other than [out, in]: no diagonal " \
+               f"Kronecker factors)"
     own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     if not own <= {"weight", "bias"}:
-        return f"{type(module).__name__} with parameters {sorted(own)} (expected weight/bias)"
+        return f"unsupported layer {type(module).__name__} with parameters {sorted(own)} (expected weight/bias)"
     return None
 
 
@@ -225,7 +226,14 @@ class _AdaFisherBase(torch.optim.Optimizer):
                         names[id(p)], "frozen in the model" if not p.requires_grad else "not in a supported layer"
                     )
 
+        unsupported = sorted(k for k, r in self.fallback_parameters.items() if r.startswith("unsupported"))
+        if unsupported:
+            warnings.warn(f"{cls}: no diagonal Kronecker factors for {unsupported} (unsupported layers); they take "
+                          f"the fallback rule {fallback!r}. See fallback_parameters for the reasons.",
+                          UnsupportedModuleWarning, stacklevel=3)
+
         self._steps = 0
+        self._silent_warned: set[str] = set()
         self._factors: dict[str, DiagKron] = {}
         self._ftilde: dict[str, dict[str, Tensor]] = {}
         self._ftilde_lambda = self.Lambda
@@ -296,6 +304,12 @@ class _AdaFisherBase(torch.optim.Optimizer):
         for name, entries in self._records.items():
             done = [e for e in entries if e[2] is not None]
             if not done:
+                if not entries and name not in self._factors and name not in self._silent_warned:
+                    self._silent_warned.add(name)
+                    warnings.warn(f"{type(self).__name__}: layer {name!r} was not called through its own forward in "
+                                  f"this refresh step (its parameters, if used, are read directly, e.g. by a parent "
+                                  f"module); they take the fallback rule {self.fallback!r} until it is",
+                                  UserWarning, stacklevel=3)
                 continue
             for x, v, _ in done:
                 if x._version != v:
