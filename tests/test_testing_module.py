@@ -2,6 +2,7 @@
 on identities it can check by itself (independent routes to the same matrix), and the checks
 fail on wrong input. Nothing here depends on curvfun's fast implementations."""
 
+import copy
 import math
 
 import pytest
@@ -63,6 +64,23 @@ def test_cnn_strategy_covers_conv_hyperparameters_within_size(data):
     assert case.model[-1].in_features <= 48
     x = case.make_inputs(2, torch.Generator().manual_seed(0))
     assert case.model(x).shape == (2, case.num_outputs)
+
+
+@given(st.data())
+def test_conv_net_and_attention_strategies_draw_valid_float64_models(data):
+    """N-d (transposed) convolutions within the feature bound, attention in the drawn configuration;
+    the same seed gives the same weights (attention's projections and bias_k included)."""
+    case = data.draw(cst.conv_nets() | cst.attention_models())
+    layer = case.model[0] if isinstance(case.model, nn.Sequential) else case.model.att
+    assert isinstance(layer, (nn.modules.conv._ConvNd, nn.MultiheadAttention)), case
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        assert case.model[-1].in_features <= 48
+    x = case.make_inputs(2, torch.Generator().manual_seed(0))
+    out = case.model(*x) if isinstance(x, tuple) else case.model(x)
+    assert out.shape == (2, case.num_outputs) and out.dtype == torch.float64
+    twin = cst._init_(copy.deepcopy(case.model), int(case.description.rsplit("seed=", 1)[1]))
+    for (n, p), q in zip(case.model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_models_are_deterministic_given_the_seed():

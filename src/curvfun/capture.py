@@ -52,6 +52,7 @@ __all__ = [
     "FISHER_TYPES",
     "CaptureFallbackWarning",
     "parameter_uses_outside",
+    "override_parents",
 ]
 
 FISHER_TYPES = ("exact", "mc", "emp")
@@ -279,10 +280,28 @@ def _saved_tensor_hooks_active() -> bool:
     return top is not None and top(False) is not None
 
 
+def override_parents(model: nn.Module, infos: Mapping[str, ModuleInfo]) -> dict[str, nn.Module]:
+    """The modules with a handler's forward override that have no record themselves but hold a
+    recorded layer: their override must run while recording, or that layer is never called (a
+    MultiheadAttention whose own parameters are left out reads ``out_proj``'s weight directly)."""
+    recorded = {id(info.module) for info in infos.values()}
+    out = {}
+    for name, m in model.named_modules():
+        if id(m) in recorded:
+            continue
+        h = handler_for(m)
+        if h is None or type(h).forward_override is LayerHandler.forward_override or h.reason(m) is not None:
+            continue
+        if any(id(c) in recorded for c in m.modules()):
+            out[name] = m
+    return out
+
+
 @contextlib.contextmanager
 def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
                   detach: Collection[str] | Callable[[str, Tensor], bool] = (),
-                  tap: bool = False, only_detached: bool = False) -> Iterator[dict[str, LayerRecord]]:
+                  tap: bool = False, only_detached: bool = False,
+                  parents: Mapping[str, nn.Module] = {}) -> Iterator[dict[str, LayerRecord]]:
     """Temporarily hook ``infos``' modules: record inputs (the first positional argument, or the
     ``input=`` keyword) and add a zero ``ε`` (a leaf that requires grad) to each output. Works for
     any forward (plain ``model(x)`` or ``functional_call``); the hooks are removed on exit,
@@ -300,7 +319,9 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
     ``tap=True``: during every other call the module's parameters are read through an identity
     node (:class:`_ParameterTap`; gradients unchanged), so that :func:`parameter_uses_outside` can
     tell the uses inside the recorded calls from all others. ``only_detached=True``: only the
-    detached calls are recorded (and perturbed), for a pass that needs their rows and nothing else."""
+    detached calls are recorded (and perturbed), for a pass that needs their rows and nothing else.
+    ``parents``: modules whose forward override runs with no record of their own
+    (:func:`override_parents`)."""
     wants = detach if callable(detach) else (lambda name, x, names=frozenset(detach): name in names)
     records = {name: LayerRecord(info, perturb=perturb) for name, info in infos.items()}
     handles = []
@@ -362,6 +383,11 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
                 if tap or callable(detach) or rec.info.name in detach:
                     handles.append(module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
                 handles.append(module.register_forward_hook(make_hook(rec, override is not None), with_kwargs=True))
+        for module in parents.values():
+            override = handler_for(module).forward_override(module)
+            if override is not None and module not in overridden:
+                module.forward = functools.partial(override, {})
+                overridden.append(module)
         yield records
     finally:
         for h in handles:
@@ -572,7 +598,8 @@ def capture(
     watched = {key for info in infos.values() for key in info.keys.values()}
     leaves_in = {k: v.detach().requires_grad_(k in watched) for k, v in params.items()}
     with torch.enable_grad():
-        with record_layers(infos, perturb=fisher_type != "none", detach=set(infos)) as records:
+        with record_layers(infos, perturb=fisher_type != "none", detach=set(infos),
+                           parents=override_parents(model, infos)) as records:
             output = call_model(model, leaves_in, inputs)
         if not isinstance(output, Tensor):
             raise TypeError(f"the model returned {type(output).__name__}; curvfun needs a tensor output")

@@ -273,3 +273,28 @@ def test_unit_wise_blocks_of_every_part_equal_the_dense_fisher():
         checks.assert_close(got[name].blocks, dense[name].blocks, **TOL, what=f"unit-wise blocks of {name}")
     assert got["att.bias_k"].blocks.shape == (4, 1, 1)
     assert got["att.bias_k"].diag().values["bias"].shape == (1, 1, 4)
+
+
+def test_out_proj_is_captured_when_the_attention_itself_is_left_out():
+    """Only ``out_proj`` in params (or the projections frozen): the attention's forward still runs
+    the recorded form, so ``out_proj`` is called and captured (it would otherwise be read directly),
+    in the functional routes and in the makers."""
+    torch.manual_seed(6)
+    model = Attend(kdim=3, vdim=5).to(DT).eval()
+    x, m, y = torch.randn(3, 2, 4, dtype=DT), torch.randn(3, 3, 3, dtype=DT), torch.tensor([0, 1, 2])
+    params = {k: p for k, p in model.named_parameters() if k.startswith("att.out_proj")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureFallbackWarning)
+        got = curvfun.per_sample_grads(model, params, (x, m), y)
+        f = curvfun.kfac(model, params, (x, m), y, fisher_type="emp", on_unsupported="raise")
+    checks.assert_close_trees(got, ref.per_sample_grads(model, params, (x, m), y), **TOL, what="out_proj only")
+    assert set(f) == {"att.out_proj"}
+    for k, p in model.att.named_parameters(recurse=False):
+        p.requires_grad_(False)
+    gm = P.KfacGradientMaker(model, P.PreconditioningConfig(damping=0.1), fisher_type="fisher_emp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dummy_y = gm.setup_model_call(model, x, m)
+        gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+        gm.forward_and_backward()
+    checks.assert_close(gm.curvature["att.out_proj"].A, f["att.out_proj"].A, **TOL, what="maker's out_proj A")

@@ -49,7 +49,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..capture import record_layers
+from ..capture import override_parents, record_layers
 from ..kbfgs_math import bfgs_inverse_update, hessian_action_pair, kbfgs_precondition, powell_lm_damping
 from ..linalg import damped_cholesky_inverse
 from ._layer_pass import eps_leaves, linear_or_conv_reason, module_infos, name_outside_uses, records_to_data
@@ -154,7 +154,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
         before = {}
         if self.snapshot:
             with torch.enable_grad():
-                with record_layers(infos) as records:
+                with record_layers(infos, parents=override_parents(unwrap_model(self.model), infos)) as records:
                     out0 = self.model_output_at(self.snapshot)
                 loss0 = self.loss_from_output(out0)
                 leaves = eps_leaves(records)
@@ -162,7 +162,7 @@ class KronBfgsGradientMaker(PreconditionedGradientMaker):
             for name, data in records_to_data(records, 1.0, list(grads)).items():
                 w0, b0 = self._weight_and_bias(name, self.snapshot)
                 before[name] = self._layer_stats(data, w0, b0, second_moment=False)
-        with record_layers(infos, tap=True) as records:
+        with record_layers(infos, tap=True, parents=override_parents(unwrap_model(self.model), infos)) as records:
             self.forward()
             name_outside_uses(self, records, self._outside_warned)
             self.backward()

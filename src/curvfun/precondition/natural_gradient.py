@@ -41,6 +41,7 @@ from ..capture import (
     _check_versions,
     layer_kind,
     output_grad_columns,
+    override_parents,
     record_layers,
     unbatched_records,
 )
@@ -66,7 +67,7 @@ from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
 from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
 from ._layer_pass import add_grad, backward_with_rows, holds_gradient, name_outside_uses, rows_route_module
-from .base import PreconditionedGradientMaker
+from .base import PreconditionedGradientMaker, unwrap_model
 from .asdl_names import CAPTURE_FISHER_TYPE
 from .config import NO_EMA, PreconditioningConfig
 from .state_packing import pack, unpack
@@ -185,6 +186,8 @@ class _CurvatureMaker(PreconditionedGradientMaker):
                              attrs=dict(self._parts[name].params) if name in self._parts else None)
             for name, m in self.preconditioned_modules.items()
         }
+        #: modules whose forward override must run for a recorded layer inside them to be called
+        self._parents = override_parents(unwrap_model(self.model), self._infos)
 
     def _unsupported_reason(self, name: str, module: nn.Module) -> str | None:
         kind = layer_kind(module)
@@ -197,7 +200,7 @@ class _CurvatureMaker(PreconditionedGradientMaker):
         """forward (recording) + output-gradient columns + the user's backward; returns layer data."""
         cands = self._rows_grad_candidates()
         with record_layers(self._infos, detach=lambda n, x: n in cands and self._rows_grad_would_pay(n, x),
-                           tap=True) as recorded:
+                           tap=True, parents=self._parents) as recorded:
             self.forward()
         records = dict(recorded)  # the curvature's; the backward needs every recorded layer
         name_outside_uses(self, recorded, self._outside_warned)

@@ -37,11 +37,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..capture import record_layers
+from ..capture import override_parents, record_layers
 from ..seng_math import seng_direction, sketch_indices, sketched_gram, sketched_products, truncate_positions
 from ..linalg import NotPositiveDefiniteError, psd_cholesky
 from ._layer_pass import linear_or_conv_reason, module_infos, name_outside_uses, records_to_data, user_reduction
-from .base import PreconditionedGradientMaker
+from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig
 
 __all__ = ["SengGradientMaker"]
@@ -114,7 +114,7 @@ class SengGradientMaker(PreconditionedGradientMaker):
 
     def update_curvature(self) -> None:
         infos = module_infos(self.preconditioned_modules)
-        with record_layers(infos, tap=True) as records:
+        with record_layers(infos, tap=True, parents=override_parents(unwrap_model(self.model), infos)) as records:
             self.forward()
             name_outside_uses(self, records, self._outside_warned)
             self.backward()

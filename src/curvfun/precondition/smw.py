@@ -52,10 +52,10 @@ from torch import Tensor, nn
 
 from ..functional import has_train_mode_batchnorm
 from ..layers import per_sample_layer_grads
-from ..capture import parameter_uses_outside, record_layers
+from ..capture import override_parents, parameter_uses_outside, record_layers
 from ..smw import layer_gram, rows_gram, smw_coefficients
 from ._layer_pass import eps_leaves, module_infos, records_to_data, user_reduction
-from .base import PreconditionedGradientMaker
+from .base import PreconditionedGradientMaker, unwrap_model
 from .config import PreconditioningConfig, resolve_schedule, SCHEDULE_KINDS, INTERVAL_CONSTANT
 
 __all__ = ["SmwEmpNaturalGradientMaker"]
@@ -131,7 +131,7 @@ class SmwEmpNaturalGradientMaker(PreconditionedGradientMaker):
         pre, plain = self._parameter_split()
         infos = module_infos(self.preconditioned_modules)
         with torch.enable_grad():
-            with record_layers(infos, tap=True) as records:
+            with record_layers(infos, tap=True, parents=override_parents(unwrap_model(self.model), infos)) as records:
                 output = self.call_model()
             raw = self.loss_from_output(output, reduction="none")
             if not isinstance(raw, Tensor) or raw.ndim == 0:

@@ -7,8 +7,10 @@ small architecture and prints a reproducible description.
 
 Building blocks:
 
-* :func:`mlps`, :func:`cnns`, :func:`sequence_models`, :func:`batchnorm_models`,
-  :func:`linear_in_params_models` and :func:`models` draw a :class:`ModelCase`: an
+* :func:`mlps`, :func:`cnns`, :func:`conv_nets` (1-D/2-D/3-D and transposed convolutions),
+  :func:`attention_models` (``nn.MultiheadAttention`` in every configuration),
+  :func:`sequence_models`, :func:`batchnorm_models`, :func:`linear_in_params_models` and
+  :func:`models` draw a :class:`ModelCase`: an
   ``nn.Module`` with a description, a per-sample output shape ``(*positions, C)`` and a way to
   make inputs;
 * :func:`params_of` draws a params mapping (a non-empty subset of the named parameters, in a
@@ -39,7 +41,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from hypothesis import strategies as st
+from hypothesis import assume, strategies as st
 from torch import Tensor, nn
 
 from ..losses import CrossEntropy, MSE, BCEWithLogits, Likelihood
@@ -54,6 +56,8 @@ __all__ = [
     "activations",
     "mlps",
     "cnns",
+    "conv_nets",
+    "attention_models",
     "sequence_models",
     "batchnorm_models",
     "linear_in_params_models",
@@ -194,12 +198,17 @@ def _init_(model: nn.Module, seed: int, scale: float = 1.0) -> nn.Module:
                     mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g, dtype=DTYPE))
             elif isinstance(mod, nn.Embedding):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=DTYPE))
-            elif isinstance(mod, (nn.Linear, nn.Conv2d)):
+            elif isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
                 fan_in = mod.weight[0].numel()
                 bound = scale / fan_in**0.5
                 mod.weight.copy_((2 * torch.rand(mod.weight.shape, generator=g, dtype=DTYPE) - 1) * bound * 1.7)
                 if mod.bias is not None:
                     mod.bias.copy_((2 * torch.rand(mod.bias.shape, generator=g, dtype=DTYPE) - 1) * bound)
+            elif isinstance(mod, nn.MultiheadAttention):  # its projections, in_proj_bias, bias_k / bias_v
+                for p in mod.parameters(recurse=False):
+                    fan_in = p.shape[-1] if p.ndim > 1 else 1
+                    bound = scale / fan_in**0.5 * (1.7 if p.ndim > 1 else 0.5)
+                    p.copy_((2 * torch.rand(p.shape, generator=g, dtype=DTYPE) - 1) * bound)
     return model
 
 
@@ -279,6 +288,115 @@ def cnns(draw, min_out: int = 1, max_out: int = 3, max_features: int = 48,
             f"bias={bias})-{act}-Flatten-Linear({c_out * Ho * Wo},{C})] seed={seed}")
     lin = (f"{len(layers) - 1}.weight", f"{len(layers) - 1}.bias")
     return ModelCase(model, desc, (C,), _randn_inputs(c_in, H, W), lin)
+
+
+@st.composite
+def conv_nets(draw, min_out: int = 1, max_out: int = 3, max_features: int = 48,
+              acts: Sequence[str] = tuple(ACTIVATIONS)) -> ModelCase:
+    """``ConvNd`` or ``ConvTransposeNd`` (N = 1, 2, 3) ``→ [act] → Flatten → Linear``; input
+    ``[N, c_in, *S]``, output ``[N, C]``.
+
+    Per spatial dim the kernel, stride and dilation are drawn, and groups (1–2 channels per
+    group); convolutions draw integer, ``'valid'`` or (stride 1) ``'same'`` padding and a
+    ``padding_mode``, transposed ones a padding and an ``output_padding``. Sizes are drawn so that
+    the output is non-empty and the flattened features are at most ``max_features``.
+    """
+    n = draw(st.integers(1, 3))
+    transposed = draw(st.booleans())
+    groups = draw(st.integers(1, 2))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(n))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    dil = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    size = tuple(draw(st.integers(1, (6, 4, 3)[n - 1])) for _ in range(n))
+    bias = draw(st.booleans())
+    cls = ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d) if transposed
+           else (nn.Conv1d, nn.Conv2d, nn.Conv3d))[n - 1]
+    if transposed:
+        pad = tuple(draw(st.integers(0, di * (ki - 1) // 2)) for ki, di in zip(k, dil))
+        out_pad = tuple(draw(st.integers(0, max(si, di) - 1)) for si, di in zip(stride, dil))
+        conv = cls(c_in, c_out, k, stride=stride, padding=pad, output_padding=out_pad, groups=groups,
+                   dilation=dil, bias=bias)
+        what = f"p={pad},op={out_pad}"
+    else:
+        pad = draw(st.sampled_from(["valid", 0, 1] + (["same"] if all(si == 1 for si in stride) else [])))
+        mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+        conv = cls(c_in, c_out, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias,
+                   padding_mode=mode)
+        what = f"p={pad!r},{mode}"
+    try:
+        with torch.no_grad():
+            features = conv(torch.zeros(1, c_in, *size)).numel()
+    except RuntimeError:  # a padding larger than the input allows for reflect / circular
+        features = 0
+    assume(0 < features <= max_features)
+    act = draw(st.none() | activations(acts))
+    C = draw(st.integers(min_out, max_out))
+    layers: list[nn.Module] = [conv] + ([ACTIVATIONS[act]()] if act is not None else [])
+    layers += [nn.Flatten(), nn.Linear(features, C)]
+    seed = draw(seeds())
+    model = _init_(nn.Sequential(*layers), seed)
+    desc = (f"ConvNet[in={c_in}x{'x'.join(map(str, size))} {cls.__name__}({c_in},{c_out},k={k},s={stride},"
+            f"d={dil},g={groups},{what},bias={bias})-{act}-Flatten-Linear({features},{C})] seed={seed}")
+    last = str(len(layers) - 1)
+    return ModelCase(model, desc, (C,), _randn_inputs(c_in, *size), (f"{last}.weight", f"{last}.bias"))
+
+
+class _AttentionNet(nn.Module):
+    """Queries ``[N, T, E]`` attend to themselves (``cross=False``) or to a memory ``[N, S, kdim]``
+    (values: ``tanh`` of it, through a Linear where vdim ≠ kdim) through one MultiheadAttention;
+    mean over the queries, Linear head. ``pad``: the memory's last position is key padding."""
+
+    def __init__(self, att: nn.MultiheadAttention, C: int, cross: bool, pad: bool):
+        super().__init__()
+        self.att, self.cross, self.pad = att, cross, pad
+        self.to_v = nn.Linear(att.kdim, att.vdim) if cross and att.kdim != att.vdim else None
+        self.head = nn.Linear(att.embed_dim, C)
+
+    def forward(self, x: Tensor, m: Tensor | None = None) -> Tensor:
+        seq = (lambda t: t) if self.att.batch_first else (lambda t: t.transpose(0, 1))
+        if not self.cross:
+            out, _ = self.att(seq(x), seq(x), seq(x))
+        else:
+            v = torch.tanh(m if self.to_v is None else self.to_v(m))
+            kpm = None
+            if self.pad:
+                kpm = torch.zeros(m.shape[0], m.shape[1], dtype=torch.bool, device=m.device)
+                kpm[:, -1] = True
+            out, _ = self.att(seq(x), seq(m), seq(v), key_padding_mask=kpm)
+        return self.head(seq(out).mean(1))
+
+
+@st.composite
+def attention_models(draw, min_out: int = 1, max_out: int = 3) -> ModelCase:
+    """One ``nn.MultiheadAttention`` (self- or cross-attention) pooled into a Linear head; input
+    ``[N, T, E]`` (and a memory ``[N, S, kdim]`` for cross-attention: inputs are then a tuple),
+    output ``[N, C]``. Embedding dim and heads, packed or separate q/k/v weights (``kdim`` /
+    ``vdim``), biases, ``add_bias_kv``, ``add_zero_attn``, ``batch_first`` and key padding are drawn.
+    """
+    E, heads = draw(st.sampled_from([(2, 1), (4, 1), (4, 2), (6, 3)]))
+    cross = draw(st.booleans())
+    kdim = draw(st.sampled_from([None, 2, 3])) if cross else None
+    vdim = draw(st.sampled_from([None, 2, 5])) if cross else None
+    bias, bias_kv, zero_attn, batch_first = (draw(st.booleans()) for _ in range(4))
+    att = nn.MultiheadAttention(E, heads, bias=bias, add_bias_kv=bias_kv, add_zero_attn=zero_attn, kdim=kdim,
+                                vdim=vdim, batch_first=batch_first)
+    T = draw(st.integers(1, 3))
+    S = draw(st.integers(2, 4))
+    pad = cross and draw(st.booleans())
+    C = draw(st.integers(min_out, max_out))
+    seed = draw(seeds())
+    model = _init_(_AttentionNet(att, C, cross, pad), seed)
+    desc = (f"Attention[E={E} heads={heads} {'cross S=' + str(S) if cross else 'self'} T={T} kdim={kdim} "
+            f"vdim={vdim} bias={bias} bias_kv={bias_kv} zero_attn={zero_attn} batch_first={batch_first} "
+            f"pad={pad}] seed={seed}")
+    if not cross:
+        return ModelCase(model, desc, (C,), _randn_inputs(T, E), ("head.weight", "head.bias"))
+
+    def make(n, g, T=T, S=S, E=E, kd=att.kdim):
+        return (torch.randn(n, T, E, generator=g, dtype=DTYPE), torch.randn(n, S, kd, generator=g, dtype=DTYPE))
+
+    return ModelCase(model, desc, (C,), make, ("head.weight", "head.bias"))
 
 
 class _EmbedNormHead(nn.Module):
@@ -408,6 +526,8 @@ def linear_in_params_models(draw, min_out: int = 1, max_out: int = 4) -> ModelCa
 _KINDS = {
     "mlp": mlps,
     "cnn": cnns,
+    "conv": conv_nets,
+    "attention": attention_models,
     "sequence": sequence_models,
     "batchnorm": batchnorm_models,
     "linear": linear_in_params_models,
@@ -416,8 +536,9 @@ _KINDS = {
 
 def models(kinds: Sequence[str] = ("mlp", "cnn", "sequence", "batchnorm"), min_out: int = 1,
            root_params: bool = True) -> st.SearchStrategy[ModelCase]:
-    """One of the model families in ``kinds`` (``"mlp"``, ``"cnn"``, ``"sequence"``,
-    ``"batchnorm"``, ``"linear"``), with at least ``min_out`` outputs (use 2 for cross-entropy).
+    """One of the model families in ``kinds`` (``"mlp"``, ``"cnn"``, ``"conv"`` (N-d and transposed
+    convolutions), ``"attention"``, ``"sequence"``, ``"batchnorm"``, ``"linear"``), with at least
+    ``min_out`` outputs (use 2 for cross-entropy).
     ``root_params=False`` keeps every parameter inside a standard layer (Linear, Conv2d,
     Embedding, LayerNorm, BatchNorm)."""
     unknown = set(kinds) - set(_KINDS)
