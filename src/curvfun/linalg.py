@@ -70,13 +70,11 @@ def psd_cholesky(M: Tensor, what: str = "matrix", delta: Tensor | float | None =
 
 
 def damped_cholesky_inverse(M: Tensor, delta: Tensor | float, what: str = "factor") -> Tensor:
-    """``(M + δI)⁻¹`` (batched; ``delta`` a number or one per batch entry) by :func:`psd_cholesky`,
-    one triangular solve and one GEMM ``L⁻ᵀL⁻¹`` (symmetric by construction, ~3x faster than
-    ``torch.cholesky_inverse`` on CPU); returned in M's dtype. O(d³)."""
-    L = psd_cholesky(M, what, delta)
-    eye = torch.eye(M.shape[-1], dtype=L.dtype, device=M.device)
-    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    return (Linv.transpose(-1, -2) @ Linv).to(M.dtype)
+    """``(M + δI)⁻¹`` (batched; ``delta`` a number or one per batch entry) by :func:`psd_cholesky`
+    and ``torch.cholesky_inverse`` (LAPACK potri: exactly symmetric; 0.6-0.8x the time of a
+    triangular solve plus ``L⁻ᵀL⁻¹`` for d = 256..2048 on this CPU with torch 2.13); returned in
+    M's dtype. O(d³)."""
+    return torch.cholesky_inverse(psd_cholesky(M, what, delta)).to(M.dtype)
 
 
 def cholesky_solve_psd(M: Tensor, rhs: Tensor, what: str = "matrix") -> Tensor:
