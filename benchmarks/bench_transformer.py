@@ -82,7 +82,7 @@ def main() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_k10 = median_time(twenty_steps, warmup=1, repeat=3) / 20
+        t_k10 = median_time(twenty_steps, warmup=1, repeat=5) / 20
     table(f"GPT block (batch {N}, seq {T})", [
         ("plain forward+backward", t_plain, 1.0),
         ("kfac (MC, 1 sample): all factors", t_fac, t_fac / t_plain),
