@@ -298,3 +298,24 @@ def test_out_proj_is_captured_when_the_attention_itself_is_left_out():
         gm.setup_loss_call(F.cross_entropy, dummy_y, y)
         gm.forward_and_backward()
     checks.assert_close(gm.curvature["att.out_proj"].A, f["att.out_proj"].A, **TOL, what="maker's out_proj A")
+
+
+def test_ignore_modules_can_name_a_part():
+    """``ignore_modules=["k_proj", "bias_k"]`` leaves exactly those parts of a split attention with
+    the plain gradient, reported as ignored (not as entries matching nothing)."""
+    torch.manual_seed(7)
+    model = Attend(kdim=3, vdim=5, bias_kv=True).to(DT).eval()
+    x, m, y = torch.randn(4, 2, 4, dtype=DT), torch.randn(4, 3, 3, dtype=DT), torch.tensor([0, 1, 2, 1])
+    plain = torch.autograd.grad(F.cross_entropy(model(x, m), y), [model.att.k_proj_weight, model.att.bias_k])
+    cfg = P.PreconditioningConfig(damping=0.1, ignore_modules=["k_proj", "bias_k"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = P.KfacGradientMaker(model, cfg, fisher_type="fisher_emp")
+        dummy_y = gm.setup_model_call(model, x, m)
+        gm.setup_loss_call(F.cross_entropy, dummy_y, y)
+        gm.forward_and_backward()
+    assert {"att.k_proj_weight", "att.bias_k"} <= set(gm.plain_modules)
+    assert {"att.k_proj_weight", "att.bias_k"} <= set(gm.plain_parameters)
+    assert "att.k_proj_weight" not in gm.preconditioned_modules and "att.q_proj_weight" in gm.curvature
+    checks.assert_close(model.att.k_proj_weight.grad, plain[0], **TOL, what="ignored part's gradient")
+    checks.assert_close(model.att.bias_k.grad, plain[1], **TOL, what="ignored part's gradient")

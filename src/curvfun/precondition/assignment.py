@@ -9,7 +9,7 @@ from torch import nn
 
 from ..layers.registry import LayerPart, handler_for, part_name
 
-__all__ = ["unwrap_model", "ModuleAssignment", "assign_modules", "split_parts", "model_structure_signature",
+__all__ = ["unwrap_model", "ModuleAssignment", "assign_modules", "PartSplit", "split_parts", "model_structure_signature",
            "describe_structure_change"]
 
 
@@ -120,13 +120,29 @@ def assign_modules(
 
 
 
-def split_parts(preconditioned: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, LayerPart]]:
+class PartSplit(NamedTuple):
+    """:func:`split_parts`' result: ``layers`` (name -> module, parts replacing their module),
+    ``parts`` (part layer name -> :class:`~curvfun.layers.LayerPart`), ``ignored`` (part layer name ->
+    ``(reason, [parameter names])`` for parts an ``ignore_modules`` string names) and ``matched``
+    (those strings)."""
+
+    layers: dict[str, nn.Module]
+    parts: dict[str, LayerPart]
+    ignored: dict[str, tuple[str, list[str]]]
+    matched: list[str]
+
+
+def split_parts(preconditioned: dict[str, nn.Module], ignore_modules: list[Any] | None = None) -> PartSplit:
     """The layers of ``preconditioned`` with every module its handler splits into several parts
     (:meth:`~curvfun.layers.LayerHandler.parts`: MultiheadAttention with separate q/k/v weights)
-    replaced by its parts that hold a trainable parameter, named ``"<module>.<part>"`` (pure).
-    Returns ``(name -> module, name -> part)`` for the parts."""
+    replaced by its parts that hold a trainable parameter, named ``"<module>.<part>"`` (pure). A
+    part whose name contains a string entry of ``ignore_modules`` (``"q_proj"``) is left out, with
+    its reason in ``ignored``."""
+    strings = [e for e in (ignore_modules or []) if isinstance(e, str)]
     layers: dict[str, nn.Module] = {}
     parts: dict[str, LayerPart] = {}
+    ignored: dict[str, tuple[str, list[str]]] = {}
+    matched: list[str] = []
     for name, module in preconditioned.items():
         h = handler_for(module)
         split = h.parts(module) if h is not None and h.reason(module) is None else ()
@@ -137,8 +153,15 @@ def split_parts(preconditioned: dict[str, nn.Module]) -> tuple[dict[str, nn.Modu
             if any(getattr(module, a, None) is not None and getattr(module, a).requires_grad
                    for a in part.params.values()):
                 pname = part_name(name, part.name)
+                entry = next((e for e in strings if e in pname), None)
+                if entry is not None:
+                    owned = [f"{name}.{a}" if name else a for a in part.params.values()
+                             if getattr(module, a, None) is not None and getattr(module, a).requires_grad]
+                    ignored[pname] = (f"ignored by config: name contains {entry!r}", owned)
+                    matched += [entry] if entry not in matched else []
+                    continue
                 layers[pname], parts[pname] = module, part
-    return layers, parts
+    return PartSplit(layers, parts, ignored, matched)
 
 
 def model_structure_signature(model: nn.Module) -> tuple:

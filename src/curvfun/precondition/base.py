@@ -318,20 +318,26 @@ class PreconditionedGradientMaker(GradientMaker, abc.ABC):
         needs its own attributes may set them before ``super().__init__`` or call this again."""
         a = assign_modules(self.model, self.config.ignore_modules, self._unsupported_reason)
         self.preconditioned_modules: dict[str, nn.Module] = a.preconditioned
-        #: the layers that are parts of a module, by layer name (see ``_layer_parts``)
-        self._parts: dict[str, LayerPart] = {}
-        if self._layer_parts:
-            self.preconditioned_modules, self._parts = split_parts(a.preconditioned)
         self.plain_modules: dict[str, str] = a.plain
         self.plain_parameters: dict[str, str] = a.plain_parameters
+        #: the layers that are parts of a module, by layer name (see ``_layer_parts``)
+        self._parts: dict[str, LayerPart] = {}
+        unmatched = a.unmatched_ignores
+        if self._layer_parts:
+            split = split_parts(a.preconditioned, self.config.ignore_modules)
+            self.preconditioned_modules, self._parts = split.layers, split.parts
+            for pname, (reason, owned) in split.ignored.items():
+                self.plain_modules[pname] = reason
+                self.plain_parameters.update(dict.fromkeys(owned, reason))
+            unmatched = [e for e in unmatched if not (isinstance(e, str) and e in split.matched)]
         self._param_owner = {
             id(p): (name, role) for name in self.preconditioned_modules for role, p in self.module_params(name).items()
         }
         self._structure = model_structure_signature(self.model)
-        if a.unmatched_ignores:
+        if unmatched:
             names = [n for n, _ in unwrap_model(self.model).named_modules() if n][:20]
             warnings.warn(
-                f"{type(self).__name__}: ignore_modules entries {a.unmatched_ignores!r} match no module of "
+                f"{type(self).__name__}: ignore_modules entries {unmatched!r} match no module of "
                 f"{type(unwrap_model(self.model)).__name__} (module names: {names})",
                 UserWarning,
                 stacklevel=3,
