@@ -533,3 +533,24 @@ def test_parameters_without_factors_are_named():
     named = [str(w.message) for w in caught if "not called through its own forward" in str(w.message)]
     assert len(named) == 1 and "'block.self_attn.out_proj'" in named[0], named
     assert {"block.linear1", "block.linear2", "head"} <= set(opt.factors)
+
+
+def test_an_embedding_also_read_as_the_head_is_named_once():
+    """gpt_tied reads the embedding's weight as the head: its gradient holds more than the lookup
+    gives, which its factors do not see; named once (gpt, untied: nothing named)."""
+    import warnings
+
+    from zoo import build
+
+    for name, expected in (("gpt_tied", 1), ("gpt", 0)):
+        model, x, y, _ = build(name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = AdaFisher(model, lr=1e-3)
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        named = [str(w.message) for w in caught if "holds more than its own calls" in str(w.message)]
+        assert len(named) == expected, named
+        assert all("layer 'tok'" in m for m in named)

@@ -162,6 +162,24 @@ def test_kfac_factors_of_every_registered_layer_equal_their_dense_definition(nam
     assert checked or name == "lstm", name
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_registered_layer_batch_gradient_is_the_sum_of_its_per_sample_gradients(name):
+    """:func:`curvfun.layers.layer_batch_grads` (no per-sample tensors) = Σ_n of autograd's."""
+    from curvfun.layers import layer_batch_grads
+
+    model, x, y, _ = build(name)
+    params = _trainable(model)
+    expected = ref.per_sample_grads(model, params, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureFallbackWarning)
+        cap = capture(model, params, x, y, fisher_type="emp")
+    for lname, rec in cap.layers.items():
+        got = layer_batch_grads(layer_data(rec))
+        assert set(got) == set(rec.info.keys), lname
+        for role, key in rec.info.keys.items():
+            checks.assert_close(got[role], expected[key].sum(0), **TOL, what=f"{name}: {lname}.{role}")
+
+
 def test_attention_projections_are_captured_not_fallen_back():
     """In a TransformerEncoderLayer, MHA's packed in_proj and its out_proj are registered layers
     of the capture (no fallback warning); a tied head read as ``h @ E.T`` is detected and named."""

@@ -18,6 +18,7 @@ from .conv_transpose import ConvTransposeHandler
 from .data import (
     LayerData,
     column,
+    layer_batch_grads,
     layer_column_rows,
     layer_data,
     layer_diag_fisher,
@@ -40,7 +41,7 @@ from .registry import (
 
 __all__ = [
     "FAMILIES", "LayerHandler", "LayerPart", "part_name", "register_layer", "unregister_layer", "registered_layers", "handler_for",
-    "LayerData", "layer_data", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
+    "LayerData", "layer_data", "layer_batch_grads", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
     "layer_diag_fisher", "layer_column_rows", "im2col",
 ]
 

@@ -17,7 +17,8 @@ from . import affine, embedding, norm
 if TYPE_CHECKING:
     from ..capture import LayerRecord
 
-__all__ = ["LayerData", "layer_data", "homogeneous_inputs", "positions_per_group", "per_sample_layer_grads", "per_sample_layer_sq_norms", "column",
+__all__ = ["LayerData", "layer_data", "homogeneous_inputs", "positions_per_group", "per_sample_layer_grads",
+           "layer_batch_grads", "per_sample_layer_sq_norms", "column",
            "layer_diag_fisher", "layer_column_rows"]
 
 
@@ -115,6 +116,27 @@ def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) 
     res = norm.per_sample_grads(ld.a, g, ld.weight_shape if ld.has_weight else None,
                                 tuple(getattr(m, "bias").shape) if ld.has_bias else None)
     return {k: out[k].copy_(v) if k in out else v for k, v in res.items()}
+
+
+def layer_batch_grads(ld: LayerData) -> dict[str, Tensor]:
+    """``Σ_n ∇ℓ_n`` of the layer's parameters from the first column, without per-sample tensors:
+    the part of the batch gradient that reaches them through the recorded calls. O(N·T·d·o)."""
+    g, m = _col0(ld), ld.module
+    if ld.kind == "affine":  # a [N, G, T, d], g [N, G, T, o]
+        out = {}
+        if ld.has_weight:
+            M = torch.einsum("ngto,ngtd->god", g, ld.a)
+            out["weight"] = affine.matrix_as_weight(M, ld.weight_shape, ld.layout)
+        if ld.has_bias:
+            out["bias"] = g.sum((0, 2)).reshape(ld.bias_shape)
+        return out
+    if ld.kind == "embedding":  # ids [N, T], g [N, T, D]
+        g = embedding.masked_grads(ld.a, g, m.padding_idx)
+        W = g.new_zeros(m.num_embeddings, g.shape[-1])
+        return {"weight": W.index_add_(0, ld.a.reshape(-1), g.reshape(-1, g.shape[-1]))}
+    return {k: v.sum(0) for k, v in norm.per_sample_grads(
+        ld.a, g, ld.weight_shape if ld.has_weight else None,
+        tuple(getattr(m, "bias").shape) if ld.has_bias else None).items()}
 
 
 def per_sample_layer_sq_norms(ld: LayerData) -> Tensor:

@@ -109,7 +109,7 @@ from ..diag_kron import (
     diag_kron_fisher,
     update_diag_kron,
 )
-from ..layers import layer_data
+from ..layers import layer_batch_grads, layer_data
 from ..precondition.base import UnsupportedModuleWarning, all_finite, assign_modules, unwrap_model
 
 __all__ = ["AdaFisher", "AdaFisherW", "FALLBACKS"]
@@ -234,6 +234,7 @@ class _AdaFisherBase(torch.optim.Optimizer):
 
         self._steps = 0
         self._silent_warned: set[str] = set()
+        self._outside_warned: set[str] = set()
         self._factors: dict[str, DiagKron] = {}
         self._ftilde: dict[str, dict[str, Tensor]] = {}
         self._ftilde_lambda = self.Lambda
@@ -324,6 +325,8 @@ class _AdaFisherBase(torch.optim.Optimizer):
                 scale = float(x.shape[0]) if self.loss_reduction == "mean" else 1.0
                 grads.append((g * scale).unsqueeze(0))
             inputs = [e[0] for e in done]
+            if name not in self._outside_warned and not cfd.is_distributed():
+                self._name_outside_use(name, info, inputs, [e[2].unsqueeze(0) for e in done])
             if _symmetric_zero_padded_conv2d(info.module):  # the same diagonals without im2col
                 news[name] = conv2d_diag_kron(inputs, grads, info.module, "bias" in info.keys)
             else:
@@ -349,6 +352,26 @@ class _AdaFisherBase(torch.optim.Optimizer):
             self._ftilde.pop(name, None)
         for r in self._records.values():
             r.clear()
+
+    def _name_outside_use(self, name: str, info: ModuleInfo, inputs: list[Tensor], grads: list[Tensor]) -> None:
+        """Warn once when a layer's gradient holds more than its recorded calls give (Σ gᵀa from the
+        records, :func:`~curvfun.layers.layer_batch_grads`): its parameters are also used elsewhere
+        (a tied head ``h @ emb.weight.T``, a weight read directly, a penalty in the loss), which its
+        factors, built from its own calls, do not see. One batch gradient per layer on refresh steps."""
+        own = layer_batch_grads(layer_data(LayerRecord(info, inputs=inputs, grads=grads), None))
+        pairs = {role: (getattr(info.module, info.attrs[role]).grad, g) for role, g in own.items()}
+        pairs = {r: (pg, g.to(pg.dtype)) for r, (pg, g) in pairs.items() if pg is not None and not pg.is_sparse}
+        scale = sum(float(pg.norm()) ** 2 for pg, _ in pairs.values()) ** 0.5  # the layer's whole gradient
+        half = any(t.dtype in (torch.float16, torch.bfloat16) for t in (*inputs, *grads))  # autocast records
+        rtol = 3e-2 if half else 1e-4
+        for role, (pg, g) in pairs.items():
+            if (pg - g).norm() > rtol * (pg.norm() + g.norm()) + 1e-6 * scale + 1e-30:
+                self._outside_warned.add(name)
+                warnings.warn(f"{type(self).__name__}: the gradient of layer {name!r} holds more than its own calls "
+                              f"give (its {info.attrs[role]!r} is also used elsewhere: a tied or directly read "
+                              f"weight, or a penalty in the loss); its factors cover its own calls only",
+                              UserWarning, stacklevel=4)
+                return
 
     def _ftilde_of(self, name: str) -> dict[str, Tensor] | None:
         if self._ftilde_lambda != self.Lambda:
