@@ -142,6 +142,32 @@ def test_mc_fisher_operator_is_the_fixed_sample_fisher(loss):
     _close(op.to_dense(), expected, "MC Fisher, second pass")
 
 
+@settings(deadline=None)
+@given(pb=cst.problems(loss=ANY_LOSS, max_n=3), fisher_type=st.sampled_from(["exact", "mc", "emp"]))
+def test_ggn_and_fisher_operator_diagonals_equal_their_dense_diagonals(pb, fisher_type):
+    """``diag()`` from the capture (no products) is the diagonal of ``to_dense()`` (the products):
+    the GGN for any loss, the Fisher of every type (MC: the operator's own samples)."""
+    op = GGNOperator(*pb.args)
+    _close(op.diag(), torch.diagonal(op.to_dense()), "GGN diagonal")
+    if fisher_type != "emp" and not curvfun.get_likelihood(pb.loss).is_likelihood:
+        return
+    op = FisherOperator(*pb.args, fisher_type=fisher_type, n_mc_samples=2, generator=torch.Generator().manual_seed(3))
+    _close(op.diag(), torch.diagonal(op.to_dense()), f"{fisher_type} Fisher diagonal")
+
+
+def test_operator_diagonals_over_data_mean_and_sum():
+    model, (x, y) = _mlp(), _batch(7)
+    params = dict(model.named_parameters())
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    for reduction in ("mean", "sum"):
+        for op in (GGNOperator(model, params, data=data, reduction=reduction),
+                   FisherOperator(model, params, data=data, fisher_type="mc", generator=torch.Generator().manual_seed(1),
+                                  reduction=reduction)):
+            _close(op.diag(), torch.diagonal(op.to_dense()), f"{type(op).__name__} {reduction} diagonal")
+    whole = GGNOperator(model, params, x, y)
+    _close(GGNOperator(model, params, data=data).diag(), whole.diag(), "mean over batches = the whole batch")
+
+
 def test_data_iterable_mean_and_sum():
     """data=[batches]: Σ_b N_b M_b / Σ N_b (mean) equals the operator of the whole batch, and
     "sum" is N times it; the MC Fisher draws the same samples on every pass."""
@@ -355,7 +381,7 @@ def test_bad_inputs_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"entry '0.weight' has shape \(4, 5\), the parameter \(5, 4\)"):
         op.matvec({k: torch.zeros(4, 5) if k == "0.weight" else torch.zeros_like(v) for k, v in params.items()})
     with pytest.raises(NotImplementedError, match="no cheap diagonal: use curvfun.fisher / ggn"):
-        op.diag()
+        HessianOperator(model, params, x, y).diag()
     from curvfun.memory import CurvfunMemoryError, dense_limit
     with dense_limit(1000), pytest.raises(CurvfunMemoryError, match=rf"GGNOperator.to_dense\(\) needs a {P} x {P} float64 matrix .* use products"):
         op.to_dense()

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import FISHER_TYPES, check_batch, output_grad_columns, supported_modules
+from .curvature import fisher, ggn
 from .functional import call_model, check_params
 from .kron import DiagFactor, EKFACFactor, KronFactor, RelaidFactor, UnitWiseFactor
 from .kron_rows import KronRowsFactor
@@ -247,6 +248,7 @@ class _ModelOperator(CurvatureOperator):
         self.data, self.reduction = data, reduction
         if data is None:
             check_batch(inputs, targets)
+            self._single = (inputs, targets)
             self._batch = self._prepare(inputs, targets, 0)
 
     def _batches(self):
@@ -269,6 +271,26 @@ class _ModelOperator(CurvatureOperator):
         for b, inputs, targets in self._batches():
             n = check_batch(inputs, targets)
             total += n * self._batch_matmat(self._prepare(inputs, targets, b), X)
+            count += n
+        if count == 0:
+            raise ValueError("data yielded no batches")
+        return total / count if self.reduction == "mean" else total
+
+    def _batch_diag(self, inputs, targets) -> dict[str, Tensor]:
+        """One batch's diagonal (of its mean), where cheap; default: none (raises, saying what to
+        use instead)."""
+        return CurvatureOperator.diag(self)
+
+    def diag(self) -> Tensor:
+        """The diagonal ``[P]`` without products: per batch the capture's Σ_k w_k Σ_n (∇ℓ_nk)² (the
+        functional ``shape="diag"`` route: O(K·N·P), no P x P work), combined over ``data`` as the
+        products are (mean over the samples, or their sum)."""
+        if self.data is None:
+            return self.flatten(self._batch_diag(*self._single))
+        total, count = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device), 0
+        for _, inputs, targets in self._batches():
+            n = check_batch(inputs, targets)
+            total += n * self.flatten(self._batch_diag(inputs, targets))
             count += n
         if count == 0:
             raise ValueError("data yielded no batches")
@@ -324,6 +346,9 @@ class GGNOperator(_ModelOperator):
     def _batch_matmat(self, state, X):
         lin, hvp, N = state
         return self._jtcj(lin, hvp, X, N)
+
+    def _batch_diag(self, inputs, targets):
+        return ggn(self.model, self.params, inputs, targets, self.lik, shape="diag", reduction="mean")
 
 
 class FisherOperator(_ModelOperator):
@@ -384,6 +409,15 @@ class FisherOperator(_ModelOperator):
     def _batch_matmat(self, state, X):
         lin, cot, N = state
         return self._jtcj(lin, cot, X, N)
+
+    def diag(self):
+        if self._gen_state is not None:
+            self._gen.set_state(self._gen_state)  # the samples the products use
+        return super().diag()
+
+    def _batch_diag(self, inputs, targets):
+        return fisher(self.model, self.params, inputs, targets, self.lik, self.fisher_type, shape="diag",
+                      n_mc_samples=self.n_mc_samples, generator=self._gen, reduction="mean")
 
 
 class EmpiricalFisherOperator(FisherOperator):
