@@ -264,17 +264,22 @@ class _ModelOperator(CurvatureOperator):
     def _batch_matmat(self, state, X: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _matmat(self, X: Tensor) -> Tensor:
-        if self.data is None:
-            return self._batch_matmat(self._batch, X)
-        total, count = torch.zeros_like(X), 0
+    def _over_data(self, per_batch: Callable[[int, Any, Any], Tensor], like: Tensor) -> Tensor:
+        """Σ_b N_b per_batch(b) / Σ_b N_b (``reduction="mean"``) or Σ_b N_b per_batch(b) over ``data``
+        (each ``per_batch`` a mean over its batch's samples)."""
+        total, count = torch.zeros_like(like), 0
         for b, inputs, targets in self._batches():
             n = check_batch(inputs, targets)
-            total += n * self._batch_matmat(self._prepare(inputs, targets, b), X)
+            total += n * per_batch(b, inputs, targets)
             count += n
         if count == 0:
             raise ValueError("data yielded no batches")
         return total / count if self.reduction == "mean" else total
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        if self.data is None:
+            return self._batch_matmat(self._batch, X)
+        return self._over_data(lambda b, x, y: self._batch_matmat(self._prepare(x, y, b), X), X)
 
     def _batch_diag(self, inputs, targets) -> dict[str, Tensor]:
         """One batch's diagonal (of its mean), where cheap; default: none (raises, saying what to
@@ -287,14 +292,8 @@ class _ModelOperator(CurvatureOperator):
         products are (mean over the samples, or their sum)."""
         if self.data is None:
             return self.flatten(self._batch_diag(*self._single))
-        total, count = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device), 0
-        for _, inputs, targets in self._batches():
-            n = check_batch(inputs, targets)
-            total += n * self.flatten(self._batch_diag(inputs, targets))
-            count += n
-        if count == 0:
-            raise ValueError("data yielded no batches")
-        return total / count if self.reduction == "mean" else total
+        like = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        return self._over_data(lambda b, x, y: self.flatten(self._batch_diag(x, y)), like)
 
     def _jtcj(self, lin: _Linearisation, cot_map: Callable[[Tensor], Tensor], X: Tensor, N: int) -> Tensor:
         """(1/N) Jᵀ C J X for the block X ``[P, k]``."""
