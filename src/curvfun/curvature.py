@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .capture import FISHER_TYPES, capture, check_batch, output_grad_columns
 from .functional import call_model, check_params
 from .grads import _check_like, per_sample_grads
+from .kron_drivers import scale_factor
 from .memory import check_square
 from .reduction import loss_value, resolve_loss
 from .rows import (column_rows, diag_from_capture, flat, hessian_sqrt_columns, module_indices,
@@ -151,12 +152,12 @@ def fisher(
 
 
 def _unit_scaled(res, fac, model, params, inputs, targets, loss, lik, return_output):
-    """Unit-wise blocks are of the mean; other reductions are refused."""
+    """The unit-wise blocks (of the mean) scaled to the loss's reduction: N·factor (e.g. N for a sum)."""
     with torch.no_grad():
         out = call_model(model, {k: v.detach() for k, v in params.items()}, inputs)
-    if abs(fac(out, targets) * out.shape[0] - 1.0) > 1e-12:
-        raise ValueError("shape='unit' gives the blocks of the mean loss only; use reduction='mean' "
-                         "(scale the blocks' matrices yourself for another reduction)")
+    s = fac(out, targets) * out.shape[0]
+    if s != 1.0:
+        res = {name: scale_factor(f, s) for name, f in res.items()}
     if not return_output:
         return res
     with torch.no_grad():
