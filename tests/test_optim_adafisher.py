@@ -554,3 +554,30 @@ def test_an_embedding_also_read_as_the_head_is_named_once():
         named = [str(w.message) for w in caught if "holds more than its own calls" in str(w.message)]
         assert len(named) == expected, named
         assert all("layer 'tok'" in m for m in named)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.ConvTranspose2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+])
+def test_transposed_convolutions_get_the_diagonal_of_their_kronecker_block(conv):
+    """F̃ of a transposed convolution (no damping) is diag(B) ⊗ diag(A) of its K-FAC block, in the
+    weight's own layout ``[C_in, C_out/G, *k]``: the diagonal of the factor's dense block."""
+    import curvfun
+    from curvfun.capture import capture
+
+    torch.manual_seed(0)
+    c = conv().double()
+    x = torch.randn(3, c.in_channels, *([3] * (c.weight.ndim - 2)), dtype=torch.float64)
+    model = nn.Sequential(c, nn.Flatten(), nn.LazyLinear(2).double())
+    model(x)
+    y = torch.tensor([0, 1, 0])
+    params = dict(model.named_parameters())
+    cap = capture(model, params, x, y, fisher_type="emp")
+    data = layer_data(cap.layers["0"], cap.weights)
+    Ft = diag_kron_fisher(diag_kron_factors(data), "affine", tuple(c.weight.shape), True, 0.0, "transposed")
+    dense = curvfun.kfac(model, params, x, y, fisher_type="emp")["0"].to_dense(include_bias=True)
+    got = torch.cat([Ft["weight"].reshape(-1), Ft["bias"]])
+    torch.testing.assert_close(got, torch.diagonal(dense), rtol=1e-10, atol=1e-12)
+    opt = AdaFisher(model, lr=1e-3)
+    assert "0" in opt.preconditioned_modules and not opt.fallback_parameters

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .layers import LayerData
+from .layers.affine import matrix_as_weight
 
 __all__ = [
     "EMA_MODES",
@@ -219,15 +220,18 @@ def diag_kron_fisher(
     weight_shape: tuple[int, ...],
     has_bias: bool,
     damping: float,
+    layout: str = "",
 ) -> dict[str, Tensor]:
     """The damped diagonal-Kronecker Fisher ``{"weight": F̃_W, "bias": F̃_b}`` of one layer, each in
     its parameter's shape (formula in the module docstring). ``has_bias`` must match how the
-    factors were built (a homogeneous entry in ``A``)."""
+    factors were built (a homogeneous entry in ``A``). ``layout``: an affine weight stored in
+    another layout than its ``[G, d_out, d_in]`` matrix (``"transposed"`` convolutions, see
+    :func:`curvfun.layers.affine.matrix_as_weight`)."""
     A, B = factors
     out: dict[str, Tensor] = {}
     if kind == "affine":
         d_in = A.shape[1] - (1 if has_bias else 0)
-        out["weight"] = (B.unsqueeze(2) * A[:, None, :d_in]).reshape(weight_shape) + damping
+        out["weight"] = matrix_as_weight(B.unsqueeze(2) * A[:, None, :d_in], weight_shape, layout) + damping
         if has_bias:
             out["bias"] = (B * A[:, d_in:]).reshape(-1) + damping
         return out

@@ -43,8 +43,9 @@ next ``step()``, so run evaluation forwards under ``torch.no_grad()`` (as usual)
 operations on a layer's input after the layer used it (an error says which layer).
 
 Parameters and layers are matched **by identity** (:func:`curvfun.precondition.assign_modules`):
-Linear, Conv2d (zero padding), Embedding (no max_norm / scale_grad_by_freq), LayerNorm and
-BatchNorm with affine parameters get F̃. Every other trainable parameter (a learnable class token
+every layer of the registry (:mod:`curvfun.layers`) whose parameters are ``weight`` / ``bias`` gets F̃:
+Linear, convolutions (1-D/2-D/3-D and transposed, any padding), Embedding (no max_norm /
+scale_grad_by_freq), LayerNorm, GroupNorm and BatchNorm with affine parameters. Every other trainable parameter (a learnable class token
 held by a container module, parameters of unsupported layers, weights tied between layers) gets
 the documented **fallback** and is never skipped:
 
@@ -100,7 +101,6 @@ from torch import Tensor, nn
 from .. import distributed as cfd
 from ..capture import LayerRecord, ModuleInfo, layer_kind
 from ..layers.conv import conv_pads
-from ..layers.registry import handler_for
 from ..diag_kron import (
     EMA_MODES,
     DiagKron,
@@ -127,10 +127,6 @@ def _check_number(name: str, value: Any, ok: Callable[[float], bool], what: str)
 def _supported_reason(name: str, module: nn.Module) -> str | None:
     if layer_kind(module) is None:
         return f"unsupported layer class {type(module).__name__}"
-    h = handler_for(module)
-    if h.family == "affine" and h.weight_layout(module):
-        return f"unsupported layer {type(module).__name__} (a weight layout other than [out, in]: no diagonal " \
-               f"Kronecker factors)"
     own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     if not own <= {"weight", "bias"}:
         return f"unsupported layer {type(module).__name__} with parameters {sorted(own)} (expected weight/bias)"
@@ -380,9 +376,9 @@ class _AdaFisherBase(torch.optim.Optimizer):
         f = self._ftilde.get(name)
         if f is None and name in self._factors:
             info = self._infos[name]
-            f = diag_kron_fisher(
-                self._factors[name], info.kind, tuple(info.module.weight.shape), "bias" in info.keys, self.Lambda
-            )
+            layout = info.handler.weight_layout(info.module) if info.kind == "affine" else ""
+            f = diag_kron_fisher(self._factors[name], info.kind, tuple(info.module.weight.shape), "bias" in info.keys,
+                                 self.Lambda, layout)
             self._ftilde[name] = f
         return f
 
