@@ -301,7 +301,7 @@ def override_parents(model: nn.Module, infos: Mapping[str, ModuleInfo]) -> dict[
 def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
                   detach: Collection[str] | Callable[[str, Tensor], bool] = (),
                   tap: bool = False, only_detached: bool = False,
-                  parents: Mapping[str, nn.Module] = {}) -> Iterator[dict[str, LayerRecord]]:
+                  parents: Mapping[str, nn.Module] | None = None) -> Iterator[dict[str, LayerRecord]]:
     """Temporarily hook ``infos``' modules: record inputs (the first positional argument, or the
     ``input=`` keyword) and add a zero ``ε`` (a leaf that requires grad) to each output. Works for
     any forward (plain ``model(x)`` or ``functional_call``); the hooks are removed on exit,
@@ -383,7 +383,7 @@ def record_layers(infos: Mapping[str, ModuleInfo], perturb: bool = True,
                 if tap or callable(detach) or rec.info.name in detach:
                     handles.append(module.register_forward_pre_hook(make_pre_hook(rec), with_kwargs=True))
                 handles.append(module.register_forward_hook(make_hook(rec, override is not None), with_kwargs=True))
-        for module in parents.values():
+        for module in (parents or {}).values():
             override = handler_for(module).forward_override(module)
             if override is not None and module not in overridden:
                 module.forward = functools.partial(override, {})
