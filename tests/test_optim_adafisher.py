@@ -12,6 +12,7 @@ F̃ = diag(B) ⊗ diag(A) + λ, and the Adam-like first moment. No code is share
 from __future__ import annotations
 
 import copy
+import math
 import io
 import sys
 from pathlib import Path
@@ -561,10 +562,13 @@ def test_an_embedding_also_read_as_the_head_is_named_once():
     lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
 ])
 def test_transposed_convolutions_get_the_diagonal_of_their_kronecker_block(conv):
-    """F̃ of a transposed convolution (no damping) is diag(B) ⊗ diag(A) of its K-FAC block, in the
-    weight's own layout ``[C_in, C_out/G, *k]``: the diagonal of the factor's dense block."""
-    import curvfun
+    """F̃ of a transposed convolution (no damping) in the weight's own layout ``[C_in, C_out/G, *k]``:
+    per group diag(B)_o · diag(A)_i with, from a plain forward and backward, diag(A) the mean over the
+    N·T output positions of the squared patch entries (the transposed convolution with one-hot
+    filters) and diag(B) = (1/N) Σ_{n,t} g² of the per-sample loss's output gradients; the bias's
+    diag(B)."""
     from curvfun.capture import capture
+    from curvfun.layers.affine import matrix_as_weight
 
     torch.manual_seed(0)
     c = conv().double()
@@ -572,12 +576,24 @@ def test_transposed_convolutions_get_the_diagonal_of_their_kronecker_block(conv)
     model = nn.Sequential(c, nn.Flatten(), nn.LazyLinear(2).double())
     model(x)
     y = torch.tensor([0, 1, 0])
+    out = c(x)
+    out.retain_grad()
+    F.cross_entropy(model[2](model[1](out)), y, reduction="sum").backward()
+    G, N, n = c.groups, x.shape[0], c.weight.ndim - 2
+    d = c.in_channels // G * math.prod(c.kernel_size)
+    eye = torch.eye(d, dtype=torch.float64).expand(G, d, d)
+    onehot = matrix_as_weight(eye, (c.in_channels, d, *c.kernel_size), "transposed")
+    f = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    patches = f(x, onehot, None, c.stride, c.padding, c.output_padding, G, c.dilation)  # [N, G·d, *out]
+    A = patches.movedim(1, -1).reshape(-1, G, d).pow(2).mean(0)  # [G, d]
+    B = out.grad.movedim(1, -1).reshape(-1, G, c.out_channels // G).pow(2).sum(0) / N  # [G, o]
+    expected = matrix_as_weight(B.unsqueeze(2) * A.unsqueeze(1), tuple(c.weight.shape), "transposed")
+
     params = dict(model.named_parameters())
     cap = capture(model, params, x, y, fisher_type="emp")
-    data = layer_data(cap.layers["0"], cap.weights)
-    Ft = diag_kron_fisher(diag_kron_factors(data), "affine", tuple(c.weight.shape), True, 0.0, "transposed")
-    dense = curvfun.kfac(model, params, x, y, fisher_type="emp")["0"].to_dense(include_bias=True)
-    got = torch.cat([Ft["weight"].reshape(-1), Ft["bias"]])
-    torch.testing.assert_close(got, torch.diagonal(dense), rtol=1e-10, atol=1e-12)
+    Ft = diag_kron_fisher(diag_kron_factors(layer_data(cap.layers["0"], cap.weights)), "affine",
+                          tuple(c.weight.shape), True, 0.0, "transposed")
+    torch.testing.assert_close(Ft["weight"], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Ft["bias"], B.reshape(-1), rtol=1e-10, atol=1e-12)
     opt = AdaFisher(model, lr=1e-3)
     assert "0" in opt.preconditioned_modules and not opt.fallback_parameters

@@ -563,16 +563,19 @@ def test_maker_agrees_with_asdl_unit_wise_maker(fisher_type):
 @pytest.mark.parametrize("loss", ["sum", "module_sum", "mean_module"])
 def test_unit_blocks_follow_the_losss_reduction(loss):
     """``reduction="sum"`` (or an ``nn.CrossEntropyLoss(reduction="sum")`` module): the blocks of the
-    summed loss, N times those of the mean, for every type of Fisher; a mean module: the mean's."""
+    summed loss, the dense per-sample Fisher of the mean times N restricted to each unit, for every
+    type of Fisher; a mean module: the mean's."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
     params = dict(model.named_parameters())
     kw = {"sum": dict(reduction="sum"), "module_sum": dict(loss=nn.CrossEntropyLoss(reduction="sum")),
           "mean_module": dict(loss=nn.CrossEntropyLoss())}[loss]
     s = 1.0 if loss == "mean_module" else 5.0
     for fisher_type in ("exact", "emp"):
-        mean = curvfun.fisher(model, params, x, y, fisher_type=fisher_type, shape="unit")
         got = curvfun.fisher(model, params, x, y, fisher_type=fisher_type, shape="unit", **kw)
-        for name in mean:
-            close(got[name].blocks, s * mean[name].blocks, f"{fisher_type} {name}")
+        for name in ("0", "2"):
+            m = model.get_submodule(name)
+            Fm = dense_layer_curvature(model, m, x, y, "cross_entropy", fisher_type)
+            C, d = m.weight.shape
+            close(got[name].blocks, s * expected_blocks(Fm, unit_index(C, d, True, True)), f"{fisher_type} {name}")
