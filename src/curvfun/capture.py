@@ -142,6 +142,10 @@ def supported_modules(
             unsupported[mname] = (_unsupported_reason(module), sorted(own.values()))
             continue
         parts = h.parts(module)
+        attrs = [a for part in parts for a in part.params.values()]
+        if len(attrs) != len(set(attrs)):
+            raise ValueError(f"{h.name}.parts({type(module).__name__}) puts a parameter in several parts "
+                             f"({sorted({a for a in attrs if attrs.count(a) > 1})}); each belongs to exactly one")
         found = {pname: h.role_of(pname, module) for pname in own}
         if None in found.values():
             stray = sorted(k for k, v in found.items() if v is None)

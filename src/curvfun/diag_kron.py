@@ -57,6 +57,7 @@ from torch import Tensor
 
 from .layers import LayerData
 from .layers.affine import matrix_as_weight
+from .layers.conv import conv_pads
 
 __all__ = [
     "EMA_MODES",
@@ -129,14 +130,6 @@ def diag_kron_factors(data: LayerData) -> DiagKron:
     raise ValueError(f"no diagonal Kronecker factors for layer kind {data.kind!r}")
 
 
-def _conv_padding(m: torch.nn.Conv2d) -> tuple[int, int]:
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))  # 'same', symmetric
-    return tuple(m.padding)
-
-
 def conv2d_diag_kron(
     inputs: list[Tensor], grads: list[Tensor], module: torch.nn.Conv2d, has_bias: bool, weights: Tensor | None = None
 ) -> DiagKron:
@@ -149,7 +142,9 @@ def conv2d_diag_kron(
     kh, kw = module.kernel_size
     sh, sw = module.stride
     dh, dw = module.dilation
-    ph, pw = _conv_padding(module)
+    (ph, ph_after), (pw, pw_after) = conv_pads(module)
+    if (ph, pw) != (ph_after, pw_after) or module.padding_mode != "zeros":
+        raise ValueError("conv2d_diag_kron needs zero padding, equal on both sides; use diag_kron_factors")
     G = module.groups
     A_sum, T_total, N = None, 0, inputs[0].shape[0]
     for x in inputs:

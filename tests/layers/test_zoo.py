@@ -404,3 +404,26 @@ def test_transformer_decoder_layer_self_and_cross_attention_are_captured():
     assert {"dec.self_attn", "dec.self_attn.out_proj", "dec.multihead_attn", "dec.multihead_attn.out_proj"} <= set(cap.layers)
     assert f["dec.self_attn"].A.shape == (6, 6) and f["dec.multihead_attn"].A.shape == (3, 6, 6)
     checks.assert_close_trees(got, ref.per_sample_grads(model, params, (x, mem), y), **TOL, what="decoder layer")
+
+
+def test_a_handler_putting_a_parameter_in_two_parts_is_refused():
+    from curvfun.layers import LayerHandler, LayerPart, register_layer, unregister_layer
+    from curvfun.layers.linear import tokens_as_positions
+
+    class Twice(nn.Linear):
+        pass
+
+    class TwiceHandler(LayerHandler):
+        def parts(self, module):
+            return (LayerPart("a", {"weight": "weight", "bias": "bias"}), LayerPart("b", {"bias": "bias"}))
+
+        def arrange(self, module, inputs, grads):
+            return tokens_as_positions(inputs, grads)
+
+    register_layer(Twice, TwiceHandler())
+    try:
+        model = nn.Sequential(Twice(2, 2))
+        with pytest.raises(ValueError, match=r"puts a parameter in several parts \(\['bias'\]\)"):
+            curvfun.per_sample_grads(model, dict(model.named_parameters()), torch.randn(2, 2), torch.tensor([0, 1]))
+    finally:
+        unregister_layer(Twice)

@@ -101,6 +101,15 @@ class ConvHandler(LayerHandler):
                                  f"input, got shape {tuple(x.shape)}")
         return arrange_patches([im2col(x, module) for x in inputs], grads, module.groups)
 
+    def diag_kron_factors(self, module: nn.Module, inputs, grads, has_bias):
+        """Conv2d with zero padding, equal on both sides: :func:`curvfun.diag_kron.conv2d_diag_kron`
+        (strided sums of x², no im2col)."""
+        if self.ndim != 2 or module.padding_mode != "zeros" or any(lo != hi for lo, hi in conv_pads(module)):
+            return None
+        from ..diag_kron import conv2d_diag_kron  # (diag_kron builds on this package)
+
+        return conv2d_diag_kron(inputs, grads, module, has_bias)
+
     def per_sample_grads(self, module: nn.Module, inputs, grads, keys):
         """The weight gradient of every sample as one grouped weight backward with the batch folded
         into the groups (N·G groups), summed over calls: no im2col copy, O(N·P) memory. Zero

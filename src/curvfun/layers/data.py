@@ -119,8 +119,10 @@ def per_sample_layer_grads(ld: LayerData, out: dict[str, Tensor] | None = None) 
 
 
 def layer_batch_grads(ld: LayerData) -> dict[str, Tensor]:
-    """``Σ_n ∇ℓ_n`` of the layer's parameters from the first column, without per-sample tensors:
-    the part of the batch gradient that reaches them through the recorded calls. O(N·T·d·o)."""
+    """``Σ_n ∇ℓ_n`` of the layer's parameters from the first column (the gradient of the *summed*
+    loss when that column holds the per-sample losses' output gradients; of whatever loss the
+    column's gradients are of otherwise), without per-sample tensors: the part that reaches the
+    parameters through the recorded calls. Affine: Σ_{n,t} g aᵀ per group. O(N·T·d·o)."""
     g, m = _col0(ld), ld.module
     if ld.kind == "affine":  # a [N, G, T, d], g [N, G, T, o]
         out = {}

@@ -89,6 +89,11 @@ class LayerHandler:
         ``None`` to use the family's route through :meth:`arrange`."""
         return None
 
+    def diag_kron_factors(self, module: nn.Module, inputs: list[Tensor], grads: list[Tensor], has_bias: bool):
+        """Optional fast path: the diagonal Kronecker factors (:func:`curvfun.diag_kron.diag_kron_factors`,
+        same numbers) straight from the record; ``None`` to use the family's route."""
+        return None
+
     def forward_override(self, module: nn.Module) -> Callable | None:
         """Optional: a replacement for ``module.forward`` used while the module is recorded, for
         modules that use their own (or their children's) parameters outside a plain call (see

@@ -23,8 +23,8 @@ Which pure functions, when:
   during the user's forward each supported layer's input is kept and a tensor hook on its output
   keeps the output gradient of the user's backward; ``step()`` then turns them into
   :class:`~curvfun.layers.LayerData` (:func:`~curvfun.layers.layer_data`), computes
-  :func:`~curvfun.diag_kron.diag_kron_factors` (Conv2d: :func:`~curvfun.diag_kron.conv2d_diag_kron`,
-  the same numbers without im2col), averages them with
+  :func:`~curvfun.diag_kron.diag_kron_factors` (or the layer handler's fast path with the same
+  numbers, e.g. Conv2d's without im2col), averages them with
   :func:`~curvfun.diag_kron.update_diag_kron` and caches F̃ (:func:`~curvfun.diag_kron.diag_kron_fisher`);
 * on other steps the hooks are removed (no overhead) and F̃ is reused.
 
@@ -100,11 +100,9 @@ from torch import Tensor, nn
 
 from .. import distributed as cfd
 from ..capture import LayerRecord, ModuleInfo, layer_kind
-from ..layers.conv import conv_pads
 from ..diag_kron import (
     EMA_MODES,
     DiagKron,
-    conv2d_diag_kron,
     diag_kron_factors,
     diag_kron_fisher,
     update_diag_kron,
@@ -131,12 +129,6 @@ def _supported_reason(name: str, module: nn.Module) -> str | None:
     if not own <= {"weight", "bias"}:
         return f"unsupported layer {type(module).__name__} with parameters {sorted(own)} (expected weight/bias)"
     return None
-
-
-def _symmetric_zero_padded_conv2d(module: nn.Module) -> bool:
-    """Whether :func:`~curvfun.diag_kron.conv2d_diag_kron` applies (zero padding, equal sides)."""
-    return (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
-            and all(lo == hi for lo, hi in conv_pads(module)))
 
 
 class _AdaFisherBase(torch.optim.Optimizer):
@@ -323,10 +315,9 @@ class _AdaFisherBase(torch.optim.Optimizer):
             inputs = [e[0] for e in done]
             if name not in self._outside_warned and not cfd.is_distributed():
                 self._name_outside_use(name, info, inputs, [e[2].unsqueeze(0) for e in done])
-            if _symmetric_zero_padded_conv2d(info.module):  # the same diagonals without im2col
-                news[name] = conv2d_diag_kron(inputs, grads, info.module, "bias" in info.keys)
-            else:
-                news[name] = diag_kron_factors(layer_data(LayerRecord(info, inputs=inputs, grads=grads), None))
+            fast = info.handler.diag_kron_factors(info.module, inputs, grads, "bias" in info.keys)  # e.g. no im2col
+            news[name] = fast if fast is not None else diag_kron_factors(
+                layer_data(LayerRecord(info, inputs=inputs, grads=grads), None))
             # the published code's B: output gradients as the loss gives them (not rescaled by N),
             # averaged over the N·T rows: ours / (scale²·T), T positions per sample
             N, scale = done[0][0].shape[0], float(done[0][0].shape[0]) if self.loss_reduction == "mean" else 1.0

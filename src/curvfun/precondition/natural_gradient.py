@@ -62,7 +62,7 @@ from ..kron_rows import (
     rows_gradient_pays,
 )
 from ..layers import LayerData, layer_column_rows, layer_data, layer_diag_fisher
-from ..linalg import NotPositiveDefiniteError, damped_cholesky_inverse, ema
+from ..linalg import MIN_DAMPING, NotPositiveDefiniteError, damped_cholesky_inverse, ema, psd_cholesky
 from ..losses import LOSSES, get_likelihood
 from ..lowrank import LowRankKron
 from ..unit_wise import UNIT_WISE_KINDS, unit_wise_from_layer
@@ -101,7 +101,7 @@ class DenseBlock:
     inv: Tensor | None = None
 
     def damped_inverse(self, damping: float) -> "DenseBlock":
-        return DenseBlock(self.F, damped_cholesky_inverse(self.F, max(damping, 1e-7), "Fisher block"))
+        return DenseBlock(self.F, damped_cholesky_inverse(self.F, max(damping, MIN_DAMPING), "Fisher block"))
 
     def solve(self, v: Tensor) -> Tensor:
         return self.inv @ v
@@ -118,12 +118,9 @@ class RowsBlock:
     lam: float = 0.0
 
     def damped_inverse(self, damping: float) -> "RowsBlock":
-        lam = max(float(damping), 1e-7)
-        K = self.U @ self.U.T
-        K.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(K.to(torch.float64) if K.dtype != torch.float64 else K)
-        if int(info.max()) != 0:
-            raise NotPositiveDefiniteError("the R x R Gram core is not positive definite; increase the damping")
+        """The Cholesky factor of λI + UUᵀ, in float64 (the push-through cancels in v − Uᵀz)."""
+        lam = max(float(damping), MIN_DAMPING)
+        L = psd_cholesky((self.U @ self.U.T).to(torch.float64), "R x R Gram core of a Fisher block", lam)
         return RowsBlock(self.U, L, lam)
 
     def solve(self, v: Tensor) -> Tensor:
